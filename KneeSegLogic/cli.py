@@ -1,0 +1,211 @@
+"""``kneeseg`` command line: one sub-command per job, all sharing input validation.
+
+Exit codes: 0 success; 1 bad input or a failed run (one line on stderr naming the file and the
+problem); 2 usage errors and commands not available yet; 3 an unexpected internal error (the
+traceback is shown with ``--debug``); 130 cancelled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+from .errors import InputError, KneeSegError, NotAvailableError
+
+
+def parse_echo_times(text: str) -> list[float]:
+    """``"10,20,30"`` -> ``[10.0, 20.0, 30.0]`` (milliseconds)."""
+    try:
+        return [float(t) for t in text.replace(" ", "").split(",") if t]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"echo times must be comma-separated numbers in ms, got {text!r}") from None
+
+
+def _add_output(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-o", "--output", required=True, type=Path, help="output folder (written as OUT.partial, renamed when complete)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+
+
+def _add_device(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="compute device (auto: CUDA when present)")
+
+
+# Each command: (help, function adding its arguments, "module:function" handling it). A handler
+# whose module does not exist yet makes the command report that it is not available (exit 2).
+def _info_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("path", type=Path, help="scan: NIfTI/NRRD/MHA file or DICOM folder")
+    p.add_argument("--echo-times", type=parse_echo_times, help="echo times in ms for a 4D file")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def _segment_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("input", type=Path, help="scan: NIfTI/NRRD/MHA file or DICOM folder (multi-echo accepted)")
+    _add_output(p)
+    p.add_argument("--echo-times", type=parse_echo_times, help="echo times in ms for a 4D file")
+    p.add_argument("--model", help="model package id (default: the bundled default model)")
+    _add_device(p)
+    p.add_argument("--no-surfaces", action="store_true", help="skip surface models")
+    p.add_argument("--closing-radius", type=float, default=None, help="closing radius in mm (default: from the model package)")
+
+
+def _t2_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("input", type=Path, help="multi-echo DICOM folder, or 4D NIfTI/NRRD with --echo-times")
+    _add_output(p)
+    p.add_argument("--echo-times", type=parse_echo_times, help="echo times in ms (comma-separated) for a 4D file")
+    p.add_argument("--mask", type=Path, help="segmentation (.seg.nrrd or label volume) limiting the fit and giving regions")
+    p.add_argument("--model", default="ncexp", choices=["loglinear", "mono", "mono-offset", "ncexp"], help="signal model (default: noise-corrected mono-exponential)")
+    _add_device(p)
+
+
+def _t2_change_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("baseline", type=Path, help="output folder of `kneeseg t2`/`segment` at baseline")
+    p.add_argument("followup", type=Path, help="output folder at follow-up")
+    _add_output(p)
+
+
+def _surfaces_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("segmentation", type=Path, help=".seg.nrrd or label volume")
+    _add_output(p)
+
+
+def _evaluate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("prediction", type=Path, help="predicted segmentation (.seg.nrrd or label volume)")
+    p.add_argument("reference", type=Path, help="reference segmentation")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def _train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("data", type=Path, help="folder of label maps (synthesis) or of image/label pairs")
+    _add_output(p)
+    _add_device(p)
+
+
+def _demo_args(p: argparse.ArgumentParser) -> None:
+    _add_output(p)
+    _add_device(p)
+
+
+def _batch_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("cases", type=Path, help="folder of scans or CSV listing them")
+    _add_output(p)
+    p.add_argument("--scheduler", help="Dask scheduler address (default: a local cluster)")
+
+
+def _models_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+
+COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], str]] = {
+    "info": ("describe a scan: size, spacing, origin, direction, echo times", _info_args, "KneeSegLogic.cli:run_info"),
+    "segment": ("segment bones, cartilage and menisci; uncertainty, surfaces, report", _segment_args, "KneeSegLogic.pipeline:run_segment"),
+    "t2": ("fit a T2 map from a multi-echo scan; cartilage region statistics", _t2_args, "KneeSegLogic.t2_command:run_t2"),
+    "t2-change": ("T2 change between two time points, focal lesion clusters", _t2_change_args, "KneeSegLogic.longitudinal:run_t2_change"),
+    "surfaces": ("smoothed surface models (STL/VTP, mm) from a segmentation", _surfaces_args, "KneeSegLogic.surfaces:run_surfaces"),
+    "evaluate": ("compare a segmentation with a reference: Dice, IoU, HD95, ASSD", _evaluate_args, "KneeSegLogic.metrics:run_evaluate"),
+    "train": ("train a model package from label maps (synthesis) or image/label pairs", _train_args, "KneeSegLogic.training:run_train"),
+    "demo": ("run the main job on the bundled sample", _demo_args, "KneeSegLogic.pipeline:run_demo"),
+    "batch": ("run `segment` over many cases, resumable", _batch_args, "KneeSegLogic.batch:run_batch"),
+    "models": ("list the model packages found", _models_args, "KneeSegLogic.models:run_models"),
+}
+
+# Arguments that name scans: validated before the handler runs, for every command.
+SCAN_ARGUMENTS = ("path", "input")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kneeseg",
+        description="KneeSeg: knee MRI segmentation, uncertainty, quantitative T2 and surface models.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of internal errors")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (help_text, add_arguments, _) in COMMANDS.items():
+        sub = subparsers.add_parser(name, help=help_text, description=help_text)
+        add_arguments(sub)
+    return parser
+
+
+def _resolve(target: str) -> Callable[[argparse.Namespace], int | None]:
+    module_name, function_name = target.split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as error:
+        if error.name != module_name:
+            raise
+        module = None
+    handler = getattr(module, function_name, None)
+    if handler is None:
+        raise NotAvailableError("this command is not available yet in this version of KneeSeg")
+    return handler
+
+
+def validate_inputs(args: argparse.Namespace) -> None:
+    """Read and check every scan argument, so bad input fails the same way in every command."""
+    from .volume import read_volume
+
+    for name in SCAN_ARGUMENTS:
+        path = getattr(args, name, None)
+        if path is not None:
+            read_volume(path, getattr(args, "echo_times", None))
+    output = getattr(args, "output", None)
+    if output is not None and output.exists() and not getattr(args, "overwrite", False):
+        raise KneeSegError(f"{output}: output folder exists; choose another or pass --overwrite")
+
+
+def run_info(args: argparse.Namespace) -> int:
+    from .volume import read_volume
+
+    volume = read_volume(args.path, args.echo_times)
+    info = {
+        "size": list(volume.size),
+        "spacing": list(volume.spacing),
+        "origin": list(volume.origin),
+        "direction": [float(v) for v in volume.direction.ravel()],
+        "echo_times_ms": None if volume.echo_times_ms is None else list(volume.echo_times_ms),
+        "dtype": str(volume.array.dtype),
+    }
+    if args.json:
+        print(json.dumps(info))
+    else:
+        from .volume import orientation_code
+
+        print(f"{args.path}")
+        print(f"  size (i, j, k)   {info['size']}")
+        print(f"  spacing (mm)     {[round(s, 6) for s in info['spacing']]}")
+        print(f"  origin (LPS mm)  {[round(o, 4) for o in info['origin']]}")
+        print(f"  orientation      {orientation_code(volume)}")
+        print(f"  echo times (ms)  {info['echo_times_ms']}")
+        print(f"  voxel type       {info['dtype']}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        handler = COMMANDS[args.command][2]
+        if handler != "KneeSegLogic.cli:run_info":
+            validate_inputs(args)
+        return int(_resolve(handler)(args) or 0)
+    except KneeSegError as error:
+        print(f"kneeseg {args.command}: error: {error}", file=sys.stderr)
+        return error.exit_code
+    except KeyboardInterrupt:
+        print(f"kneeseg {args.command}: cancelled", file=sys.stderr)
+        return 130
+    except Exception as error:  # a bug, not bad input: say so in one line, traceback on --debug
+        if args.debug:
+            raise
+        print(f"kneeseg {args.command}: internal error: {type(error).__name__}: {error} (rerun with --debug for the traceback)", file=sys.stderr)
+        return 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())
