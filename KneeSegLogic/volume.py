@@ -247,9 +247,9 @@ def check_echo_times(echo_times_ms: Sequence[float] | None, path: str | Path | N
         raise InputError(path, "echo times are missing")
     times = np.asarray(echo_times_ms, dtype=float)
     if not np.all(np.isfinite(times)) or np.any(times <= 0):
-        raise InputError(path, f"echo times must be positive numbers in ms, got {list(times)}")
+        raise InputError(path, f"echo times must be positive numbers in ms, got {times.tolist()}")
     if np.any(np.diff(times) <= 0):
-        raise InputError(path, f"echo times are not increasing: {list(times)} ms")
+        raise InputError(path, f"echo times are not increasing: {times.tolist()} ms")
 
 
 def available_memory_bytes() -> int:
