@@ -97,6 +97,9 @@ def _batch_args(p: argparse.ArgumentParser) -> None:
 
 def _models_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--import", dest="import_path", type=Path, metavar="PACKAGE", help="copy a package folder or .zip into the user cache (offline sites)")
+    p.add_argument("--download", metavar="URL", help="download a package .zip into the user cache (needs --sha256)")
+    p.add_argument("--sha256", metavar="HEX", help="expected sha256 of the --download zip")
 
 
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], str]] = {
