@@ -315,7 +315,7 @@ def _parse(raw: Any, folder: Path, source: Path, manifest: Path) -> ModelPackage
     members_raw = _get(raw, "members", list, "members", fail)
     if not members_raw:
         fail("members", "at least one member is needed")
-    members = [_parse_member(m, f"members[{i}]", len(labels) + 1, folder, fail) for i, m in enumerate(members_raw)]
+    members = [_parse_member(m, f"members[{i}]", len(labels) + 1, fail) for i, m in enumerate(members_raw)]
     names = [m.name for m in members]
     if len(set(names)) != len(names):
         fail("members", f"member names must be unique, found {names}")
@@ -357,7 +357,7 @@ def _parse_labels(raw: dict[str, Any], fail: Any) -> dict[int, str]:
     return labels
 
 
-def _parse_member(raw: Any, where: str, out_channels: int, folder: Path, fail: Any) -> MemberSpec:
+def _parse_member(raw: Any, where: str, out_channels: int, fail: Any) -> MemberSpec:
     if not isinstance(raw, dict):
         fail(where, "must be an object")
     _only(raw, _MEMBER_KEYS, where, fail)
