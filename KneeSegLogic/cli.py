@@ -79,9 +79,13 @@ def _evaluate_args(p: argparse.ArgumentParser) -> None:
 
 
 def _train_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("data", type=Path, help="folder of label maps (synthesis) or of image/label pairs")
+    p.add_argument("data", type=Path, help="label map file, or folder of label maps (images are synthesised from them)")
     _add_output(p)
     _add_device(p)
+    p.add_argument("--workdir", type=Path, help="checkpoints and curves (default: OUT.work); training resumes from it")
+    p.add_argument("--only-member", help="train only this ensemble member (run members in parallel processes)")
+    p.add_argument("--time-budget-min", type=float, default=60.0, help="training time per member in minutes")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
 
 
 def _demo_args(p: argparse.ArgumentParser) -> None:
