@@ -180,6 +180,10 @@ def _read_image_file(path: Path, echo_times_ms: Sequence[float] | None) -> Volum
         image = reader.Execute()
     except RuntimeError as error:
         raise InputError(path, f"cannot be read as an image ({_first_line(error)})") from None
+    if path.name.lower().endswith((".nii", ".nii.gz")):
+        non_finite = _nifti_non_finite_count(path)
+        if non_finite:
+            raise InputError(path, f"volume contains {non_finite} NaN or infinite voxels")
     dimension = image.GetDimension()
     if dimension == 2 or (dimension == 3 and image.GetSize()[2] == 1):
         raise InputError(path, f"is a 2D image (size {image.GetSize()}); a 3D scan is needed")
@@ -209,6 +213,20 @@ def _read_image_file(path: Path, echo_times_ms: Sequence[float] | None) -> Volum
     if echo_times_ms is not None and len(echo_times_ms) > 1:
         raise InputError(path, f"is a single 3D volume but {len(echo_times_ms)} echo times were given")
     return Volume.from_sitk(image)
+
+
+def _nifti_non_finite_count(path: Path) -> int:
+    """NaN/inf voxels in a NIfTI file, counted from the file itself.
+
+    ITK 5's NIfTI reader (SimpleITK 2.x) silently turns NaN and +-inf into 0, so the check in
+    :func:`validate_volume` never sees them (fixed in ITK 6, InsightSoftwareConsortium/ITK#6683).
+    """
+    import nibabel
+
+    image = nibabel.load(str(path))
+    if image.get_data_dtype().kind not in "fc":
+        return 0
+    return int(np.count_nonzero(~np.isfinite(np.asanyarray(image.dataobj))))
 
 
 # Header keys holding echo times: ours, and Slicer's MultiVolume convention (frame labels with

@@ -1,0 +1,186 @@
+"""The ``kneeseg`` command line: help, ``info``, shared input validation, exit codes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import SAMPLE_DATA, rotation, write_dicom_series
+
+from KneeSegLogic import cli
+from KneeSegLogic.volume import Volume, read_volume, write_volume
+
+RESERVED = ("segment", "t2", "t2-change", "surfaces", "evaluate", "train", "demo", "batch")
+SAMPLE_SCAN = SAMPLE_DATA / "mese_t2_knee.nrrd"
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = cli.main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_help_lists_every_command(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    for command in ("info", *RESERVED):
+        assert command in out
+    assert run(capsys, )[0] == 2  # no command: help, usage exit code
+
+
+@pytest.mark.parametrize("command", ["info", *RESERVED])
+def test_every_command_has_help(capsys, command):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main([command, "--help"])
+    assert exit_.value.code == 0
+    assert f"usage: kneeseg {command}" in capsys.readouterr().out
+
+
+def test_info_json_has_exactly_the_contract_keys(capsys):
+    code, out, err = run(capsys, "info", SAMPLE_SCAN, "--json")
+    assert code == 0 and err == ""
+    info = json.loads(out)
+    assert set(info) == {"size", "spacing", "origin", "direction", "echo_times_ms", "dtype"}
+    volume = read_volume(SAMPLE_SCAN)
+    assert info["size"] == [128, 128, 24]
+    assert info["spacing"] == list(volume.spacing) and info["origin"] == list(volume.origin)
+    assert info["direction"] == volume.direction.ravel().tolist()  # row-major: row r is LPS axis r
+    assert info["echo_times_ms"] == pytest.approx([6.312, 12.624, 18.936, 25.248, 31.56, 37.872, 44.184, 50.496])
+    assert info["dtype"] == "int16"
+
+
+def test_info_json_of_a_3d_label_map_has_null_echo_times(capsys):
+    info = json.loads(run(capsys, "info", SAMPLE_DATA / "knee_labels.nrrd", "--json")[1])
+    assert info["echo_times_ms"] is None and info["size"] == [384, 384, 160] and info["dtype"] == "uint8"
+
+
+def test_info_text(capsys):
+    code, out, _ = run(capsys, "info", SAMPLE_SCAN)
+    assert code == 0
+    assert "size (i, j, k)   [128, 128, 24]" in out and "echo times (ms)" in out and "orientation" in out
+
+
+# --- bad input: one line naming the file, non-zero exit, nothing written ----------------------
+
+
+@pytest.fixture(scope="module")
+def bad_inputs(tmp_path_factory) -> dict[str, tuple[list[str], str]]:
+    """name -> (arguments naming the bad input, expected problem text)."""
+    root = tmp_path_factory.mktemp("bad")
+    nan = np.ones((4, 5, 6), np.float32)
+    nan[2, 2, 2] = np.nan
+    inf = np.ones((4, 5, 6), np.float32)
+    inf[0, 0, 0] = -np.inf
+    write_volume(Volume(nan, (1, 1, 1)), root / "nan.nrrd")
+    write_volume(Volume(inf, (1, 1, 1)), root / "inf.nii.gz")
+    write_volume(Volume(np.zeros((4, 5, 6), np.int16), (1, 1, 1)), root / "empty.nrrd")
+    write_volume(Volume(np.ones((1, 5, 6), np.int16), (1, 1, 1)), root / "flat.nrrd")
+    four_d = Volume(np.ones((4, 5, 6, 3), np.float32), (1, 1, 1), echo_times_ms=(10, 20, 30))
+    write_volume(four_d, root / "echoes.nii.gz")
+    (root / "corrupt.nrrd").write_bytes(b"NRRD0004\ntype: what\n\n")
+    (root / "empty_folder").mkdir()
+    pixels = np.random.default_rng(0).integers(0, 1000, (4, 6, 6, 1)).astype(np.int16)
+    write_dicom_series(root / "mixed" / "a", pixels, (10.0,))
+    write_dicom_series(root / "mixed" / "b", pixels, (10.0,), orientation=rotation((0, 1, 0), 90))
+    write_dicom_series(root / "no_echo_time", np.concatenate([pixels, pixels], axis=-1), (10.0, None))
+    return {
+        "missing": ([root / "absent.nii.gz"], "absent.nii.gz: no such file or folder"),
+        "unreadable": ([root / "corrupt.nrrd"], "corrupt.nrrd: cannot be read as an image"),
+        "2D": ([root / "flat.nrrd"], "flat.nrrd: is a 2D image"),
+        "empty": ([root / "empty.nrrd"], "empty.nrrd: volume is empty"),
+        "NaN": ([root / "nan.nrrd"], "nan.nrrd: volume contains 1 NaN or infinite voxels"),
+        "inf": ([root / "inf.nii.gz"], "inf.nii.gz: volume contains 1 NaN or infinite voxels"),
+        "mixed series": ([root / "mixed"], "mixed: folder mixes 2 DICOM series"),
+        "echo times missing (DICOM)": ([root / "no_echo_time"], "no_echo_time: multi-echo series without EchoTime"),
+        "echo times missing (4D NIfTI)": ([root / "echoes.nii.gz"], "echoes.nii.gz: holds 3 echoes but no echo times"),
+        "echo times not increasing": (
+            [root / "echoes.nii.gz", "--echo-times", "30,20,10"],
+            r"echoes.nii.gz: echo times are not increasing: [30.0, 20.0, 10.0] ms",
+        ),
+        "empty folder": ([root / "empty_folder"], "empty_folder: folder holds no DICOM images"),
+    }
+
+
+CASES = ["missing", "unreadable", "2D", "empty", "NaN", "inf", "mixed series", "echo times missing (DICOM)",
+         "echo times missing (4D NIfTI)", "echo times not increasing", "empty folder"]
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("command", ["info", "segment", "t2"])
+def test_bad_input_fails_cleanly(capsys, tmp_path, bad_inputs, case, command):
+    arguments, problem = bad_inputs[case]
+    out_dir = tmp_path / "OUT"
+    argv = [command, *arguments] + ([] if command == "info" else ["-o", out_dir])
+    code, out, err = run(capsys, *argv)
+    assert code == 1
+    assert err.count("\n") == 1 and err.startswith(f"kneeseg {command}: error: ")
+    assert problem in err
+    assert "Traceback" not in out + err
+    assert list(tmp_path.iterdir()) == []  # neither OUT nor OUT.partial
+
+
+def test_console_script_bad_input_has_no_traceback(tmp_path, bad_inputs):
+    arguments, problem = bad_inputs["NaN"]
+    result = subprocess.run(
+        [sys.executable, "-m", "KneeSegLogic", "segment", *map(str, arguments), "-o", str(tmp_path / "OUT")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 1
+    assert result.stderr.strip().count("\n") == 0 and problem in result.stderr
+    assert "Traceback" not in result.stderr and result.stdout == ""
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_output_refused_before_any_work(capsys, tmp_path):
+    out_dir = tmp_path / "OUT"
+    out_dir.mkdir()
+    (out_dir / "mine.txt").write_text("keep")
+    code, _, err = run(capsys, "segment", SAMPLE_SCAN, "-o", out_dir)
+    assert code == 1 and "OUT: output folder exists; choose another or pass --overwrite" in err
+    assert [p.name for p in out_dir.iterdir()] == ["mine.txt"]
+
+
+def test_bad_echo_times_argument_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["info", str(SAMPLE_SCAN), "--echo-times", "ten,twenty"])
+    assert exit_.value.code == 2
+    assert "echo times must be comma-separated numbers in ms" in capsys.readouterr().err
+
+
+# --- handler resolution (fake commands, so real ones landing later do not matter) -------------
+
+
+def _no_arguments(parser) -> None:
+    parser.add_argument("--flag", action="store_true")
+
+
+@pytest.mark.parametrize("target", ["KneeSegLogic.not_written_yet:run", "KneeSegLogic.tissues:run_missing"])
+def test_command_not_available_yet_exits_2(capsys, monkeypatch, target):
+    monkeypatch.setitem(cli.COMMANDS, "future", ("a command still to come", _no_arguments, target))
+    code, out, err = run(capsys, "future", "--flag")
+    assert code == 2
+    assert err == "kneeseg future: error: this command is not available yet in this version of KneeSeg\n"
+
+
+def test_internal_error_is_one_line_exit_3_and_traceback_with_debug(capsys, monkeypatch):
+    def buggy(args):
+        raise ZeroDivisionError("division by zero")
+
+    monkeypatch.setitem(cli.COMMANDS, "buggy", ("a command with a bug", _no_arguments, "fake:buggy"))
+    monkeypatch.setattr(cli, "_resolve", lambda target: buggy)
+    code, _, err = run(capsys, "buggy")
+    assert code == 3 and err.count("\n") == 1
+    assert "internal error: ZeroDivisionError: division by zero (rerun with --debug" in err
+    with pytest.raises(ZeroDivisionError):
+        cli.main(["--debug", "buggy"])
+
+
+def test_handler_return_value_is_the_exit_code(capsys, monkeypatch):
+    monkeypatch.setitem(cli.COMMANDS, "ok", ("a command", _no_arguments, "fake:ok"))
+    monkeypatch.setattr(cli, "_resolve", lambda target: lambda args: None)
+    assert run(capsys, "ok")[0] == 0
