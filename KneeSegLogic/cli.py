@@ -70,6 +70,12 @@ def _t2_change_args(p: argparse.ArgumentParser) -> None:
 def _surfaces_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("segmentation", type=Path, help=".seg.nrrd or label volume")
     _add_output(p)
+    # The same names as surfaces.SMOOTHING_METHODS (not imported here: it would load VTK for every command).
+    p.add_argument("--smoothing", default="windowed-sinc", choices=["windowed-sinc", "laplacian-idw", "none"],
+                   help="surface smoothing (default: volume-preserving windowed sinc)")
+    p.add_argument("--decimate", type=float, default=0.0, metavar="FRACTION",
+                   help="fraction of triangles to remove by quadric decimation, 0 to <1 (default 0)")
+    p.add_argument("--structures", help="comma-separated structure keys or label values (default: all present)")
 
 
 def _evaluate_args(p: argparse.ArgumentParser) -> None:
