@@ -88,7 +88,8 @@ def tissue_maps(labels: Volume, properties: Mapping[str, tuple[float, float]] | 
         proton_density[mask], t2[mask] = pd, t2_value
         if tissue.group == "bone":
             depth = ndimage.distance_transform_edt(mask, sampling=spacing)
-            cortex = mask & (depth <= CORTEX_MM)
+            # At least the outermost voxel layer, also on grids coarser than the cortex.
+            cortex = mask & (depth <= max(CORTEX_MM, float(spacing.max())))
             proton_density[cortex], t2[cortex] = properties["cortex"]
     # Joint fluid: a thin film of background touching cartilage (within one voxel).
     cartilage = np.isin(label_array, [t.label for t in BY_KEY.values() if t.group == "cartilage"])
