@@ -98,7 +98,7 @@ WEIGHTS_SUFFIXES = (".safetensors", ".pt", ".pth")
 _TOP_KEYS = {"format_version", "id", "version", "description", "license", "default", "labels",
              "members", "postprocessing", "training", "metrics"}
 _MEMBER_KEYS = {"name", "weights", "sha256", "architecture", "input", "weight"}
-_INPUT_KEYS = {"kind", "plane", "context_slices", "spacing_mm", "patch_size", "normalisation", "echo_index"}
+_INPUT_KEYS = {"kind", "plane", "context_slices", "spacing_mm", "slice_spacing_mm", "patch_size", "normalisation", "echo_index"}
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _VERSION = re.compile(r"(\d+(?:\.\d+)*)(?:[-+][0-9A-Za-z.-]+)?")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -136,6 +136,9 @@ class MemberSpec:
         0-based echo of a multi-echo input this member reads; None for the first.
     weight : float
         Blending weight of this member's softmax in the ensemble mean (> 0).
+    slice_spacing_mm : float or None
+        2d/2.5d: spacing in mm the slices are resampled to along the plane's normal (so the 2k+1
+        context slices always span the same distance); None keeps the scan's own spacing.
     """
 
     name: str
@@ -151,6 +154,7 @@ class MemberSpec:
     normalisation: dict[str, Any]
     echo_index: int | None
     weight: float
+    slice_spacing_mm: float | None = None
 
     @property
     def in_channels(self) -> int:
@@ -393,6 +397,9 @@ def _parse_member(raw: Any, where: str, out_channels: int, fail: Any) -> MemberS
     if kind != "2.5d" and context != 0:
         fail(f"{at}.context_slices", f"only 2.5d members take context slices, found {context}")
     spacing = _numbers(spec_in, "spacing_mm", 2 if planar else 3, float, f"{at}.spacing_mm", fail)
+    slice_spacing = _get(spec_in, "slice_spacing_mm", (int, float), f"{at}.slice_spacing_mm", fail, default=None)
+    if slice_spacing is not None and (not planar or not slice_spacing > 0):
+        fail(f"{at}.slice_spacing_mm", "only 2d/2.5d members take a slice spacing, and it must be > 0")
     patch = None
     if planar and "patch_size" in spec_in:
         fail(f"{at}.patch_size", "only 3d members take a patch size")
@@ -417,6 +424,7 @@ def _parse_member(raw: Any, where: str, out_channels: int, fail: Any) -> MemberS
         name=name, weights=weights, sha256=sha256, architecture=architecture, architecture_args=args, kind=kind,
         plane=plane, context_slices=context, spacing_mm=tuple(spacing), patch_size=None if patch is None else tuple(patch),
         normalisation=dict(normalisation), echo_index=echo_index, weight=float(weight),
+        slice_spacing_mm=None if slice_spacing is None else float(slice_spacing),
     )
 
 

@@ -67,7 +67,8 @@ class MemberSpec:
             "kind": "2.5d",
             "plane": "sagittal",
             "context_slices": self.context_slices,
-            "spacing_mm": [self.pixel_mm, self.pixel_mm, self.slice_mm],
+            "spacing_mm": [self.pixel_mm, self.pixel_mm],
+            "slice_spacing_mm": self.slice_mm,
             "normalisation": {"name": "percentile", "low": 1, "high": 99},
         }
 

@@ -381,9 +381,17 @@ def resample_to_spacing(volume: Volume, spacing: Sequence[float], is_label: bool
     return resample_to_grid(volume, target, is_label=is_label)
 
 
-def resample_to_grid(volume: Volume, reference: Volume, is_label: bool = False, default: float = 0.0) -> Volume:
-    """Resample ``volume`` onto the voxel grid of ``reference`` (labels: nearest neighbour)."""
-    interpolator = sitk.sitkNearestNeighbor if is_label else sitk.sitkBSpline
+INTERPOLATORS = {"nearest": sitk.sitkNearestNeighbor, "linear": sitk.sitkLinear, "bspline": sitk.sitkBSpline}
+
+
+def resample_to_grid(volume: Volume, reference: Volume, is_label: bool = False, default: float = 0.0,
+                     interpolation: str | None = None) -> Volume:
+    """Resample ``volume`` onto the voxel grid of ``reference``.
+
+    ``interpolation`` is ``nearest``, ``linear`` or ``bspline``; by default labels use nearest
+    neighbour and images B-spline (probabilities should use ``linear``: it stays in [0, 1]).
+    """
+    interpolator = INTERPOLATORS[interpolation or ("nearest" if is_label else "bspline")]
     reference_image = sitk.Image([int(s) for s in reference.size], sitk.sitkUInt8)
     reference_image.SetSpacing(reference.spacing)
     reference_image.SetOrigin(reference.origin)
