@@ -1,0 +1,336 @@
+"""The engine seen from the Slicer module: where it is, its command lines, its progress and error lines.
+
+The module runs the engine (the ``KneeSegLogic`` package) as a child process with Slicer's own
+Python (``PythonSlicer -m KneeSegLogic COMMAND ...``) and reads what it prints:
+
+- progress, one JSON object per line on stdout: ``{"stage": "inference", "progress": 0.42,
+  "message": "slice 67/160"}``;
+- on failure, a non-zero exit code and one line ``kneeseg COMMAND: error: PROBLEM`` on stderr
+  (exit 1: bad input or a failed run; 2: usage, or a command not available in this engine;
+  3: an internal error; 130: cancelled).
+
+Slicer merges the child's stderr into its stdout, so every line that is not a progress object is
+kept for the log and searched for the error line.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from .results import SEGMENTATION_FILE
+
+ENGINE_PACKAGE = "KneeSegLogic"
+
+EXIT_BAD_INPUT = 1
+EXIT_USAGE = 2
+EXIT_INTERNAL = 3
+EXIT_CANCELLED = 130
+
+DEVICES = ("auto", "cuda", "cpu")
+# First entry of each: the engine's default.
+T2_MODELS = ("ncexp", "mono", "mono-offset", "loglinear")
+SURFACE_SMOOTHING = ("windowed-sinc", "laplacian-idw", "none")
+REGION_VARIANTS = ("default", "dosma", "thomas")  # "default": the engine's own choice, no flag passed
+
+
+def findEngineRoot(moduleDirectory: str | Path) -> Path | None:
+    """The folder that holds the ``KneeSegLogic`` package, to put on the child's ``PYTHONPATH``.
+
+    Installed extensions place the package beside the module script (the module's CMake lists
+    copy it into the same ``qt-scripted-modules`` folder); in a source checkout it is one level up,
+    beside ``KneeSegExtension/``. ``None`` when neither holds it (then the engine must be
+    pip-installed in Slicer's Python).
+    """
+    moduleDirectory = Path(moduleDirectory).resolve()
+    for candidate in (moduleDirectory, moduleDirectory.parent):
+        if (candidate / ENGINE_PACKAGE / "__main__.py").is_file():
+            return candidate
+    return None
+
+
+def engineEnvironment(engineRoot: Path | None, pythonPath: str | None) -> dict[str, str]:
+    """Environment additions for the child: the engine's folder first on ``PYTHONPATH``.
+
+    ``pythonPath`` is the ``PYTHONPATH`` the child would otherwise get (Slicer's startup
+    environment); it is kept after the engine's folder. ``PYTHONUNBUFFERED`` makes progress lines
+    arrive as they are printed, not when a pipe buffer fills.
+    """
+    environment = {"PYTHONUNBUFFERED": "1", "PYTHONIOENCODING": "utf-8"}
+    if engineRoot is not None:
+        parts = [str(engineRoot)] + [p for p in (pythonPath or "").split(os.pathsep) if p and p != str(engineRoot)]
+        environment["PYTHONPATH"] = os.pathsep.join(parts)
+    return environment
+
+
+@dataclass(frozen=True)
+class SegmentOptions:
+    """What the user chose for a run; ``""``, ``0``, ``None`` or ``"default"`` mean "as the engine says".
+
+    Attributes
+    ----------
+    model : str
+        Model package id (empty: the registry's default package).
+    device : {"auto", "cuda", "cpu"}
+    closingRadiusMm : float or None
+        Radius of the morphological closing in millimetres (None: the model package's).
+    ensembleMembers : int
+        Number of ensemble members to run (0: all members of the package).
+    surfaces : bool
+        Whether to build surface models.
+    surfaceSmoothing : one of :data:`SURFACE_SMOOTHING`
+    t2 : bool
+        Whether to fit T2 when a multi-echo series is given.
+    t2Model : one of :data:`T2_MODELS`
+    regionVariant : one of :data:`REGION_VARIANTS`
+        Femoral cartilage subregion recipe.
+    """
+
+    model: str = ""
+    device: str = "auto"
+    closingRadiusMm: float | None = None
+    ensembleMembers: int = 0
+    surfaces: bool = True
+    surfaceSmoothing: str = SURFACE_SMOOTHING[0]
+    t2: bool = True
+    t2Model: str = T2_MODELS[0]
+    regionVariant: str = REGION_VARIANTS[0]
+
+
+@dataclass(frozen=True)
+class PlannedCommand:
+    """One engine command of a run and the output folder it writes."""
+
+    name: str
+    args: list[str]
+    outputFolder: Path
+
+
+def _base(python: str, command: str) -> list[str]:
+    return [python, "-m", ENGINE_PACKAGE, command]
+
+
+def _device(device: str) -> list[str]:
+    if device not in DEVICES:
+        raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
+    return ["--device", device]
+
+
+def segmentCommand(python: str, inputPath: str | Path, outputFolder: str | Path, options: SegmentOptions,
+                   echoTimesMs: Sequence[float] | None = None, surfaces: bool = True) -> list[str]:
+    """``kneeseg segment`` command line (surfaces only when both ``surfaces`` and the options ask)."""
+    args = _base(python, "segment") + [str(inputPath), "-o", str(outputFolder)] + _device(options.device)
+    if echoTimesMs:
+        args += ["--echo-times", formatEchoTimes(echoTimesMs)]
+    if options.model:
+        args += ["--model", options.model]
+    if options.closingRadiusMm is not None:
+        args += ["--closing-radius", f"{options.closingRadiusMm:g}"]
+    if options.ensembleMembers > 0:
+        args += ["--members", str(options.ensembleMembers)]
+    if not (surfaces and options.surfaces):
+        args.append("--no-surfaces")
+    return args
+
+
+def t2Command(python: str, inputPath: str | Path, outputFolder: str | Path, maskPath: str | Path | None,
+              echoTimesMs: Sequence[float] | None = None, model: str = T2_MODELS[0], device: str = "auto",
+              regionVariant: str = REGION_VARIANTS[0]) -> list[str]:
+    """``kneeseg t2`` command line: T2 map of a multi-echo scan, cartilage regions from ``maskPath``."""
+    if model not in T2_MODELS:
+        raise ValueError(f"T2 model must be one of {T2_MODELS}, got {model!r}")
+    if regionVariant not in REGION_VARIANTS:
+        raise ValueError(f"region variant must be one of {REGION_VARIANTS}, got {regionVariant!r}")
+    args = _base(python, "t2") + [str(inputPath), "-o", str(outputFolder), "--model", model] + _device(device)
+    if echoTimesMs:
+        args += ["--echo-times", formatEchoTimes(echoTimesMs)]
+    if maskPath is not None:
+        args += ["--mask", str(maskPath)]
+    if regionVariant != REGION_VARIANTS[0]:
+        args += ["--regions", regionVariant]
+    return args
+
+
+def surfacesCommand(python: str, segmentationPath: str | Path, outputFolder: str | Path,
+                    smoothing: str = SURFACE_SMOOTHING[0]) -> list[str]:
+    """``kneeseg surfaces`` command line: smoothed surface models of every structure (LPS, mm)."""
+    if smoothing not in SURFACE_SMOOTHING:
+        raise ValueError(f"surface smoothing must be one of {SURFACE_SMOOTHING}, got {smoothing!r}")
+    return _base(python, "surfaces") + [str(segmentationPath), "-o", str(outputFolder), "--smoothing", smoothing]
+
+
+def planSegmentRun(python: str, work: Path, inputPath: Path, inputEchoTimesMs: Sequence[float] | None,
+                   t2InputPath: Path | None, t2EchoTimesMs: Sequence[float] | None,
+                   options: SegmentOptions) -> list[PlannedCommand]:
+    """The engine commands of one Apply, in order, each writing a sub-folder of ``work``.
+
+    ``segment`` does what it can with its defaults: on a multi-echo input it also fits T2 with
+    the default model and regions, and it builds surfaces with the default smoothing. Other
+    choices run the ``surfaces`` or ``t2`` command on its segmentation afterwards, so nothing is
+    computed twice with different settings by accident.
+    """
+    segmentation = work / "segment" / SEGMENTATION_FILE
+    separateSurfaces = options.surfaces and options.surfaceSmoothing != SURFACE_SMOOTHING[0]
+    commands = [PlannedCommand("segment", segmentCommand(python, inputPath, work / "segment", options, inputEchoTimesMs,
+                                                        surfaces=not separateSurfaces), work / "segment")]
+    if separateSurfaces:
+        commands.append(PlannedCommand("surfaces", surfacesCommand(python, segmentation, work / "surfaces",
+                                                                   options.surfaceSmoothing), work / "surfaces"))
+    if options.t2 and t2InputPath is not None:
+        defaultT2 = options.t2Model == T2_MODELS[0] and options.regionVariant == REGION_VARIANTS[0]
+        if t2InputPath != inputPath or not defaultT2:
+            commands.append(PlannedCommand("t2", t2Command(python, t2InputPath, work / "t2", segmentation, t2EchoTimesMs,
+                                                           options.t2Model, options.device, options.regionVariant),
+                                           work / "t2"))
+    return commands
+
+
+def planRecompute(python: str, work: Path, segmentationPath: Path, t2InputPath: Path | None,
+                  t2EchoTimesMs: Sequence[float] | None, options: SegmentOptions) -> list[PlannedCommand]:
+    """The engine commands recomputing surfaces, volumes and T2 statistics from an edited segmentation."""
+    commands = [PlannedCommand("surfaces", surfacesCommand(python, segmentationPath, work / "surfaces",
+                                                           options.surfaceSmoothing), work / "surfaces")]
+    if options.t2 and t2InputPath is not None:
+        commands.append(PlannedCommand("t2", t2Command(python, t2InputPath, work / "t2", segmentationPath, t2EchoTimesMs,
+                                                       options.t2Model, options.device, options.regionVariant), work / "t2"))
+    return commands
+
+
+def modelsCommand(python: str, importPath: str | Path | None = None) -> list[str]:
+    """``kneeseg models --json``, optionally importing a package folder or zip first (offline sites)."""
+    args = _base(python, "models") + ["--json"]
+    if importPath is not None:
+        args += ["--import", str(importPath)]
+    return args
+
+
+def infoCommand(python: str, scanPath: str | Path) -> list[str]:
+    """``kneeseg info --json``: size, spacing and echo times of a scan as the engine reads it."""
+    return _base(python, "info") + [str(scanPath), "--json"]
+
+
+# Printed by a child Python so that importing torch (seconds, sometimes a crash with a broken
+# CUDA install) never happens inside Slicer. Prints one JSON object.
+DEVICE_PROBE = """
+import json
+try:
+    import torch
+except Exception as error:
+    print(json.dumps({"torch": None, "error": f"{type(error).__name__}: {error}"}))
+else:
+    cuda = bool(torch.backends.cuda.is_built() and torch.cuda.is_available())
+    info = {"torch": torch.__version__, "cuda_built": bool(torch.backends.cuda.is_built()), "cuda": cuda}
+    if cuda:
+        properties = torch.cuda.get_device_properties(torch.cuda.current_device())
+        info.update(name=properties.name, memory_gb=round(properties.total_memory / 2**30, 1),
+                    cuda_version=torch.version.cuda)
+    print(json.dumps(info))
+"""
+
+
+def probeCommand(python: str) -> list[str]:
+    """Command printing what PyTorch sees (version, CUDA, GPU name and memory) as one JSON line."""
+    return [python, "-c", DEVICE_PROBE]
+
+
+def describeDevice(probe: dict | None) -> str:
+    """One line for the GUI from :data:`DEVICE_PROBE`'s output."""
+    if not probe or not probe.get("torch"):
+        reason = (probe or {}).get("error", "")
+        return "PyTorch is not installed yet (it is installed at the first Apply)" + (f" [{reason}]" if "ModuleNotFound" not in reason and reason else "")
+    if probe.get("cuda"):
+        return f"GPU: {probe.get('name', 'CUDA device')}, {probe.get('memory_gb', '?')} GB (PyTorch {probe['torch']}, CUDA {probe.get('cuda_version', '?')})"
+    if probe.get("cuda_built"):
+        return f"CPU only: PyTorch {probe['torch']} has CUDA but no usable GPU or driver was found"
+    return f"CPU only (PyTorch {probe['torch']}, built without CUDA)"
+
+
+@dataclass(frozen=True)
+class ProgressLine:
+    """One progress report of the engine: ``progress`` is the fraction of ``stage`` done, in [0, 1]."""
+
+    stage: str
+    progress: float
+    message: str = ""
+
+
+def parseProgressLine(line: str) -> ProgressLine | None:
+    """The progress report in ``line``, or ``None`` for any other line (log text, warnings, errors)."""
+    text = line.strip()
+    if not (text.startswith("{") and text.endswith("}")):
+        return None
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return None
+    if not isinstance(data, dict) or "stage" not in data or "progress" not in data:
+        return None
+    try:
+        fraction = float(data["progress"])
+    except (TypeError, ValueError):
+        return None
+    if not math.isfinite(fraction):
+        return None
+    return ProgressLine(str(data["stage"]), min(max(fraction, 0.0), 1.0), str(data.get("message", "")))
+
+
+def overallProgress(stepIndex: int, stepCount: int, line: ProgressLine | None) -> float:
+    """Fraction of a run of ``stepCount`` engine commands done, from the current command's report."""
+    within = line.progress if line is not None else 0.0
+    return min(max((stepIndex + within) / max(stepCount, 1), 0.0), 1.0)
+
+
+def engineErrorMessage(outputLines: Iterable[str], returnCode: int) -> str:
+    """A message a person can act on, from a failed command's output and exit code."""
+    lines = [line.strip() for line in outputLines if line.strip() and parseProgressLine(line) is None]
+    errorLines = [line for line in lines if line.startswith("kneeseg ") and ": " in line]
+    text = errorLines[-1] if errorLines else (lines[-1] if lines else "")
+    if text.startswith("kneeseg "):
+        # "kneeseg segment: error: scan.nrrd: 2D image" -> "scan.nrrd: 2D image"
+        text = text.split(": ", 1)[1]
+        if text.startswith("error: "):
+            text = text[len("error: "):]
+    lowered = " ".join(lines[-20:]).lower()
+    if "out of memory" in lowered:
+        return (text or "the GPU ran out of memory") + " -- choose device CPU, or close other programs using the GPU"
+    if returnCode == EXIT_CANCELLED:
+        return "cancelled"
+    if returnCode < 0 and not text:
+        # Killed by a signal; SIGKILL without a cancel is most often the system's out-of-memory killer.
+        hint = " (the computer may have run out of memory: try a smaller input or close other programs)" if returnCode == -9 else ""
+        return f"the engine was stopped by signal {-returnCode}{hint}"
+    if returnCode == EXIT_USAGE and "not available" not in text:
+        return f"the engine did not accept the command ({text or 'usage error'}); the engine and the module may be of different versions"
+    if "No module named" in text and ENGINE_PACKAGE in text:
+        return f"the KneeSeg engine ({ENGINE_PACKAGE}) was not found by Slicer's Python; reinstall the extension"
+    if not text:
+        return f"the engine stopped with exit code {returnCode} and no message"
+    return text
+
+
+def parseEchoTimes(text: str) -> list[float]:
+    """``"10, 20, 30"`` -> ``[10.0, 20.0, 30.0]`` (milliseconds); empty text gives ``[]``.
+
+    Raises
+    ------
+    ValueError
+        A value is not a number, not positive, or the times do not increase.
+    """
+    items = [item for item in text.replace(";", ",").replace(" ", ",").split(",") if item]
+    try:
+        times = [float(item) for item in items]
+    except ValueError:
+        raise ValueError(f"echo times must be numbers in ms separated by commas, got {text!r}") from None
+    if any(not math.isfinite(t) or t <= 0 for t in times):
+        raise ValueError(f"echo times must be positive numbers of milliseconds, got {text!r}")
+    if any(b <= a for a, b in zip(times, times[1:])):
+        raise ValueError(f"echo times must increase, got {text!r}")
+    return times
+
+
+def formatEchoTimes(times: Sequence[float]) -> str:
+    return ",".join(f"{t:g}" for t in times)
