@@ -454,6 +454,7 @@ class KneeSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNodeGuiTag = None
         self.runner: EngineRunner | None = None
         self._probe: EngineRunner | None = None
+        self._modelsQuery: EngineRunner | None = None
         self._models: list[dict] = []
         self._dependenciesChecked = False
 
@@ -480,12 +481,14 @@ class KneeSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._uncertainSlices: list[UncertainSlice] = []
 
         self.initializeParameterNode()
-        self.refreshModels()
-        self.refreshDevice()
+        with slicer.util.tryWithErrorDisplay(_("KneeSeg could not query its engine.")):
+            self.refreshModels()
+            self.refreshDevice()
 
     def cleanup(self) -> None:
-        if self.runner is not None and self.runner.running:
-            self.runner.cancel()
+        for runner in (self.runner, self._probe, self._modelsQuery):
+            if runner is not None and runner.running:
+                runner.cancel()
         self.removeObservers()
 
     def enter(self) -> None:
@@ -551,7 +554,7 @@ class KneeSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._models = KneeSegLogic.modelsFromOutput(outcome.steps[0].lines)
             self._fillModelComboBox()
 
-        self.logic.startModelsCommand(onFinished=finished)
+        self._modelsQuery = self.logic.startModelsCommand(onFinished=finished)
 
     def _fillModelComboBox(self) -> None:
         combo = self.ui.modelComboBox
@@ -632,6 +635,7 @@ class KneeSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 if not overwrite:
                     replace = None
             self.ui.logTextEdit.clear()
+            self.ui.progressBar.value = 0
             self.runner = self.logic.segment(
                 parameters.inputVolume, RunOptions.fromParameterNode(parameters), t2Volume=parameters.t2Volume,
                 replaceSegmentation=replace, onProgress=self.onProgress, onLog=self.appendLog,
@@ -655,6 +659,7 @@ class KneeSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.appendLog(_("Installing: {packages}").format(packages=", ".join(missing)))
             self.logic.installDependencies()
             self.refreshDevice()
+            self.refreshModels()
         self._dependenciesChecked = True
         return True
 
@@ -698,6 +703,7 @@ class KneeSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 return
             parameters = self._parameterNode
             self.ui.logTextEdit.clear()
+            self.ui.progressBar.value = 0
             self.runner = self.logic.recompute(
                 parameters.outputSegmentation, RunOptions.fromParameterNode(parameters),
                 t2Volume=self.logic.t2SeriesFor(parameters.inputVolume, parameters.t2Volume) if parameters.computeT2 else None,
@@ -1320,5 +1326,6 @@ class KneeSegTest(ScriptedLoadableModuleTest):
         self.assertGreaterEqual(len(result.models), 3)
         for model in result.models:
             self.assertGreater(model.GetPolyData().GetNumberOfPoints(), 100, model.GetName())
-        self.assertEqual(result.segmentation.GetAttribute("KneeSeg.ModelId") is not None, True)
+        self.assertTrue(result.segmentation.GetAttribute("KneeSeg.ModelId"))
+        self.assertTrue(result.segmentation.GetAttribute("KneeSeg.ModelSha256"))
         self.delayDisplay("Segmentation, uncertainty, T2 and surfaces of the sample: passed")

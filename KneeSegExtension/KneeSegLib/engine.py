@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -305,8 +306,12 @@ def engineErrorMessage(outputLines: Iterable[str], returnCode: int) -> str:
         return f"the engine was stopped by signal {-returnCode}{hint}"
     if returnCode == EXIT_USAGE and "not available" not in text:
         return f"the engine did not accept the command ({text or 'usage error'}); the engine and the module may be of different versions"
-    if "No module named" in text and ENGINE_PACKAGE in text:
+    missingModule = re.search(r"No module named '([\w.]+)'", text)
+    if missingModule and missingModule.group(1).split(".")[0] == ENGINE_PACKAGE:
         return f"the KneeSeg engine ({ENGINE_PACKAGE}) was not found by Slicer's Python; reinstall the extension"
+    if missingModule:
+        return (f"the Python package '{missingModule.group(1).split('.')[0]}' is not installed in Slicer's Python "
+                "(KneeSeg installs its dependencies at the first Apply)")
     if not text:
         return f"the engine stopped with exit code {returnCode} and no message"
     return text
