@@ -702,11 +702,13 @@ class KneeSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if not self.ensureDependencies():
                 return
             parameters = self._parameterNode
+            segmentation = parameters.outputSegmentation
+            scan = self.logic.referenceVolumeOf(segmentation) or parameters.inputVolume
             self.ui.logTextEdit.clear()
             self.ui.progressBar.value = 0
             self.runner = self.logic.recompute(
-                parameters.outputSegmentation, RunOptions.fromParameterNode(parameters),
-                t2Volume=self.logic.t2SeriesFor(parameters.inputVolume, parameters.t2Volume) if parameters.computeT2 else None,
+                segmentation, RunOptions.fromParameterNode(parameters),
+                t2Volume=self.logic.t2SeriesFor(scan, parameters.t2Volume) if parameters.computeT2 else None,
                 onProgress=self.onProgress, onLog=self.appendLog, onFinished=self.onRunFinished)
             self._updateButtons()
 
