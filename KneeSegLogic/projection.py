@@ -104,11 +104,14 @@ def write_projection(
     title: str,
     value_unit: str,
     diverging: bool = False,
+    outline: np.ndarray | None = None,
 ) -> list[Path]:
     """Write a projection map as NRRD (float32, 2D, axis units in the header) and PNG.
 
     ``path`` without suffix; returns the two files written (``path.nrrd``, ``path.png``).
     Rows run lateral to medial; columns by angle (``column_unit`` "deg") or arc length ("mm").
+    ``diverging`` uses a blue-red scale symmetric about 0 (for differences); ``outline`` (a
+    boolean map) is drawn as black contours (e.g. clusters).
     """
     nrrd_path = path.with_suffix(".nrrd")
     png_path = path.with_suffix(".png")
@@ -131,13 +134,15 @@ def write_projection(
     axes = figure.add_subplot()
     width = values.shape[1] * column_spacing
     left = ANGLE_START_DEG if column_unit == "deg" else 0.0
+    height = values.shape[0] * row_spacing_mm
     shown = np.ma.masked_where(values == 0, values)
-    if diverging:
-        limit = float(np.nanmax(np.abs(values))) if np.any(values) else 1.0
-        image = axes.imshow(shown, cmap="RdBu_r", vmin=-limit, vmax=limit, aspect="auto",
-                            extent=(left, left + width, values.shape[0] * row_spacing_mm, 0))
-    else:
-        image = axes.imshow(shown, cmap="viridis", aspect="auto", extent=(left, left + width, values.shape[0] * row_spacing_mm, 0))
+    limit = float(np.max(np.abs(values))) if np.any(values) else 1.0
+    scale = dict(cmap="RdBu_r", vmin=-limit, vmax=limit) if diverging else dict(cmap="viridis")
+    image = axes.imshow(shown, aspect="auto", extent=(left, left + width, height, 0), **scale)
+    if outline is not None and outline.any():
+        x = left + (np.arange(values.shape[1]) + 0.5) * column_spacing
+        y = (np.arange(values.shape[0]) + 0.5) * row_spacing_mm
+        axes.contour(x, y, outline.astype(float), levels=[0.5], colors="black", linewidths=1.0)
     axes.set_xlabel(f"{header['labels'][0]} ({column_unit}); anterior left, posterior right")
     axes.set_ylabel("lateral to medial (mm)")
     axes.set_title(title)

@@ -490,6 +490,21 @@ def _csv_value(value: Any) -> Any:
     return round(value, 4) if isinstance(value, float) else value
 
 
+def femoral_cells(labels: Volume, division: CartilageDivision) -> tuple[projection.ProjectionGrid, np.ndarray, np.ndarray]:
+    """Projection grid and the (row, column) cell of every femoral cartilage voxel of ``division``.
+
+    Rows are positions along the LR image axis, lateral first; columns are 5 degree angle bins.
+    """
+    plate = division.plates[FEMORAL]
+    frame = division.geometry.frame
+    n_rows = labels.array.shape[frame.lr_axis]
+    slice_index = plate.index[frame.lr_axis].astype(np.int64)
+    # Rows lateral to medial: index order when increasing index moves medially.
+    rows = slice_index if frame.lr_step_sign * frame.medial_sign > 0 else n_rows - 1 - slice_index
+    grid = projection.ProjectionGrid(n_rows, labels.spacing[2 - frame.lr_axis], division.geometry.circle.radius)
+    return grid, rows, projection.angle_bin(plate.theta_deg)
+
+
 def femoral_projection_maps(
     labels: Volume,
     division: CartilageDivision,
@@ -501,16 +516,10 @@ def femoral_projection_maps(
     T2 cells average the voxels with a valid T2 (finite, in (0, 100] ms); ``None`` without
     femoral cartilage.
     """
-    plate = division.plates.get(FEMORAL)
-    if plate is None:
+    if FEMORAL not in division.plates:
         return None
-    frame = division.geometry.frame
-    n_rows = labels.array.shape[frame.lr_axis]
-    slice_index = plate.index[frame.lr_axis].astype(np.int64)
-    # Rows lateral to medial: index order when increasing index moves medially.
-    rows = slice_index if frame.lr_step_sign * frame.medial_sign > 0 else n_rows - 1 - slice_index
-    columns = projection.angle_bin(plate.theta_deg)
-    grid = projection.ProjectionGrid(n_rows, labels.spacing[2 - frame.lr_axis], division.geometry.circle.radius)
+    plate = division.plates[FEMORAL]
+    grid, rows, columns = femoral_cells(labels, division)
     voxel_thickness = thickness[FEMORAL].voxel_thickness_mm
     defined = np.isfinite(voxel_thickness)
     maps = {"thickness": projection.project_mean(grid, rows[defined], columns[defined], voxel_thickness[defined])}
