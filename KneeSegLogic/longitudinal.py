@@ -6,8 +6,10 @@ Two output folders of ``kneeseg t2`` (or of ``kneeseg segment`` on a multi-echo 
 holding
 
 - ``t2.nrrd``: the T2 map in ms (required);
-- the segmentation: ``segmentation.seg.nrrd`` or, failing that, ``labels.nrrd`` (a KneeSeg label
-  volume), read with :func:`KneeSegLogic.segfile.read_labels` onto the T2 grid (required);
+- the segmentation (required), the first found of: ``segmentation.seg.nrrd`` (written by
+  ``kneeseg segment``), ``labels.nrrd`` (a KneeSeg label volume), or the ``--mask`` file that
+  ``kneeseg t2`` recorded as input ``"mask"`` in ``results.json``, used only while its sha256 still
+  matches; read with :func:`KneeSegLogic.segfile.read_labels` onto the T2 grid;
 - ``results.json`` (optional): the femoral region variant used there is reused.
 
 ``regions.nrrd`` of the input folders is not read: both time points are divided anew with the
@@ -63,7 +65,7 @@ from skimage.morphology import disk
 
 from . import projection
 from .errors import InputError
-from .outputs import Progress, Results, output_folder
+from .outputs import Progress, Results, output_folder, sha256_of
 from .regions import (
     FEMORAL,
     PLATES,
@@ -110,7 +112,13 @@ def read_time_point(folder: str | Path) -> TimePoint:
         raise InputError(folder, f"holds no {T2_FILE}; give an output folder of `kneeseg t2`")
     segmentation = next((folder / name for name in SEGMENTATION_FILES if (folder / name).is_file()), None)
     if segmentation is None:
-        raise InputError(folder, f"holds no segmentation ({' or '.join(SEGMENTATION_FILES)})")
+        segmentation = _recorded_mask(folder / RESULTS_FILE)
+    if segmentation is None:
+        raise InputError(
+            folder,
+            f"holds no segmentation ({' or '.join(SEGMENTATION_FILES)}) and records no unchanged --mask input; "
+            "run `kneeseg t2` with --mask",
+        )
     t2 = read_volume(folder / T2_FILE)
     if t2.array.ndim != 3:
         raise InputError(folder / T2_FILE, "is not a 3D T2 map")
@@ -118,6 +126,20 @@ def read_time_point(folder: str | Path) -> TimePoint:
     if not np.any(labels.array == FEMORAL):
         raise InputError(segmentation, "holds no femoral cartilage (label 1)")
     return TimePoint(folder, t2.with_array(t2.array.astype(np.float32)), labels, _variant_used(folder / RESULTS_FILE))
+
+
+def _recorded_mask(path: Path) -> Path | None:
+    """The ``mask`` input recorded in a results.json, if the file is still there unchanged."""
+    try:
+        inputs = json.loads(path.read_text()).get("inputs", [])
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return None
+    for item in inputs:
+        if isinstance(item, dict) and item.get("role") == "mask":
+            mask = Path(item.get("path", ""))
+            if mask.is_file() and sha256_of(mask) == item.get("sha256"):
+                return mask
+    return None
 
 
 def _variant_used(path: Path) -> str | None:

@@ -13,6 +13,7 @@ import SimpleITK as sitk
 from KneeSegLogic.cli import main
 from KneeSegLogic.errors import InputError
 from KneeSegLogic.longitudinal import focal_change, read_time_point, run_t2_change
+from KneeSegLogic.outputs import Results
 from KneeSegLogic.projection import ProjectionGrid
 from KneeSegLogic.regions import divide_cartilage, femoral_cells
 from KneeSegLogic.volume import Volume, read_volume, write_volume
@@ -167,6 +168,16 @@ def test_bad_folders(tmp_path):
     (tmp_path / "t2only").mkdir()
     write_volume(knee, tmp_path / "t2only" / "t2.nrrd")
     with pytest.raises(InputError, match="segmentation"):
+        read_time_point(tmp_path / "t2only")
+    # A `kneeseg t2 --mask` folder: the mask is found through results.json while it is unchanged.
+    labels = tmp_path / "mask.nrrd"
+    write_volume(knee.with_array(np.ones((4, 5, 6), np.uint8)), labels)
+    results = Results("t2")
+    results.add_input("mask", labels)
+    (tmp_path / "t2only" / "results.json").write_text(json.dumps(results.data))
+    assert read_time_point(tmp_path / "t2only").labels.array.sum() == 4 * 5 * 6
+    write_volume(knee.with_array(np.full((4, 5, 6), 2, np.uint8)), labels)
+    with pytest.raises(InputError, match="no unchanged --mask"):
         read_time_point(tmp_path / "t2only")
     code = main(["t2-change", str(tmp_path / "t2only"), str(tmp_path / "empty"), "-o", str(tmp_path / "out")])
     assert code == 1
