@@ -85,7 +85,9 @@ def _evaluate_args(p: argparse.ArgumentParser) -> None:
 
 
 def _train_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("data", type=Path, help="label map file, or folder of label maps (images are synthesised from them)")
+    p.add_argument("data", type=Path, nargs="+",
+                   help="label map files or folders of label maps (images are synthesised from them), and/or "
+                        "folders of real pairs images/<case>.nrrd + labels/<case>.seg.nrrd")
     _add_output(p)
     _add_device(p)
     p.add_argument("--workdir", type=Path, help="checkpoints and curves (default: OUT.work); training resumes from it")

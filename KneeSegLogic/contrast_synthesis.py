@@ -56,7 +56,9 @@ class Anatomy:
     """A label map in the canonical frame with the distance maps synthesis needs.
 
     Attributes are torch tensors shaped (1, 1, K, J, I) on the label map's grid (canonical
-    orientation); ``spacing`` is (k, j, i) in mm.
+    orientation); ``spacing`` is (k, j, i) in mm. ``image`` is the real scan of a labelled
+    (image, label) pair on the same grid, intensities normalised to about [0, 1]; None for a label
+    map alone.
     """
 
     labels: torch.Tensor
@@ -64,6 +66,7 @@ class Anatomy:
     bone_depth_mm: torch.Tensor
     spacing: np.ndarray
     centre_range: tuple[np.ndarray, np.ndarray]
+    image: torch.Tensor | None = None
 
     @classmethod
     def from_volume(cls, labels: Volume) -> "Anatomy":
@@ -84,6 +87,21 @@ class Anatomy:
             spacing=spacing,
             centre_range=(low + margin, high - margin),
         )
+
+    @classmethod
+    def from_pair(cls, image: Volume, labels: Volume) -> "Anatomy":
+        """A real scan with its label map (both 3D, on the same grid; KneeSeg label values).
+
+        The image is reoriented exactly as the labels (axis permutations and flips only) and
+        normalised with :func:`normalise_intensity`, negative values clipped to 0.
+        """
+        if image.is_multi_echo or not image.same_grid(labels):
+            raise ValueError("the image must be a 3D volume on the label map's grid")
+        anatomy = cls.from_volume(labels)
+        array = reorient(image, CANONICAL_ORIENTATION).array.astype(np.float32)
+        normalised = normalise_intensity(torch.from_numpy(array)).clamp(min=0)
+        anatomy.image = normalised[None, None].contiguous()
+        return anatomy
 
 
 def _smooth_field(shape: tuple[int, ...], coarse: int, generator: torch.Generator) -> torch.Tensor:
@@ -112,9 +130,14 @@ class SynthesisSettings:
     random_contrast_probability: float = 0.35
     thick_slice_probability: float = 0.5
     thick_slice_mm: tuple[float, float] = (2.0, 5.0)
+    thick_slice_axis: int | None = None  # None: a random axis (sagittal, axial or coronal acquisition)
     noise_range: tuple[float, float] = (0.005, 0.08)
     blur_px: tuple[float, float] = (0.0, 1.0)
     fov_crop_probability: float = 0.25
+    # For anatomies with a real image: the chance a sample shows the scan's own intensities
+    # (spatial and acquisition augmentation still apply) rather than a synthetic contrast.
+    real_image_probability: float = 0.7
+    contrast: str | None = None  # a name in CONTRASTS; None: a random one per sample
 
 
 class Synthesizer:
@@ -139,7 +162,7 @@ class Synthesizer:
         self.rng = np.random.default_rng(seed)
         self.generator = torch.Generator().manual_seed(seed)
 
-    def _sampling_grid(self, anatomy: Anatomy) -> torch.Tensor:
+    def _sampling_grid(self, anatomy: Anatomy, centre: np.ndarray | None = None) -> torch.Tensor:
         s = self.settings
         shape = np.asarray(self.box_shape)
         axes = [(np.arange(n) - (n - 1) / 2) * sp for n, sp in zip(shape, self.spacing)]
@@ -148,8 +171,8 @@ class Synthesizer:
             box_mm[..., 0] *= -1  # a left knee: mirror left-right
         rotation = _rotation(np.deg2rad(self.rng.uniform(-s.rotation_deg, s.rotation_deg, 3)))
         scale = np.diag(self.rng.uniform(*s.scale_range, 3))
-        low, high = anatomy.centre_range
-        centre = self.rng.uniform(low, high)
+        if centre is None:
+            centre = self.rng.uniform(*anatomy.centre_range)
         source_mm = box_mm @ (rotation @ scale).T + centre
         source = torch.from_numpy(source_mm).float()
         if s.elastic_mm > 0:
@@ -162,21 +185,47 @@ class Synthesizer:
     def _intensities(self) -> dict[str, float]:
         if self.rng.random() < self.settings.random_contrast_probability:
             return {g: float(self.rng.uniform(0, 1)) for g in GROUPS}
-        name = list(CONTRASTS)[self.rng.integers(len(CONTRASTS))]
+        name = self.settings.contrast or list(CONTRASTS)[self.rng.integers(len(CONTRASTS))]
         base = np.asarray(CONTRASTS[name])
         jittered = np.clip(base * self.rng.uniform(0.75, 1.25, base.size) + self.rng.normal(0, 0.03, base.size), 0, 1)
         return dict(zip(GROUPS, jittered))
 
-    def sample(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """One (image, labels) box: float32 image normalised to about [0, 1], int64 labels."""
+    def sample(self, centre: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One (image, labels) box: float32 image normalised to about [0, 1], int64 labels.
+
+        ``centre`` (mm, in the anatomy's canonical array frame) fixes where the box is centred;
+        by default it is drawn within the anatomy's ``centre_range``.
+        """
         s = self.settings
         anatomy = self.anatomies[self.rng.integers(len(self.anatomies))]
-        grid = self._sampling_grid(anatomy)
+        grid = self._sampling_grid(anatomy, centre)
         labels = F.grid_sample(anatomy.labels, grid, mode="nearest", align_corners=True)[0, 0].long()
         outside = F.grid_sample(anatomy.outside_mm, grid, mode="bilinear", align_corners=True, padding_mode="border")[0, 0]
         depth = F.grid_sample(anatomy.bone_depth_mm, grid, mode="bilinear", align_corners=True)[0, 0]
         shape = tuple(labels.shape)
+        if anatomy.image is not None and self.rng.random() < s.real_image_probability:
+            # A real scan: its own intensities, moved by the same grid as its labels.
+            image = F.grid_sample(anatomy.image, grid, mode="bilinear", align_corners=True)[0, 0]
+        else:
+            image = self._synthetic_image(labels, outside, depth)
 
+        # Beyond the label map's field of view nothing is known: show it as outside the scan's
+        # field of view (zero signal, background label), as real scans cut bones at the edge.
+        outside_fov = (grid.abs() > 1).any(-1)[0]
+        image[outside_fov] = 0
+        labels[outside_fov] = 0
+        image = self._acquisition(image, shape)
+        if self.rng.random() < s.fov_crop_probability:
+            image, labels = self._fov_crop(image, labels)
+        return image.float(), labels
+
+    def _synthetic_image(self, labels: torch.Tensor, outside: torch.Tensor, depth: torch.Tensor) -> torch.Tensor:
+        """Random tissue intensities for a box of labels, with background and texture.
+
+        ``outside`` is the distance (mm) from the labelled structures, ``depth`` the depth (mm)
+        inside bone, both sampled on the box.
+        """
+        shape = tuple(labels.shape)
         values = self._intensities()
         image = torch.zeros(shape)
         # Background: body of pseudo-tissues, subcutaneous fat shell, air outside.
@@ -203,16 +252,7 @@ class Synthesizer:
         # Texture within tissues (trabecular bone, muscle fibres): multiplicative fine noise.
         texture = 1 + float(self.rng.uniform(0, 0.15)) * _smooth_field(shape, 24, self.generator)
         image = image * texture
-
-        # Beyond the label map's field of view nothing is known: show it as outside the scan's
-        # field of view (zero signal, background label), as real scans cut bones at the edge.
-        outside_fov = (grid.abs() > 1).any(-1)[0]
-        image[outside_fov] = 0
-        labels[outside_fov] = 0
-        image = self._acquisition(image, shape)
-        if self.rng.random() < s.fov_crop_probability:
-            image, labels = self._fov_crop(image, labels)
-        return image.float(), labels
+        return image
 
     def _acquisition(self, image: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
         s = self.settings
@@ -222,7 +262,7 @@ class Synthesizer:
         if sigma > 0.1:
             image = torch.from_numpy(ndimage.gaussian_filter(image.numpy(), sigma))
         if self.rng.random() < s.thick_slice_probability:
-            axis = int(self.rng.integers(3))
+            axis = int(self.rng.integers(3)) if s.thick_slice_axis is None else s.thick_slice_axis
             factor = float(self.rng.uniform(*s.thick_slice_mm)) / self.spacing[axis]
             if factor > 1.2:
                 image = _thick_slices(image, axis, factor)

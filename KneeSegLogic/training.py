@@ -17,16 +17,19 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 from safetensors.torch import save_file
 
 from .contrast_synthesis import Anatomy, Synthesizer, SynthesisSettings
+from .errors import InputError
 from .losses import MixedLoss
 from .networks import build_network
+from .segfile import read_labels
 from .tissues import TISSUES
+from .volume import IMAGE_SUFFIXES, read_volume
 
 NUM_CLASSES = 1 + max(t.label for t in TISSUES)
 
@@ -200,22 +203,90 @@ DEFAULT_MEMBERS: tuple[MemberSpec, ...] = (
 )
 
 
-def load_anatomies(path: Path) -> list[Anatomy]:
-    """Label maps from a file or a folder of NRRD/NIfTI/MHA label maps (KneeSeg label values)."""
-    from .errors import InputError
-    from .volume import IMAGE_SUFFIXES, read_volume
+def _case_name(path: Path) -> str:
+    """A case's name: the file name without its image or segmentation suffix (``a.seg.nrrd`` -> ``a``)."""
+    name = path.name
+    if path.is_dir():  # a DICOM series
+        return name
+    for suffix in (".seg.nrrd", *IMAGE_SUFFIXES):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
 
-    path = Path(path)
-    files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.name.lower().endswith(IMAGE_SUFFIXES))
-    if not files:
-        raise InputError(path, "no label maps found (NRRD, NIfTI or MHA)")
+
+def _cases(folder: Path, allow_folders: bool) -> dict[str, Path]:
+    """Case name -> file (or DICOM folder) in ``folder``; hidden entries (partial writes) skipped."""
+    cases: dict[str, Path] = {}
+    for entry in sorted(folder.iterdir()):
+        readable = entry.name.lower().endswith(IMAGE_SUFFIXES) if entry.is_file() else allow_folders
+        if entry.name.startswith(".") or not readable:
+            continue
+        name = _case_name(entry)
+        if name in cases:
+            raise InputError(entry, f"case {name!r} has two files in {folder.name}/ ({cases[name].name} and {entry.name})")
+        cases[name] = entry
+    return cases
+
+
+def find_training_pairs(folder: Path) -> list[tuple[Path, Path]]:
+    """(image, labels) of the pairs layout: ``folder/images/<case>.*`` with ``folder/labels/<case>.*``.
+
+    That is what the Slicer module's "save corrected case" writes (``images/<case>.nrrd``,
+    ``labels/<case>.seg.nrrd``). Images are NRRD/NIfTI/MHA files or DICOM folders; labels are
+    Slicer segmentations or label volumes with KneeSeg label values. Returns ``[]`` when
+    ``folder`` has no ``images/`` and ``labels/`` subfolders.
+
+    Raises
+    ------
+    InputError
+        A case with an image but no labels or the reverse, or two files for one case.
+    """
+    images_folder, labels_folder = Path(folder) / "images", Path(folder) / "labels"
+    if not (images_folder.is_dir() and labels_folder.is_dir()):
+        return []
+    images, labels = _cases(images_folder, allow_folders=True), _cases(labels_folder, allow_folders=False)
+    for name in sorted(set(images) ^ set(labels)):
+        path, other = (images[name], "labels") if name in images else (labels[name], "images")
+        raise InputError(path, f"case {name!r} has no file of the same name in {other}/")
+    return [(images[name], labels[name]) for name in sorted(images)]
+
+
+def read_training_pair(image_path: Path, label_path: Path) -> Anatomy:
+    """An anatomy carrying its real image, from a scan and its label file.
+
+    The image is the scan itself, or its second echo if multi-echo (the echo inference reads);
+    labels on another grid are resampled onto the scan's grid by nearest neighbour.
+    """
+    from .pipeline import segmentation_image  # the echo choice of inference (heavy module: lazily)
+
+    image = segmentation_image(read_volume(image_path), None)
+    return Anatomy.from_pair(image, read_labels(label_path, reference=image))
+
+
+def load_anatomies(paths: Path | Sequence[Path]) -> list[Anatomy]:
+    """Training anatomies from label maps (images synthesised) and real (image, label) pairs.
+
+    Each path is a label map file, or a folder holding label maps (NRRD/NIfTI/MHA label volumes
+    or Slicer segmentations, KneeSeg label values) and/or the pairs layout of
+    :func:`find_training_pairs` (``images/`` and ``labels/`` subfolders); both may be mixed.
+    Pairs give anatomies with an ``image``, which synthesis shows with its real intensities
+    (:attr:`SynthesisSettings.real_image_probability`).
+    """
     anatomies = []
-    for file in files:
-        labels = read_volume(file)
-        unknown = sorted(set(np.unique(labels.array).tolist()) - {0} - {t.label for t in TISSUES})
-        if unknown:
-            raise InputError(file, f"label values {unknown} are not in KneeSeg's tissue table")
-        anatomies.append(Anatomy.from_volume(labels))
+    for path in [paths] if isinstance(paths, (str, Path)) else paths:
+        path = Path(path)
+        if not path.exists():
+            raise InputError(path, "no such file or folder")
+        if path.is_file():
+            label_maps, pairs = [path], []
+        else:
+            label_maps = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")
+                                and p.name.lower().endswith(IMAGE_SUFFIXES))
+            pairs = find_training_pairs(path)
+        if not label_maps and not pairs:
+            raise InputError(path, "no label maps (NRRD, NIfTI, MHA) and no images/ + labels/ pairs found")
+        anatomies += [Anatomy.from_volume(read_labels(file)) for file in label_maps]
+        anatomies += [read_training_pair(image, labels) for image, labels in pairs]
     return anatomies
 
 
@@ -236,6 +307,8 @@ def run_train(args) -> int:
         raise KneeSegError(f"unknown member {args.only_member!r}; known: {[m.name for m in DEFAULT_MEMBERS]}")
     workdir = Path(args.workdir) if args.workdir else args.output.with_name(args.output.name + ".work")
     anatomies = load_anatomies(args.data)
+    pairs = sum(a.image is not None for a in anatomies)
+    progress("data", 0.0, f"{len(anatomies) - pairs} label maps, {pairs} image/label pairs")
     budget = args.time_budget_min * 60
     weights = [train_member(anatomies, spec, workdir, budget, progress) for spec in members]
     if args.only_member:
