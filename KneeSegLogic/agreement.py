@@ -15,8 +15,8 @@ Pairs with a non-finite value are left out (``n`` says how many were used).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Sequence
 
 import numpy as np
 from scipy import stats

@@ -35,6 +35,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
 from .tissues import tissue
 from .volume import Volume
 

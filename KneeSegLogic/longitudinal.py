@@ -101,6 +101,7 @@ class TimePoint:
     t2: Volume
     labels: Volume
     variant: str | None = None
+    segmentation: Path | None = None
 
 
 def read_time_point(folder: str | Path) -> TimePoint:
@@ -125,7 +126,8 @@ def read_time_point(folder: str | Path) -> TimePoint:
     labels = read_labels(segmentation, reference=t2)
     if not np.any(labels.array == FEMORAL):
         raise InputError(segmentation, "holds no femoral cartilage (label 1)")
-    return TimePoint(folder, t2.with_array(t2.array.astype(np.float32)), labels, _variant_used(folder / RESULTS_FILE))
+    t2 = t2.with_array(t2.array.astype(np.float32))
+    return TimePoint(folder, t2, labels, _variant_used(folder / RESULTS_FILE), segmentation)
 
 
 def _recorded_mask(path: Path) -> Path | None:
@@ -252,7 +254,8 @@ def resample_followup(followup: TimePoint, reference: Volume, transform: sitk.Tr
     weight = _resample(valid, followup.t2, reference, transform, sitk.sitkLinear)
     # Cartilage voxels with little valid T2 around them (a fit failed there) stay invalid (0).
     t2_registered = np.divide(weighted, weight, out=np.zeros_like(weighted), where=weight > 0.25)
-    return TimePoint(followup.folder, reference.with_array(t2_registered), reference.with_array(labels.astype(np.uint8)), followup.variant)
+    return TimePoint(followup.folder, reference.with_array(t2_registered), reference.with_array(labels.astype(np.uint8)),
+                     followup.variant, followup.segmentation)
 
 
 # --- difference maps and clusters --------------------------------------------------------------
@@ -408,7 +411,7 @@ def t2_change(baseline: TimePoint, followup: TimePoint, out_dir: Path, results: 
         write_volume(registered.labels, out_dir / "followup_labels_registered.nrrd")
         sitk.WriteTransform(transform, str(out_dir / "followup_to_baseline.tfm"))
         _write_csv(out_dir / "t2_change.csv", changes)
-        square = dict(row_spacing_mm=1.0, column_spacing=1.0, column_unit="mm")
+        square = {"row_spacing_mm": 1.0, "column_spacing": 1.0, "column_unit": "mm"}
         projection.write_projection(out_dir / "projection_t2_baseline", focal.baseline * focal.plate, title="Femoral T2, baseline", value_unit="ms", **square)
         projection.write_projection(out_dir / "projection_t2_followup", focal.followup * focal.plate, title="Femoral T2, follow-up", value_unit="ms", **square)
         projection.write_projection(
@@ -455,8 +458,9 @@ def run_t2_change(args: argparse.Namespace) -> int:
     results = Results("t2-change")
     baseline = read_time_point(args.baseline)
     followup = read_time_point(args.followup)
-    results.add_input("baseline", baseline.folder / T2_FILE)
-    results.add_input("followup", followup.folder / T2_FILE)
+    for role, time_point in (("baseline", baseline), ("followup", followup)):
+        results.add_input(f"{role}_t2", time_point.folder / T2_FILE)
+        results.add_input(f"{role}_segmentation", time_point.segmentation)
     with output_folder(args.output, results, getattr(args, "overwrite", False)) as out:
         results["t2_change"] = t2_change(baseline, followup, out, results, progress)
     return 0

@@ -63,8 +63,8 @@ class ProjectionGrid:
     def square_mm_shape(self) -> tuple[int, int]:
         """Shape of the map resampled to 1 mm x 1 mm pixels."""
         return (
-            max(1, int(round(self.n_rows * self.row_spacing_mm))),
-            max(1, int(round(N_ANGLE_BINS * self.column_width_mm))),
+            max(1, round(self.n_rows * self.row_spacing_mm)),
+            max(1, round(N_ANGLE_BINS * self.column_width_mm)),
         )
 
 
@@ -87,7 +87,7 @@ def to_square_mm(grid: ProjectionGrid, values: np.ndarray, covered: np.ndarray) 
     """
     shape = grid.square_mm_shape
     weight = covered.astype(float)
-    kwargs = dict(order=1, mode="edge", anti_aliasing=False, preserve_range=True)
+    kwargs = {"order": 1, "mode": "edge", "anti_aliasing": False, "preserve_range": True}
     weighted = resize(np.where(covered, values, 0.0) * weight, shape, **kwargs)
     coverage = resize(weight, shape, **kwargs)
     square_covered = coverage > 0.5
@@ -137,7 +137,7 @@ def write_projection(
     height = values.shape[0] * row_spacing_mm
     shown = np.ma.masked_where(values == 0, values)
     limit = float(np.max(np.abs(values))) if np.any(values) else 1.0
-    scale = dict(cmap="RdBu_r", vmin=-limit, vmax=limit) if diverging else dict(cmap="viridis")
+    scale = {"cmap": "RdBu_r", "vmin": -limit, "vmax": limit} if diverging else {"cmap": "viridis"}
     image = axes.imshow(shown, aspect="auto", extent=(left, left + width, height, 0), **scale)
     if outline is not None and outline.any():
         x = left + (np.arange(values.shape[1]) + 0.5) * column_spacing

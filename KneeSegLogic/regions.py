@@ -139,6 +139,8 @@ class Circle:
 
 def fit_circle(points: np.ndarray) -> Circle:
     """Geometric least-squares circle through 2D points ``(inferior, posterior)`` in mm."""
+    if len(points) < 3:
+        raise InputError(None, f"too little femoral cartilage to fit its circle ({len(points)} sagittal positions)")
 
     def residuals(centre: np.ndarray) -> np.ndarray:
         distance = np.hypot(points[:, 0] - centre[0], points[:, 1] - centre[1])
@@ -298,7 +300,14 @@ def _in_plane_key(index: tuple[np.ndarray, ...], frame: KneeFrame, shape: tuple[
     return index[a].astype(np.int64) * shape[b] + index[b]
 
 
-def _femoral(labels, frame, variant, index, coordinates, geometry):
+Index = tuple[np.ndarray, np.ndarray, np.ndarray]
+
+
+def _femoral(
+    labels: Volume, frame: KneeFrame, variant: FemoralVariant, index: Index, coordinates: np.ndarray,
+    geometry: DivisionGeometry | None,
+) -> tuple[Plate, Circle, tuple[float, float]]:
+    """The 12 femoral subregions; returns the plate, its circle and its medial/lateral splits."""
     lr, inferior, posterior = coordinates.T
     fixed = geometry is not None and geometry.circle is not None
     if fixed:
@@ -341,7 +350,10 @@ def _field_of_view_centre_lr(labels: Volume, frame: KneeFrame) -> float:
     return float(frame.coordinates(labels, tuple(ends))[:, 0].mean())
 
 
-def _tibial(label, frame, index, coordinates, geometry):
+def _tibial(
+    label: int, frame: KneeFrame, index: Index, coordinates: np.ndarray, geometry: DivisionGeometry | None,
+) -> tuple[Plate, tuple[float, float]]:
+    """Anterior/central/posterior thirds of one tibial plate; returns the plate and its AP limits."""
     posterior = coordinates[:, 2]
     if geometry is not None and label in geometry.tibial_ap_limits:
         limits = geometry.tibial_ap_limits[label]
@@ -354,7 +366,10 @@ def _tibial(label, frame, index, coordinates, geometry):
     return Plate(label, index, coordinates, region, np.array([0.0, 1.0, 0.0])), limits
 
 
-def _patellar(labels, frame, index, coordinates, geometry):
+def _patellar(
+    labels: Volume, frame: KneeFrame, index: Index, coordinates: np.ndarray, geometry: DivisionGeometry | None,
+) -> tuple[Plate, float]:
+    """Medial/lateral x deep/superficial patellar regions; returns the plate and its LR split."""
     lr, inferior, posterior = coordinates.T
     split = geometry.patellar_split_lr if geometry is not None and geometry.patellar_split_lr is not None else float(lr.mean())
     medial = _medial(lr, split, frame)

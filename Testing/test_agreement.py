@@ -7,7 +7,12 @@ import math
 import numpy as np
 import pytest
 
-from KneeSegLogic.agreement import agreement, bland_altman, mean_absolute_error, rms_cv_percent
+from KneeSegLogic.agreement import (
+    agreement,
+    bland_altman,
+    mean_absolute_error,
+    rms_cv_percent,
+)
 
 REFERENCE = [10.0, 20.0, 30.0]
 MEASURED = [12.0, 20.0, 27.0]
