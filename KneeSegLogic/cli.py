@@ -58,6 +58,11 @@ def _t2_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--echo-times", type=parse_echo_times, help="echo times in ms (comma-separated) for a 4D file")
     p.add_argument("--mask", type=Path, help="segmentation (.seg.nrrd or label volume) limiting the fit and giving regions")
     p.add_argument("--model", default="ncexp", choices=["loglinear", "mono", "mono-offset", "ncexp"], help="signal model (default: noise-corrected mono-exponential)")
+    p.add_argument("--keep-first-echo", action="store_true", help="fit echo 1 too (skipped by default: stimulated echoes make it wrong in spin-echo trains)")
+    p.add_argument("--sigma", type=float, help="noise SD per receiver channel for ncexp, in signal units (default: from the image background)")
+    p.add_argument("--channels", type=int, default=1, help="receiver channels of the magnitude combination, for ncexp (default 1: Rician)")
+    p.add_argument("--min-r2", type=float, help="reject voxels whose fit R^2 is lower (DOSMA uses 0.9)")
+    p.add_argument("--regions", choices=["dosma", "thomas"], help="femoral subregion recipe (default: dosma)")
     _add_device(p)
 
 
