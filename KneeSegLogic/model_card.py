@@ -1,0 +1,176 @@
+"""Turning trained members into a model package: ensemble weights chosen on held-out scans,
+measured accuracy, and a model card that says what the model is, how good, and how to rebuild it.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+from dataclasses import asdict
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from .heldout import HELDOUT_ACQUISITIONS, heldout_cases
+from .metrics import evaluate
+from .models import ModelPackage, save_package
+from .tissues import TISSUES
+from .training import MemberSpec, load_anatomies
+from .volume import Volume
+
+PACKAGE_ID = "kneeseg-knee-2p5d"
+PACKAGE_VERSION = "1.0.0"
+# Bones: keep the largest piece and fill marrow holes; cartilage and menisci are thin and may be
+# split by partial volume, so no component filtering there.
+BONE_LABELS = [t.label for t in TISSUES if t.group == "bone"]
+POSTPROCESSING = [
+    {"name": "largest_component", "labels": BONE_LABELS, "components": 1},
+    {"name": "fill_holes", "labels": BONE_LABELS},
+]
+WEIGHT_GRID = (0.3, 0.5, 0.7)
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def _spec(members: Sequence[MemberSpec], weights: Sequence[float], training: dict, metrics: dict) -> dict:
+    return {
+        "id": PACKAGE_ID,
+        "version": PACKAGE_VERSION,
+        "default": True,
+        "description": "Ensemble of two 2.5D U-Nets (fine and coarse in-plane resolution) segmenting knee bones, "
+                       "cartilage and menisci in MRI of any contrast, trained on synthetic images from a real "
+                       "knee label map.",
+        "license": "Apache-2.0",
+        "labels": {str(t.label): t.key for t in TISSUES},
+        "members": [{"name": m.name, "architecture": m.architecture(), "input": m.input_contract(), "weight": w}
+                    for m, w in zip(members, weights)],
+        "postprocessing": POSTPROCESSING,
+        "training": training,
+        "metrics": metrics,
+    }
+
+
+def _dice_table(prediction: np.ndarray, case_labels: Volume) -> dict[str, float]:
+    result = evaluate(case_labels.with_array(prediction.astype(np.uint8)), case_labels)
+    return {name: round(float(m["dice"]), 4) for name, m in result["structures"].items() if not np.isnan(m["dice"])}
+
+
+def evaluate_heldout(package: ModelPackage, anatomies) -> dict:
+    """Dice per structure on every held-out scan for each member alone and each blending weight."""
+    from .inference import RunLog, fuse_on_grid, member_probabilities
+    from .postprocess import apply_postprocessing
+
+    cases = heldout_cases(anatomies)
+    per_case = {}
+    for case in cases:
+        maps = [member_probabilities(package, i, case.image, torch.device("cpu"), RunLog())
+                for i in range(len(package.members))]
+        on_grid = [fuse_on_grid([(m, 1.0)], case.image)[0] for m in maps]
+        entry = {}
+        for index, member in enumerate(package.members):
+            entry[member.name] = on_grid[index]
+        for weight in WEIGHT_GRID:
+            entry[f"ensemble w={weight}"] = weight * on_grid[0] + (1 - weight) * on_grid[1]
+        scores = {}
+        for name, probabilities in entry.items():
+            labels = apply_postprocessing(case.labels.with_array(probabilities.argmax(0).astype(np.uint8)), POSTPROCESSING)
+            scores[name] = _dice_table(labels.array, case.labels)
+        per_case[case.name] = scores
+    return per_case
+
+
+def _mean_dice(per_case: dict, variant: str) -> float:
+    values = [np.mean(list(scores[variant].values())) for scores in per_case.values()]
+    return float(np.mean(values))
+
+
+def assemble_package(args, members: Sequence[MemberSpec], weights_files: Sequence[Path], workdir: Path) -> ModelPackage:
+    """Choose blending weights on held-out synthetic scans, measure, and write the package."""
+    states = [load_file(str(path)) for path in weights_files]
+    histories = [json.loads((Path(workdir) / m.name / "history.json").read_text()) for m in members]
+    training = {
+        "data": "pymskt knee label map (OAI 3D DESS grid, right knee; MIT licence), Resources/SampleData/knee_labels.nrrd",
+        "method": "SynthSeg-style random contrasts from real anatomy (contrast_synthesis.py)",
+        "members": [{**asdict(m), "iterations": h[-1]["iteration"] if h else 0,
+                     "elapsed_s": h[-1]["elapsed_s"] if h else 0.0,
+                     "best_val_dice_mean": max((e["val_dice_mean"] for e in h), default=None)}
+                    for m, h in zip(members, histories)],
+        "hardware": f"{_cpu_name()}, {torch.get_num_threads()} threads available, no GPU",
+        "command": f"kneeseg train {' '.join(map(str, args.data))} -o {args.output} --workdir {workdir} "
+                   f"--time-budget-min {args.time_budget_min} (members trained in parallel with --only-member NAME --threads 1)",
+        "torch": torch.__version__,
+    }
+    anatomies = load_anatomies(args.data)
+    draft = save_package(Path(workdir) / "draft-package", _spec(members, [1.0] * len(members), training, {}), states,
+                         overwrite=True)
+    per_case = evaluate_heldout(draft, anatomies)
+    best = max(WEIGHT_GRID, key=lambda w: _mean_dice(per_case, f"ensemble w={w}"))
+    weights = [best, 1 - best]
+    metrics = {
+        "heldout_synthetic": {
+            "description": "Dice per structure on whole synthetic scans with seeds and deformations unused in "
+                           "training, one per named contrast/acquisition; blending weight chosen on these.",
+            "acquisitions": [a[0] for a in HELDOUT_ACQUISITIONS],
+            "chosen_weights": weights,
+            "mean_dice": {variant: round(_mean_dice(per_case, variant), 4)
+                          for variant in next(iter(per_case.values()))},
+            "per_case": per_case,
+        },
+    }
+    spec = _spec(members, weights, training, metrics)
+    card = model_card(spec)
+    return save_package(args.output, spec, states, model_card=card, overwrite=getattr(args, "overwrite", False))
+
+
+def model_card(spec: dict) -> str:
+    """Markdown model card: data, augmentations, measured accuracy, licence, how to reproduce."""
+    training, metrics = spec["training"], spec["metrics"]["heldout_synthetic"]
+    lines = [
+        f"# {spec['id']} {spec['version']}", "", spec["description"], "",
+        "## Intended use",
+        "Research segmentation of knee MRI (femur, tibia, patella, fibula, femoral / medial and lateral tibial / "
+        "patellar cartilage, lateral and medial meniscus) as a starting point for review and manual correction "
+        "in 3D Slicer. Not a medical device; every result needs a human check (see uncertainty.nrrd).", "",
+        "## Training data",
+        f"{training['data']}. No real image with cartilage/meniscus labels was available: every training image was "
+        "synthesised from this single real anatomy with random per-tissue intensities (MESE echoes, DESS, PD with and "
+        "without fat saturation, T1, low-field GRE, fully random), pseudo-tissues in the background, bias field, gamma, "
+        "Gaussian/Rician noise, blur, thick slices along random axes (2D sagittal/coronal/axial acquisitions), random "
+        "rotation, scaling, elastic deformation, left/right mirroring and field-of-view crops.", "",
+        "## Architecture",
+    ]
+    for member in spec["members"]:
+        args = member["architecture"]["args"]
+        lines.append(f"- {member['name']}: MONAI UNet 2D, {args['in_channels']} adjacent sagittal slices in, channels "
+                     f"{args['channels']}, input {member['input']['spacing_mm']} mm in-plane, slices "
+                     f"{member['input']['slice_spacing_mm']} mm, blending weight {member['weight']:g}")
+    lines += ["", "## Measured accuracy (held-out synthetic scans)", metrics["description"], "",
+              "| variant | mean Dice |", "|---|---|"]
+    lines += [f"| {variant} | {value:.3f} |" for variant, value in metrics["mean_dice"].items()]
+    lines += ["", "Per structure (ensemble with the chosen weight):", ""]
+    chosen = f"ensemble w={metrics['chosen_weights'][0]}"
+    structures = sorted({s for case in metrics["per_case"].values() for s in case[chosen]})
+    lines.append("| acquisition | " + " | ".join(structures) + " |")
+    lines.append("|---|" + "---|" * len(structures))
+    for name, case in metrics["per_case"].items():
+        lines.append(f"| {name} | " + " | ".join(f"{case[chosen].get(s, float('nan')):.2f}" for s in structures) + " |")
+    lines += ["", "Accuracy on real scans has not been measured against expert labels here (none were available); "
+              "synthetic-to-real transfer is the main risk: check results visually and correct them.", "",
+              "## Training run", f"- command: `{training['command']}`", f"- hardware: {training['hardware']}",
+              f"- torch {training['torch']}"]
+    for member in training["members"]:
+        lines.append(f"- {member['name']}: {member['iterations']} iterations in {member['elapsed_s'] / 60:.0f} min, "
+                     f"best validation Dice (synthetic) {member['best_val_dice_mean']}")
+    lines += ["", "## Licence", f"{spec['license']} (weights and code). Training anatomy: pymskt, MIT licence.", ""]
+    return "\n".join(lines)
