@@ -68,17 +68,19 @@ class Progress:
         report per slice or per patch are cancellable at that granularity.
     """
 
-    def __init__(self, stream: TextIO | None = sys.stdout, cancel: Callable[[], bool] | None = None) -> None:
+    def __init__(self, stream: TextIO | None | str = "stdout", cancel: Callable[[], bool] | None = None) -> None:
+        # "stdout" is looked up at each report, so redirection after construction is honoured.
         self.stream = stream
         self.cancel = cancel
 
     def __call__(self, stage: str, progress: float, message: str = "") -> None:
         if self.cancel is not None and self.cancel():
             raise CancelledError(f"cancelled during {stage}")
-        if self.stream is not None:
+        stream = sys.stdout if self.stream == "stdout" else self.stream
+        if stream is not None:
             line = {"stage": stage, "progress": round(min(max(progress, 0.0), 1.0), 4), "message": message}
-            self.stream.write(json.dumps(line) + "\n")
-            self.stream.flush()
+            stream.write(json.dumps(line) + "\n")
+            stream.flush()
 
 
 class Results:

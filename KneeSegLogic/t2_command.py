@@ -16,7 +16,6 @@ Writes into the output folder (all maps on the input's 3D grid, float32 unless s
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -152,7 +151,7 @@ def run_t2(args: argparse.Namespace) -> int:
     """Handler of ``kneeseg t2`` (arguments: :func:`KneeSegLogic.cli._t2_args`)."""
     from .inference import describe_device, select_device
 
-    progress = Progress(sys.stdout)  # the stream of this call (the default is bound at import)
+    progress = Progress()
     results = Results("t2")
     with results.stage("read", progress):
         volume = read_volume(args.input, args.echo_times)
