@@ -50,6 +50,9 @@ def _segment_args(p: argparse.ArgumentParser) -> None:
     _add_device(p)
     p.add_argument("--no-surfaces", action="store_true", help="skip surface models")
     p.add_argument("--closing-radius", type=float, default=None, help="closing radius in mm (default: from the model package)")
+    p.add_argument("--members", type=int, default=0, help="use the first N ensemble members (0: all)")
+    p.add_argument("--flip-tta", action="store_true", help="also predict the left-right mirrored scan and average (2x time)")
+    p.add_argument("--regions", choices=["dosma", "thomas"], default=None, help="femoral subregion recipe for multi-echo T2 (default: dosma)")
 
 
 def _t2_args(p: argparse.ArgumentParser) -> None:

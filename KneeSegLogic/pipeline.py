@@ -8,6 +8,7 @@ T2 (multi-echo input: fitted inside the cartilage, with subregions), report.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -97,6 +98,11 @@ def run_segment(args: argparse.Namespace) -> int:
         volume = read_volume(args.input, getattr(args, "echo_times", None))
     results.add_input("scan", args.input)
     package = get_package(getattr(args, "model", None))
+    members = getattr(args, "members", 0) or 0
+    if members < 0 or members > len(package.members):
+        raise KneeSegError(f"--members {members}: the model has {len(package.members)} ensemble members")
+    if members:
+        package = dataclasses.replace(package, members=package.members[:members])
     device = inference.select_device(getattr(args, "device", "auto"))
     results["device"] = inference.describe_device(device)
     results["model"] = {**package_summary(package), "sha256": package.sha256}
@@ -124,7 +130,8 @@ def run_segment(args: argparse.Namespace) -> int:
             from .t2_command import t2_with_regions
 
             with results.stage("t2", progress):
-                results["t2"] = t2_with_regions(volume, labels, out, results, device=str(device), progress=progress)
+                results["t2"] = t2_with_regions(volume, labels, out, results, device=str(device), progress=progress,
+                                                variant=getattr(args, "regions", None))
         with results.stage("report", progress):
             from .report import write_report
 
@@ -139,5 +146,5 @@ def run_demo(args: argparse.Namespace) -> int:
         raise KneeSegError(f"{DEMO_SCAN}: bundled sample missing; reinstall KneeSeg from a full clone")
     demo_args = argparse.Namespace(input=DEMO_SCAN, output=args.output, overwrite=getattr(args, "overwrite", False),
                                    echo_times=None, model=None, device=getattr(args, "device", "auto"),
-                                   no_surfaces=False, closing_radius=None, flip_tta=False)
+                                   no_surfaces=False, closing_radius=None, flip_tta=False, members=0, regions=None)
     return run_segment(demo_args)
