@@ -137,6 +137,7 @@ class SynthesisSettings:
     # For anatomies with a real image: the chance a sample shows the scan's own intensities
     # (spatial and acquisition augmentation still apply) rather than a synthetic contrast.
     real_image_probability: float = 0.7
+    effusion_probability: float = 0.5
     contrast: str | None = None  # a name in CONTRASTS; None: a random one per sample
 
 
@@ -240,13 +241,23 @@ class Synthesizer:
         image[body] = palette_tensor[classes[body]]
         fat_shell = body & (outside > edge - self.rng.uniform(2, 10))
         image[fat_shell] = values["fat"]
-        # Joint fluid: a thin film next to cartilage and menisci inside the body.
+        # Joint fluid: a thin film next to cartilage and menisci inside the body, and sometimes
+        # an effusion or bursa: fluid pockets around the joint (bright on fluid-sensitive scans,
+        # where they set the upper percentile of the normalisation).
         near = (outside > 0) & (outside < self.rng.uniform(0.3, 1.5)) & body
         image[near] = values["fluid"]
+        if self.rng.random() < self.settings.effusion_probability:
+            pockets = _smooth_field(shape, int(self.rng.integers(3, 7)), self.generator) > self.rng.uniform(0.0, 0.8)
+            effusion = pockets & body & (outside > 0) & (outside < self.rng.uniform(3, 15))
+            image[effusion] = values["fluid"]
         for tissue in TISSUES:
             mask = labels == tissue.label
             if mask.any():
                 image[mask] = values[_GROUP_OF_LABEL[tissue.label]] * float(self.rng.uniform(0.9, 1.1))
+        # Marrow is not uniform (red/yellow marrow, oedema-like patches).
+        marrow = depth > 0
+        patches = 1 + float(self.rng.uniform(0, 0.35)) * _smooth_field(shape, 8, self.generator)
+        image[marrow] = image[marrow] * patches[marrow]
         cortex = (depth > 0) & (depth < self.rng.uniform(0.6, 1.8))
         image[cortex] = values["cortex"]
         # Texture within tissues (trabecular bone, muscle fibres): multiplicative fine noise.

@@ -25,15 +25,22 @@ from .volume import Volume, read_volume, write_volume
 SAMPLE_DATA = Path(__file__).resolve().parents[1] / "Resources" / "SampleData"
 DEMO_SCAN = SAMPLE_DATA / "mese_t2_knee.nrrd"
 
-# Without an echo named by the model, segment the second echo of a multi-echo scan: Thomas et
+# Without an echo named by the model, segment the second echo of a multi-echo train: Thomas et
 # al.'s MESE model reads echo 2 (echo 1 carries the stimulated-echo error, late echoes lack SNR).
+# Two-echo scans (DESS) are segmented on the root-sum-of-squares of both echoes, as DOSMA does
+# for qDESS: echo 2 alone is too noisy.
 DEFAULT_ECHO_INDEX = 1
+# T2 needs at least three echoes after echo 1 is skipped.
+MIN_ECHOES_FOR_T2 = 4
 
 
 def segmentation_image(volume: Volume, echo_index: int | None) -> Volume:
-    """The 3D image a model sees: the volume itself, or one echo of a multi-echo scan."""
+    """The 3D image a model sees: the volume itself, one echo, or the RSS of a two-echo scan."""
     if not volume.is_multi_echo:
         return volume
+    if echo_index is None and volume.array.shape[3] == 2:
+        rss = np.sqrt(np.sum(volume.array.astype(np.float32) ** 2, axis=3))
+        return volume.with_array(rss)
     index = DEFAULT_ECHO_INDEX if echo_index is None else echo_index
     if index >= volume.array.shape[3]:
         raise KneeSegError(f"the model reads echo {index + 1} but the scan has {volume.array.shape[3]} echoes")
@@ -126,7 +133,10 @@ def run_segment(args: argparse.Namespace) -> int:
 
             with results.stage("surfaces", progress):
                 results["surfaces"] = build_surfaces(labels, out, progress=progress)
-        if volume.is_multi_echo:
+        if volume.is_multi_echo and volume.array.shape[3] < MIN_ECHOES_FOR_T2:
+            results.warn(f"T2 not fitted: {volume.array.shape[3]} echoes; a multi-echo spin-echo train of at least "
+                         f"{MIN_ECHOES_FOR_T2} echoes is needed (two-echo DESS T2 needs an EPG model)")
+        elif volume.is_multi_echo:
             from .t2_command import t2_with_regions
 
             with results.stage("t2", progress):

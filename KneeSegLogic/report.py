@@ -106,7 +106,9 @@ def _tables(results: Results) -> list[tuple[str, list[list[str]]]]:
 
 def write_report(out: Path, image: Volume, labels: Volume, maps: dict[str, np.ndarray], results: Results) -> Path:
     """Write ``report.png`` and ``report.html`` into the output folder ``out``."""
-    display_image = image.echo(1) if image.is_multi_echo and image.array.shape[3] > 1 else image
+    from .pipeline import segmentation_image
+
+    display_image = segmentation_image(image, None)  # the image the model segmented
     picture = _sagittal(display_image).astype(np.float32)
     label_array = _sagittal(labels)
     uncertainty = _sagittal(labels.with_array(maps["uncertainty"]))
@@ -133,7 +135,7 @@ def write_report(out: Path, image: Volume, labels: Volume, maps: dict[str, np.nd
         figure.colorbar(shown, ax=ax, fraction=0.046, label="T2 (ms)")
         ax.set_title("T2 in cartilage", fontsize=9)
     else:
-        ax.set_title("T2: single-echo input, not fitted", fontsize=9)
+        ax.set_title("T2 not fitted: " + ("too few echoes" if image.is_multi_echo else "single-echo input"), fontsize=9)
     ax.axis("off")
     _surfaces_3d(figure.add_subplot(grid[1, 2], projection="3d"), out / "surfaces")
     ax = figure.add_subplot(grid[:, 3])
