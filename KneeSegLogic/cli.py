@@ -110,9 +110,17 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
 
 
 def _batch_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("cases", type=Path, help="folder of scans or CSV listing them")
-    _add_output(p)
-    p.add_argument("--scheduler", help="Dask scheduler address (default: a local cluster)")
+    p.add_argument("cases", type=Path, help="folder of scans (files and DICOM sub-folders) or CSV with columns case_id,path[,echo_times]")
+    # Not dest "output": the batch folder is resumable, so an existing one is not refused (each
+    # case folder inside it is still written atomically and never overwritten without --overwrite).
+    p.add_argument("-o", "--output", dest="batch_output", required=True, type=Path,
+                   help="batch folder: OUT/<case_id>/ per case, OUT/summary.csv, OUT/batch.json; rerun to resume")
+    p.add_argument("--overwrite", action="store_true", help="redo cases already done (default: skip them)")
+    p.add_argument("--scheduler", metavar="ADDRESS", help="Dask scheduler address, e.g. tcp://host:8786 (default: a local cluster)")
+    p.add_argument("--workers", type=int, default=1, help="worker processes of the local Dask cluster (default 1)")
+    p.add_argument("--model", help="model package id or path (default: the bundled default model)")
+    _add_device(p)
+    p.add_argument("--no-surfaces", action="store_true", help="skip surface models")
 
 
 def _models_args(p: argparse.ArgumentParser) -> None:
