@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
-from .errors import InputError, KneeSegError, NotAvailableError
+from .errors import KneeSegError, NotAvailableError
 
 
 def parse_echo_times(text: str) -> list[float]:

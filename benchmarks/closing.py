@@ -25,9 +25,9 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
+from timing import best_time
 from scipy import ndimage
 from skimage.morphology import ball, binary_closing, isotropic_closing
 
@@ -42,16 +42,6 @@ RADIUS = 9
 REPEATS = 3  # for the fast methods; the slow ones run once
 
 
-def timed(function: Callable[[], np.ndarray], repeats: int = 1) -> tuple[float, np.ndarray]:
-    """Best wall time of ``repeats`` calls, and the result."""
-    best, result = float("inf"), None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = function()
-        best = min(best, time.perf_counter() - start)
-    return best, result
-
-
 def random_blobs(shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
     noise = ndimage.gaussian_filter(np.random.default_rng(seed).standard_normal(shape, dtype=np.float32), 4.0)
     return noise > 0.5 * noise.std()
@@ -59,12 +49,12 @@ def random_blobs(shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
 
 def bench_closing(name: str, mask: np.ndarray) -> dict[str, float]:
     footprint = ball(RADIUS)
-    ours_s, ours = timed(lambda: ball_closing(mask, RADIUS), REPEATS)
+    ours_s, ours = best_time(lambda: ball_closing(mask, RADIUS), REPEATS)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # binary_closing is deprecated in 0.26
-        skimage_s, reference = timed(lambda: binary_closing(mask, footprint))
-    edt_s, scipy_edt = timed(lambda: isotropic_closing(mask, RADIUS))
-    scipy_s, scipy_result = timed(lambda: ndimage.binary_closing(mask, footprint))
+        skimage_s, reference = best_time(lambda: binary_closing(mask, footprint))
+    edt_s, scipy_edt = best_time(lambda: isotropic_closing(mask, RADIUS))
+    scipy_s, scipy_result = best_time(lambda: ndimage.binary_closing(mask, footprint))
     assert np.array_equal(ours, reference), f"{name}: EDT closing differs from scikit-image"
     assert np.array_equal(scipy_edt, reference), f"{name}: isotropic_closing differs from scikit-image"
     scipy_differs = int(np.count_nonzero(scipy_result != reference))

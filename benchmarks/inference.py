@@ -56,7 +56,6 @@ def _scan(folder: Path, slices: int) -> Path:
 def measure_pipeline(scan: str, package: str, threads: int) -> dict:
     import torch
 
-    from KneeSegLogic import inference
     from KneeSegLogic.models import load_package
     from KneeSegLogic.outputs import Progress, Results
     from KneeSegLogic.pipeline import segment_volume

@@ -24,12 +24,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+from timing import best_time
 import torch
 from scipy.optimize import OptimizeWarning, curve_fit
 
@@ -68,15 +67,6 @@ def dosma_curve_fit(signal: np.ndarray, echo_times: np.ndarray) -> np.ndarray:
                 continue
             t2[v] = -1.0 / b
     return t2
-
-
-def best_time(function: Callable[[], np.ndarray], repeats: int) -> tuple[float, np.ndarray]:
-    best, result = float("inf"), None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = function()
-        best = min(best, time.perf_counter() - start)
-    return best, result
 
 
 def errors(estimate: np.ndarray, truth: np.ndarray) -> dict[str, float]:
