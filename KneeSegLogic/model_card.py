@@ -43,6 +43,12 @@ def _cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
+def _notes(member_folder: Path) -> str:
+    """Free-text notes a person left in a member's training folder (``notes.txt``), if any."""
+    path = member_folder / "notes.txt"
+    return path.read_text(encoding="utf-8").strip() if path.exists() else ""
+
+
 def _spec(members: Sequence[MemberSpec], weights: Sequence[float], training: dict, metrics: dict) -> dict:
     return {
         "id": PACKAGE_ID,
@@ -104,7 +110,8 @@ def assemble_package(args, members: Sequence[MemberSpec], weights_files: Sequenc
         "method": "SynthSeg-style random contrasts from real anatomy (contrast_synthesis.py)",
         "members": [{**asdict(m), "iterations": h[-1]["iteration"] if h else 0,
                      "elapsed_s": h[-1]["elapsed_s"] if h else 0.0,
-                     "best_val_dice_mean": max((e["val_dice_mean"] for e in h), default=None)}
+                     "best_val_dice_mean": max((e["val_dice_mean"] for e in h), default=None),
+                     "notes": _notes(Path(workdir) / m.name)}
                     for m, h in zip(members, histories)],
         "hardware": f"{_cpu_name()}, {torch.get_num_threads()} threads available, no GPU",
         "command": f"kneeseg train {' '.join(map(str, args.data))} -o {args.output} --workdir {workdir} "
@@ -172,5 +179,7 @@ def model_card(spec: dict) -> str:
     for member in training["members"]:
         lines.append(f"- {member['name']}: {member['iterations']} iterations in {member['elapsed_s'] / 60:.0f} min, "
                      f"best validation Dice (synthetic) {member['best_val_dice_mean']}")
+        if member["notes"]:
+            lines.append(f"  - note: {member['notes']}")
     lines += ["", "## Licence", f"{spec['license']} (weights and code). Training anatomy: pymskt, MIT licence.", ""]
     return "\n".join(lines)
