@@ -10,11 +10,12 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import signal
 import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
-from .errors import KneeSegError, NotAvailableError
+from .errors import CancelledError, KneeSegError, NotAvailableError
 
 
 def parse_echo_times(text: str) -> list[float]:
@@ -214,12 +215,19 @@ def run_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _terminate(signum: int, frame: object) -> None:
+    raise CancelledError("terminated (SIGTERM)")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 2
+    # Schedulers and process managers stop jobs with SIGTERM: turn it into a cancellation so the
+    # partial output folder is removed like on any other error.
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         handler = COMMANDS[args.command][2]
         if handler != "KneeSegLogic.cli:run_info":

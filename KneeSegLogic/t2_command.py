@@ -164,6 +164,11 @@ def run_t2(args: argparse.Namespace) -> int:
     if args.mask is not None:
         results.add_input("mask", args.mask)
     with output_folder(args.output, results, args.overwrite) as out:
+        if labels is not None:
+            from .segfile import write_segmentation
+
+            # The mask travels with the maps, so `kneeseg t2-change` finds it in this folder.
+            write_segmentation(labels, out / "segmentation.seg.nrrd")
         results["t2"] = t2_with_regions(
             volume,
             labels,

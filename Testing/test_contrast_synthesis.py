@@ -90,7 +90,7 @@ def test_images_vary_in_contrast_and_follow_the_labels(ball_anatomy: Anatomy) ->
         within = image[mask].var() * mask.sum() + image[~mask].var() * (~mask).sum()
         return float(1 - within / (image.var() * image.numel()))
 
-    for _ in range(10):
+    for _ in range(30):
         image, labels = synthesizer.sample(centre=np.array([12.0, 24.0, 24.0]))
         inside = labels == BONE
         contrasts.append(float(image[inside].mean() - image[~inside].mean()))
@@ -99,8 +99,8 @@ def test_images_vary_in_contrast_and_follow_the_labels(ball_anatomy: Anatomy) ->
     # Random contrasts: the bone is brighter than its surroundings in some samples, darker in others.
     assert max(contrasts) > 0.1 and min(contrasts) < -0.1
     # Labels sit on the image structure: the labelled ball explains much more of the image than
-    # the same ball mirrored onto the wrong place.
-    assert np.mean(explained) > 0.2
+    # the same ball mirrored onto the wrong place (marrow is heterogeneous, so not all of it).
+    assert np.mean(explained) > 0.15
     assert np.mean(explained) > 4 * np.mean(explained_misaligned)
 
 
@@ -206,3 +206,27 @@ def test_normalise_intensity_maps_percentiles_to_unit_range() -> None:
     assert result[100] == pytest.approx(0.0, abs=1e-3) and result[9900] == pytest.approx(1.0, abs=1e-3)
     assert result.min() == pytest.approx(-10 / 980, abs=1e-3)  # 0 lies 10 below the 1st percentile
     torch.testing.assert_close(normalise_intensity(torch.from_numpy(values)), torch.from_numpy(result))
+
+
+def test_mese_echo_augmentation_draws_echoes_20_60_20_with_physical_contrast():
+    """Thomas et al.'s echo augmentation: echo 1/2/3 at 20/60/20 %, signal PD * exp(-TE/T2)."""
+    from KneeSegLogic.contrast_synthesis import GROUPS, MESE_PROPERTIES
+    from KneeSegLogic.volume import Volume
+
+    labels = Volume(np.zeros((4, 8, 8), np.uint8), (1.0, 1.0, 1.0))
+    labels.array[1:3, 2:6, 2:6] = 5
+    synthesizer = Synthesizer([Anatomy.from_volume(labels)], (2, 4, 4), (1.0, 1.0, 1.0), seed=3)
+    ratios = []
+    for _ in range(400):
+        values = synthesizer._mese_echo()
+        assert values.max() == pytest.approx(1.0)
+        cartilage, meniscus = values[GROUPS.index("cartilage")], values[GROUPS.index("meniscus")]
+        ratios.append(cartilage / meniscus)
+    # cartilage/meniscus = (PD_c/PD_m) exp(TE (1/T2_m - 1/T2_c)): TE = ratio's log / rate.
+    pd_c, t2_c = MESE_PROPERTIES["cartilage"]
+    pd_m, t2_m = MESE_PROPERTIES["meniscus"]
+    echo_times = np.log(np.asarray(ratios) * pd_m / pd_c) / (1 / t2_m - 1 / t2_c)
+    echo = np.select([echo_times < 12.5, echo_times < 24.5], [1, 2], 3)
+    assert np.all((echo_times > 7.9) & (echo_times < 36.1))
+    fractions = np.bincount(echo, minlength=4)[1:] / len(echo)
+    np.testing.assert_allclose(fractions, [0.2, 0.6, 0.2], atol=0.06)

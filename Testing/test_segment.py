@@ -106,3 +106,22 @@ def test_existing_output_refused_and_tampered_weights_refused(tmp_path, package,
     assert main(["segment", str(SAMPLE), "-o", str(tmp_path / "out2"), "--model", str(tampered)]) == 1
     assert "refused" in capsys.readouterr().err
     assert not (tmp_path / "out2").exists() and not (tmp_path / "out2.partial").exists()
+
+
+def test_sigterm_cancels_cleanly(tmp_path, package):
+    """A scheduler's SIGTERM mid-run: exit 130, no output folder and no partial folder left."""
+    import signal
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    process = subprocess.Popen([sys.executable, "-m", "KneeSegLogic", "segment", str(SAMPLE), "-o", str(out),
+                                "--model", str(package)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in process.stdout:
+        if json.loads(line)["stage"] == "inference":
+            process.send_signal(signal.SIGTERM)
+            break
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    assert "terminated" in stderr
+    assert not out.exists() and not (tmp_path / "out.partial").exists()
