@@ -4,9 +4,9 @@ Every output (segmentation file, surfaces, results.json, the Slicer scene) takes
 and codes from :data:`TISSUES`. Terminology follows Slicer's segment ``TerminologyEntry`` tag:
 ``context~category~type~typeModifier~anatomicContext~anatomicRegion~anatomicRegionModifier``,
 each coded item written ``CodingScheme^CodeValue^CodeMeaning`` (SNOMED-CT, designator ``SCT``).
-Cartilage and menisci are coded as the tissue type with the bone or joint as anatomic region and
-the side (medial/lateral) as its modifier, the way DICOM SR and Slicer's anatomy lists code
-laterality of a part.
+Cartilage and menisci use the tissue types of Slicer's general anatomy list (category Tissue,
+types Cartilage 309312004 and Meniscus 74135004) with the bone or the knee as anatomic region and
+the side (medial/lateral) as its modifier; bones are Anatomical Structure types.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ FEMUR: Code = ("SCT", "71341001", "Femur")
 TIBIA: Code = ("SCT", "12611008", "Tibia")
 PATELLA: Code = ("SCT", "64234005", "Patella")
 FIBULA: Code = ("SCT", "87342007", "Fibula")
-KNEE_JOINT: Code = ("SCT", "72696002", "Knee joint")
-ARTICULAR_CARTILAGE: Code = ("SCT", "39352004", "Articular cartilage")
+KNEE: Code = ("SCT", "72696002", "Knee")
+CARTILAGE: Code = ("SCT", "309312004", "Cartilage")
 MENISCUS: Code = ("SCT", "74135004", "Meniscus")
 MEDIAL: Code = ("SCT", "255561001", "Medial")
 LATERAL: Code = ("SCT", "49370004", "Lateral")
@@ -92,21 +92,21 @@ def _rgb(r: int, g: int, b: int) -> tuple[float, float, float]:
 # real anatomy there is already in KneeSeg's labelling.
 TISSUES: tuple[Tissue, ...] = (
     Tissue(1, "femoral_cartilage", "Femoral cartilage", _rgb(111, 184, 210), "cartilage",
-           TISSUE, ARTICULAR_CARTILAGE, FEMUR),
+           TISSUE, CARTILAGE, FEMUR),
     Tissue(2, "medial_tibial_cartilage", "Medial tibial cartilage", _rgb(216, 101, 79), "cartilage",
-           TISSUE, ARTICULAR_CARTILAGE, TIBIA, MEDIAL),
+           TISSUE, CARTILAGE, TIBIA, MEDIAL),
     Tissue(3, "lateral_tibial_cartilage", "Lateral tibial cartilage", _rgb(221, 130, 101), "cartilage",
-           TISSUE, ARTICULAR_CARTILAGE, TIBIA, LATERAL),
+           TISSUE, CARTILAGE, TIBIA, LATERAL),
     Tissue(4, "patellar_cartilage", "Patellar cartilage", _rgb(144, 238, 144), "cartilage",
-           TISSUE, ARTICULAR_CARTILAGE, PATELLA),
+           TISSUE, CARTILAGE, PATELLA),
     Tissue(5, "femur", "Femur", _rgb(241, 214, 145), "bone", ANATOMICAL_STRUCTURE, FEMUR),
     Tissue(6, "tibia", "Tibia", _rgb(230, 220, 70), "bone", ANATOMICAL_STRUCTURE, TIBIA),
     Tissue(7, "patella", "Patella", _rgb(252, 181, 158), "bone", ANATOMICAL_STRUCTURE, PATELLA),
     Tissue(8, "fibula", "Fibula", _rgb(177, 122, 101), "bone", ANATOMICAL_STRUCTURE, FIBULA),
     Tissue(9, "lateral_meniscus", "Lateral meniscus", _rgb(183, 156, 220), "meniscus",
-           TISSUE, MENISCUS, KNEE_JOINT, LATERAL),
+           TISSUE, MENISCUS, KNEE, LATERAL),
     Tissue(10, "medial_meniscus", "Medial meniscus", _rgb(128, 174, 128), "meniscus",
-           TISSUE, MENISCUS, KNEE_JOINT, MEDIAL),
+           TISSUE, MENISCUS, KNEE, MEDIAL),
 )
 
 BY_LABEL: dict[int, Tissue] = {t.label: t for t in TISSUES}
