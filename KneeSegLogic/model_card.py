@@ -180,6 +180,6 @@ def model_card(spec: dict) -> str:
         lines.append(f"- {member['name']}: {member['iterations']} iterations in {member['elapsed_s'] / 60:.0f} min, "
                      f"best validation Dice (synthetic) {member['best_val_dice_mean']}")
         if member["notes"]:
-            lines.append(f"  - note: {member['notes']}")
+            lines.append("  - note: " + " ".join(member["notes"].split()))
     lines += ["", "## Licence", f"{spec['license']} (weights and code). Training anatomy: pymskt, MIT licence.", ""]
     return "\n".join(lines)

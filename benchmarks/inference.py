@@ -1,6 +1,6 @@
 """Inference cost on CPU: the default pipeline on a 384x384x160 knee, and batched vs per-patch 3D.
 
-Each measurement runs in a fresh subprocess so its peak resident memory (ru_maxrss) is its own.
+Each measurement runs in a fresh subprocess so its peak resident memory (VmHWM) is its own.
 The default ensemble's architecture is used (the bundled weights if present, otherwise the same
 networks with random weights: cost does not depend on weight values).
 
@@ -41,13 +41,16 @@ def _default_package(folder: Path) -> Path:
 
 def _scan(folder: Path, slices: int) -> Path:
     """A synthetic MESE echo-2 knee on the real 384x384x160 label grid (optionally fewer slices)."""
+    import numpy as np
+
     from KneeSegLogic.synthesis import synthesize_mese
-    from KneeSegLogic.volume import read_volume, write_volume
+    from KneeSegLogic.volume import Volume, read_volume, write_volume
 
     labels = read_volume(LABELS)
-    if slices < labels.array.shape[0]:
+    if slices < labels.array.shape[0]:  # the central slices, on the same physical positions
         start = (labels.array.shape[0] - slices) // 2
-        labels = labels.with_array(labels.array[start:start + slices].copy())
+        origin = np.asarray(labels.origin) + labels.direction @ np.array([0.0, 0.0, start * labels.spacing[2]])
+        labels = Volume(labels.array[start:start + slices].copy(), labels.spacing, tuple(origin), labels.direction)
     path = folder / f"knee_{slices}.nrrd"
     write_volume(synthesize_mese(labels, snr=30).image.echo(1), path)
     return path
@@ -91,6 +94,15 @@ def measure_sliding_window(batch: int, threads: int) -> dict:
     return {"seconds": time.perf_counter() - start, "network_calls": calls}
 
 
+def _peak_rss_gib() -> float:
+    """This process's peak resident memory (VmHWM). ru_maxrss would include the parent's peak:
+    Linux carries it across fork and exec."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
 def _child(kind: str, *args: str) -> dict:
     command = [sys.executable, __file__, "--child", kind, *args]
     output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
@@ -106,7 +118,7 @@ def main() -> None:
         kind, *rest = args.child
         result = measure_pipeline(rest[0], rest[1], args.threads) if kind == "pipeline" else \
             measure_sliding_window(int(rest[0]), args.threads)
-        result["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        result["peak_rss_gib"] = _peak_rss_gib()
         print(json.dumps(result))
         return
 
