@@ -232,31 +232,48 @@ def member_probabilities(package: ModelPackage, index: int, volume: Volume, devi
     return Volume(full, grid.spacing, grid.origin, grid.direction)
 
 
+def _channels_on_grid(probabilities: Volume, reference: Volume) -> np.ndarray:
+    """Channels-last probabilities resampled (linearly, through physical space) onto ``reference``,
+    channels first: (C, k, j, i). Outside the source grid is background."""
+    classes = probabilities.array.shape[-1]
+    result = np.empty((classes, *reference.array.shape[:3]), np.float32)
+    for c in range(classes):
+        channel = Volume(np.ascontiguousarray(probabilities.array[..., c]), probabilities.spacing,
+                         probabilities.origin, probabilities.direction)
+        result[c] = resample_to_grid(channel, reference, interpolation="linear", default=1.0 if c == 0 else 0.0).array
+    return result
+
+
 def fuse_on_grid(members: list[tuple[Volume, float]], reference: Volume) -> tuple[np.ndarray, np.ndarray | None]:
     """Weighted mean of member softmax maps on ``reference``'s grid, and the mean member entropy.
 
-    Each channel is resampled linearly through physical space, so members at different
-    resolutions and orientations land on one grid. Returns ``(probabilities (C, k, j, i),
-    mean member entropy (k, j, i) or None for a single member)``; the latter feeds the mutual
-    information (epistemic uncertainty) of :mod:`uncertainty`.
+    Members are first brought onto the finest member's working grid (small: the knee at working
+    resolution) and fused there, with each member's entropy; only the fused channels and the
+    mean member entropy are then resampled onto the input grid. Resampling is linear through
+    physical space, so members at different resolutions and orientations land on one grid.
+    Returns ``(probabilities (C, k, j, i), mean member entropy (k, j, i) or None for a single
+    member)``; the latter feeds the mutual information (epistemic uncertainty) of
+    :mod:`uncertainty`.
     """
     from .uncertainty import entropy
 
+    finest = min((volume for volume, _ in members), key=lambda v: v.voxel_volume_mm3)
     total_weight = sum(weight for _, weight in members)
     fused: np.ndarray | None = None
-    mean_entropy = None if len(members) == 1 else np.zeros(reference.array.shape[:3], np.float32)
+    mean_entropy = None if len(members) == 1 else np.zeros(finest.array.shape[:3], np.float32)
     for probabilities, weight in members:
-        classes = probabilities.array.shape[-1]
-        if fused is None:
-            fused = np.zeros((classes, *reference.array.shape[:3]), np.float32)
-        member_map = np.empty_like(fused)
-        for c in range(classes):
-            channel = Volume(np.ascontiguousarray(probabilities.array[..., c]), probabilities.spacing,
-                             probabilities.origin, probabilities.direction)
-            member_map[c] = resample_to_grid(channel, reference, interpolation="linear",
-                                             default=1.0 if c == 0 else 0.0).array
-        fused += (weight / total_weight) * member_map
+        if probabilities.same_grid(finest, atol=1e-6):
+            member_map = np.moveaxis(probabilities.array, -1, 0)
+        else:
+            member_map = _channels_on_grid(probabilities, finest)
+        fused = (weight / total_weight) * member_map if fused is None else fused + (weight / total_weight) * member_map
         if mean_entropy is not None:
             mean_entropy += (weight / total_weight) * entropy(member_map)
     assert fused is not None
-    return fused, mean_entropy
+    fused_volume = Volume(np.moveaxis(fused, 0, -1), finest.spacing, finest.origin, finest.direction)
+    del fused
+    on_reference = _channels_on_grid(fused_volume, reference)
+    if mean_entropy is not None:
+        mean_entropy = resample_to_grid(Volume(mean_entropy, finest.spacing, finest.origin, finest.direction),
+                                        reference, interpolation="linear").array
+    return on_reference, mean_entropy
