@@ -80,9 +80,13 @@ def segment_volume(volume: Volume, package, device, results: Results, progress: 
             steps = [s for s in steps if s["name"] != "closing"]
             if closing_radius_mm > 0:
                 steps.append({"name": "closing", "radius_mm": closing_radius_mm})
-        # Post-processing reads probabilities indexed by label value.
-        by_label = np.zeros((int(channel_labels.max()) + 1, *fused.shape[1:]), np.float32)
-        by_label[channel_labels] = fused
+        # Post-processing reads probabilities indexed by label value (a copy only when the
+        # package's channels are not already in label order: it is a full-size array per class).
+        if np.array_equal(channel_labels, np.arange(channel_labels.size)):
+            by_label = fused
+        else:
+            by_label = np.zeros((int(channel_labels.max()) + 1, *fused.shape[1:]), np.float32)
+            by_label[channel_labels] = fused
         labels_volume = apply_postprocessing(reference.with_array(labels), steps, probabilities=by_label)
         maps["uncertainty_foreground"] = foreground_masked(total, labels_volume.array)
     results["inference_log"] = {"events": log.events, "postprocessing": steps}
