@@ -1071,36 +1071,35 @@ class KneeSegLogic(ScriptedLoadableModuleLogic, VTKObservationMixin):
         segmentation.CreateClosedSurfaceRepresentation()
         return segmentation
 
+    def loadScalarMap(self, path: Path, name: str, besideVolume, units: tuple[str, str, str], colorNodeID: str,
+                      window: tuple[float, float], results: dict, parameters: dict):
+        """A quantitative map: coded units (UCUM), a colour map, a fixed window, placed beside its scan."""
+        volume = slicer.util.loadVolume(str(path), {"name": name, "show": False})
+        unitsEntry = slicer.vtkCodedEntry()
+        unitsEntry.SetValueSchemeMeaning(*units)
+        volume.SetVoxelValueUnits(unitsEntry)
+        display = volume.GetScalarVolumeDisplayNode()
+        display.SetAndObserveColorNodeID(colorNodeID)
+        display.AutoWindowLevelOff()
+        display.SetWindowLevelMinMax(*window)
+        self.placeBeside(volume, besideVolume)
+        self.setAttributes(volume, provenanceAttributes(results, parameters))
+        return volume
+
     def loadUncertainty(self, path: Path, inputVolume, results: dict, parameters: dict):
         """Normalised entropy (0-1) with the Inferno colour map, fixed 0-1 window, over the input."""
-        volume = slicer.util.loadVolume(str(path), {"name": f"{inputVolume.GetName()} uncertainty", "show": False})
-        units = slicer.vtkCodedEntry()
-        units.SetValueSchemeMeaning("1", "UCUM", "no units")
-        volume.SetVoxelValueUnits(units)
-        display = volume.GetScalarVolumeDisplayNode()
-        display.SetAndObserveColorNodeID("vtkMRMLColorTableNodeFileInferno.txt")
-        display.AutoWindowLevelOff()
-        display.SetWindowLevelMinMax(0.0, 1.0)
-        self.placeBeside(volume, inputVolume)
-        self.setAttributes(volume, provenanceAttributes(results, parameters))
+        volume = self.loadScalarMap(path, f"{inputVolume.GetName()} uncertainty", inputVolume, ("1", "UCUM", "no units"),
+                                    "vtkMRMLColorTableNodeFileInferno.txt", (0.0, 1.0), results, parameters)
         slicer.util.setSliceViewerLayers(background=inputVolume, foreground=volume, foregroundOpacity=UNCERTAINTY_OPACITY)
         return volume
 
     def loadT2Map(self, path: Path, seriesVolume, results: dict, parameters: dict):
         """T2 in ms with a colour map, fixed 0-100 ms window, quantity and units coded (DICOM / UCUM)."""
-        volume = slicer.util.loadVolume(str(path), {"name": f"{seriesVolume.GetName()} T2", "show": False})
+        volume = self.loadScalarMap(path, f"{seriesVolume.GetName()} T2", seriesVolume, ("ms", "UCUM", "millisecond"),
+                                    "vtkMRMLColorTableNodeFileViridis.txt", T2_WINDOW_MS, results, parameters)
         quantity = slicer.vtkCodedEntry()
         quantity.SetValueSchemeMeaning("113065", "DCM", "T2")
         volume.SetVoxelValueQuantity(quantity)
-        units = slicer.vtkCodedEntry()
-        units.SetValueSchemeMeaning("ms", "UCUM", "millisecond")
-        volume.SetVoxelValueUnits(units)
-        display = volume.GetScalarVolumeDisplayNode()
-        display.SetAndObserveColorNodeID("vtkMRMLColorTableNodeFileViridis.txt")
-        display.AutoWindowLevelOff()
-        display.SetWindowLevelMinMax(*T2_WINDOW_MS)
-        self.placeBeside(volume, seriesVolume)
-        self.setAttributes(volume, provenanceAttributes(results, parameters))
         return volume
 
     def loadSurfaces(self, result: SceneResult, folder: Path, results: dict, inputNode, parameters: dict) -> None:
