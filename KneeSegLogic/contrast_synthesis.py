@@ -224,21 +224,25 @@ class Synthesizer:
         s = self.settings
         anatomy = self.anatomies[self.rng.integers(len(self.anatomies))]
         grid = self._sampling_grid(anatomy, centre)
-        labels = F.grid_sample(anatomy.labels, grid, mode="nearest", align_corners=True)[0, 0].long()
+        # A label map alone is extended beyond its field of view by repeating its border: the
+        # femoral and tibial shafts it cuts run on to the box edge, as they do in real scans
+        # (a blank band where bone stops abruptly taught over-long bones on real images).
+        # A real scan cannot be extended, so its pairs keep the blank band instead.
+        padding = "border" if anatomy.image is None else "zeros"
+        labels = F.grid_sample(anatomy.labels, grid, mode="nearest", align_corners=True, padding_mode=padding)[0, 0].long()
         outside = F.grid_sample(anatomy.outside_mm, grid, mode="bilinear", align_corners=True, padding_mode="border")[0, 0]
-        depth = F.grid_sample(anatomy.bone_depth_mm, grid, mode="bilinear", align_corners=True)[0, 0]
+        depth = F.grid_sample(anatomy.bone_depth_mm, grid, mode="bilinear", align_corners=True, padding_mode=padding)[0, 0]
         shape = tuple(labels.shape)
         if anatomy.image is not None and self.rng.random() < s.real_image_probability:
             # A real scan: its own intensities, moved by the same grid as its labels.
             image = F.grid_sample(anatomy.image, grid, mode="bilinear", align_corners=True)[0, 0]
         else:
             image = self._synthetic_image(labels, outside, depth)
-
-        # Beyond the label map's field of view nothing is known: show it as outside the scan's
-        # field of view (zero signal, background label), as real scans cut bones at the edge.
-        outside_fov = (grid.abs() > 1).any(-1)[0]
-        image[outside_fov] = 0
-        labels[outside_fov] = 0
+        if anatomy.image is not None:
+            # Beyond a real scan's field of view nothing is known: zero signal, background label.
+            outside_fov = (grid.abs() > 1).any(-1)[0]
+            image[outside_fov] = 0
+            labels[outside_fov] = 0
         image = self._acquisition(image, shape)
         if self.rng.random() < s.fov_crop_probability:
             image, labels = self._fov_crop(image, labels)

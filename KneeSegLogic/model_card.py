@@ -14,9 +14,12 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
+from .calibration import decide_labels, fit_decision_offsets
 from .heldout import HELDOUT_ACQUISITIONS, heldout_cases
+from .inference import RunLog, fuse_on_grid, member_probabilities
 from .metrics import evaluate
 from .models import ModelPackage, save_package
+from .postprocess import apply_postprocessing
 from .tissues import TISSUES
 from .training import MemberSpec, load_anatomies
 from .volume import Volume
@@ -31,6 +34,9 @@ POSTPROCESSING = [
     {"name": "fill_holes", "labels": BONE_LABELS},
 ]
 WEIGHT_GRID = (0.3, 0.5, 0.7)
+CALIBRATION_SEED = 80_000  # held-out scans use heldout_cases' default seed (90 000)
+ENSEMBLE = "ensemble"
+FINAL = "ensemble + decision offsets"
 
 
 def _cpu_name() -> str:
@@ -49,7 +55,8 @@ def _notes(member_folder: Path) -> str:
     return path.read_text(encoding="utf-8").strip() if path.exists() else ""
 
 
-def _spec(members: Sequence[MemberSpec], weights: Sequence[float], training: dict, metrics: dict) -> dict:
+def _spec(members: Sequence[MemberSpec], weights: Sequence[float], training: dict, metrics: dict,
+          decision_offsets: Sequence[float] | None = None) -> dict:
     return {
         "id": PACKAGE_ID,
         "version": PACKAGE_VERSION,
@@ -61,43 +68,85 @@ def _spec(members: Sequence[MemberSpec], weights: Sequence[float], training: dic
         "labels": {str(t.label): t.key for t in TISSUES},
         "members": [{"name": m.name, "architecture": m.architecture(), "input": m.input_contract(), "weight": w}
                     for m, w in zip(members, weights)],
+        "decision_offsets": list(decision_offsets) if decision_offsets is not None else [0.0] * (len(TISSUES) + 1),
         "postprocessing": POSTPROCESSING,
         "training": training,
         "metrics": metrics,
     }
 
 
-def _dice_table(prediction: np.ndarray, case_labels: Volume) -> dict[str, float]:
-    result = evaluate(case_labels.with_array(prediction.astype(np.uint8)), case_labels)
-    return {name: round(float(m["dice"]), 4) for name, m in result["structures"].items() if not np.isnan(m["dice"])}
+def _case_scores(probabilities: np.ndarray, case_labels: Volume, channel_labels: np.ndarray,
+                 offsets: Sequence[float] | None) -> dict[str, dict[str, float]]:
+    """Dice and predicted/true volume ratio per structure after the decision and post-processing."""
+    decided = channel_labels[decide_labels(probabilities, offsets)]
+    labels = apply_postprocessing(case_labels.with_array(decided), POSTPROCESSING)
+    result = evaluate(labels, case_labels)
+    present = {name: m for name, m in result["structures"].items() if not np.isnan(m["dice"])}
+    return {"dice": {name: round(float(m["dice"]), 4) for name, m in present.items()},
+            "volume_ratio": {name: round(float(m["prediction_volume_mm3"] / m["reference_volume_mm3"]), 3)
+                             for name, m in present.items() if m["reference_volume_mm3"] > 0}}
 
 
-def evaluate_heldout(package: ModelPackage, anatomies) -> dict:
-    """Dice per structure on every held-out scan for each member alone and each blending weight."""
-    from .inference import RunLog, fuse_on_grid, member_probabilities
-    from .postprocess import apply_postprocessing
-
-    cases = heldout_cases(anatomies)
-    per_case = {}
+def _member_maps(package: ModelPackage, cases: Sequence) -> list[list[np.ndarray]]:
+    """Each member's probabilities on each case's own grid (cases x members)."""
+    maps = []
     for case in cases:
-        maps = [member_probabilities(package, i, case.image, torch.device("cpu"), RunLog())
-                for i in range(len(package.members))]
-        on_grid = [fuse_on_grid([(m, 1.0)], case.image)[0] for m in maps]
-        entry = {}
-        for index, member in enumerate(package.members):
-            entry[member.name] = on_grid[index]
-        for weight in WEIGHT_GRID:
-            entry[f"ensemble w={weight}"] = weight * on_grid[0] + (1 - weight) * on_grid[1]
-        scores = {}
-        for name, probabilities in entry.items():
-            labels = apply_postprocessing(case.labels.with_array(probabilities.argmax(0).astype(np.uint8)), POSTPROCESSING)
-            scores[name] = _dice_table(labels.array, case.labels)
-        per_case[case.name] = scores
+        per_member = [member_probabilities(package, i, case.image, torch.device("cpu"), RunLog())
+                      for i in range(len(package.members))]
+        maps.append([fuse_on_grid([(m, 1.0)], case.image)[0] for m in per_member])
+    return maps
+
+
+def _blend(member_maps: Sequence[np.ndarray], weight: float) -> np.ndarray:
+    return weight * member_maps[0] + (1 - weight) * member_maps[1]
+
+
+def _channels(labels: np.ndarray, channel_labels: np.ndarray) -> np.ndarray:
+    """Tissue label values -> the package's output channel indices."""
+    lookup = np.zeros(256, dtype=np.uint8)
+    lookup[channel_labels] = np.arange(len(channel_labels), dtype=np.uint8)
+    return lookup[labels]
+
+
+def calibrate(package: ModelPackage, anatomies) -> tuple[list[float], list[float], dict]:
+    """Blending weights and decision offsets chosen on calibration scans.
+
+    The calibration scans are synthesised like the held-out ones but with other seeds
+    (:data:`CALIBRATION_SEED`), so the accuracy reported on the held-out scans is not the
+    accuracy the choices were tuned on.
+    """
+    cases = heldout_cases(anatomies, seed=CALIBRATION_SEED)
+    maps = _member_maps(package, cases)
+    channel_labels = np.asarray(package.tissue_labels, dtype=np.uint8)
+    truths = [_channels(case.labels.array, channel_labels) for case in cases]
+    blend_scores = {w: fit_decision_offsets([(_blend(m, w), t) for m, t in zip(maps, truths)], sweeps=0)[1]
+                    for w in WEIGHT_GRID}
+    weight = max(WEIGHT_GRID, key=blend_scores.get)
+    offsets, before, after = fit_decision_offsets([(_blend(m, weight), t) for m, t in zip(maps, truths)])
+    summary = {"description": "Blending weight and decision offsets chosen on whole synthetic scans with seeds "
+                              f"unused in training and in the held-out evaluation (seed {CALIBRATION_SEED}).",
+               "mean_dice_by_weight": {str(w): round(v, 4) for w, v in blend_scores.items()},
+               "mean_dice_before_offsets": round(before, 4), "mean_dice_after_offsets": round(after, 4)}
+    return [weight, 1 - weight], [float(v) for v in offsets], summary
+
+
+def evaluate_heldout(package: ModelPackage, anatomies, weights: Sequence[float], offsets: Sequence[float]) -> dict:
+    """Dice and volume ratios per structure on every held-out scan: members alone, the ensemble
+    with plain argmax, and the ensemble with the decision offsets (what ``segment`` does)."""
+    cases = heldout_cases(anatomies)
+    channel_labels = np.asarray(package.tissue_labels, dtype=np.uint8)
+    per_case = {}
+    for case, maps in zip(cases, _member_maps(package, cases)):
+        variants = {member.name: (probabilities, None) for member, probabilities in zip(package.members, maps)}
+        fused = _blend(maps, weights[0])
+        variants[ENSEMBLE] = (fused, None)
+        variants[FINAL] = (fused, offsets)
+        per_case[case.name] = {name: _case_scores(p, case.labels, channel_labels, o) for name, (p, o) in variants.items()}
     return per_case
 
 
 def _mean_dice(per_case: dict, variant: str) -> float:
-    values = [np.mean(list(scores[variant].values())) for scores in per_case.values()]
+    values = [np.mean(list(scores[variant]["dice"].values())) for scores in per_case.values()]
     return float(np.mean(values))
 
 
@@ -121,21 +170,20 @@ def assemble_package(args, members: Sequence[MemberSpec], weights_files: Sequenc
     anatomies = load_anatomies(args.data)
     draft = save_package(Path(workdir) / "draft-package", _spec(members, [1.0] * len(members), training, {}), states,
                          overwrite=True)
-    per_case = evaluate_heldout(draft, anatomies)
-    best = max(WEIGHT_GRID, key=lambda w: _mean_dice(per_case, f"ensemble w={w}"))
-    weights = [best, 1 - best]
+    weights, offsets, calibration = calibrate(draft, anatomies)
+    per_case = evaluate_heldout(draft, anatomies, weights, offsets)
     metrics = {
+        "calibration_synthetic": calibration,
         "heldout_synthetic": {
-            "description": "Dice per structure on whole synthetic scans with seeds and deformations unused in "
-                           "training, one per named contrast/acquisition; blending weight chosen on these.",
+            "description": "Dice and predicted/true volume per structure on whole synthetic scans with seeds and "
+                           "deformations unused in training and calibration, one per named contrast/acquisition.",
             "acquisitions": [a[0] for a in HELDOUT_ACQUISITIONS],
             "chosen_weights": weights,
-            "mean_dice": {variant: round(_mean_dice(per_case, variant), 4)
-                          for variant in next(iter(per_case.values()))},
+            "mean_dice": {variant: round(_mean_dice(per_case, variant), 4) for variant in next(iter(per_case.values()))},
             "per_case": per_case,
         },
     }
-    spec = _spec(members, weights, training, metrics)
+    spec = _spec(members, weights, training, metrics, offsets)
     card = model_card(spec)
     return save_package(args.output, spec, states, model_card=card, overwrite=getattr(args, "overwrite", False))
 
@@ -162,16 +210,25 @@ def model_card(spec: dict) -> str:
         lines.append(f"- {member['name']}: MONAI UNet 2D, {args['in_channels']} adjacent sagittal slices in, channels "
                      f"{args['channels']}, input {member['input']['spacing_mm']} mm in-plane, slices "
                      f"{member['input']['slice_spacing_mm']} mm, blending weight {member['weight']:g}")
+    calibration = spec["metrics"].get("calibration_synthetic")
+    if calibration:
+        names = ["background"] + [spec["labels"][str(t.label)] for t in TISSUES]
+        shifted = ", ".join(f"{name} {value:+.1f}" for name, value in zip(names, spec["decision_offsets"]) if value)
+        lines += ["", "## Calibration (synthetic scans, other seeds)", calibration["description"],
+                  f"Mean Dice by blending weight of the first member: {calibration['mean_dice_by_weight']}; "
+                  f"decision offsets (log units, added before the argmax): {shifted or 'none'}; mean Dice "
+                  f"{calibration['mean_dice_before_offsets']:.3f} -> {calibration['mean_dice_after_offsets']:.3f}."]
     lines += ["", "## Measured accuracy (held-out synthetic scans)", metrics["description"], "",
               "| variant | mean Dice |", "|---|---|"]
     lines += [f"| {variant} | {value:.3f} |" for variant, value in metrics["mean_dice"].items()]
-    lines += ["", "Per structure (ensemble with the chosen weight):", ""]
-    chosen = f"ensemble w={metrics['chosen_weights'][0]}"
-    structures = sorted({s for case in metrics["per_case"].values() for s in case[chosen]})
-    lines.append("| acquisition | " + " | ".join(structures) + " |")
-    lines.append("|---|" + "---|" * len(structures))
-    for name, case in metrics["per_case"].items():
-        lines.append(f"| {name} | " + " | ".join(f"{case[chosen].get(s, float('nan')):.2f}" for s in structures) + " |")
+    final = FINAL if FINAL in next(iter(metrics["per_case"].values())) else ENSEMBLE
+    structures = sorted({s for case in metrics["per_case"].values() for s in case[final]["dice"]})
+    for key, title in (("dice", "Dice"), ("volume_ratio", "Predicted / true volume")):
+        lines += ["", f"{title} per structure ({final}):", "",
+                  "| acquisition | " + " | ".join(structures) + " |", "|---|" + "---|" * len(structures)]
+        for name, case in metrics["per_case"].items():
+            lines.append(f"| {name} | " + " | ".join(f"{case[final][key].get(s, float('nan')):.2f}" for s in structures)
+                         + " |")
     lines += ["", "Accuracy on real scans has not been measured against expert labels here (none were available); "
               "synthetic-to-real transfer is the main risk: check results visually and correct them.", "",
               "## Training run", f"- command: `{training['command']}`", f"- hardware: {training['hardware']}",

@@ -19,6 +19,7 @@ ensemble member (safetensors, or a torch state dict read with ``weights_only=Tru
                    "echo_index": 1},
          "weight": 1.0}
       ],
+      "decision_offsets": [0.0, -0.4, ...],          # optional: one per channel, see below
       "postprocessing": [{"name": "largest_component"}, {"name": "closing", "radius_mm": 2.0}],
       "training": {...}, "metrics": {...}
     }
@@ -33,6 +34,10 @@ Members form an ensemble whose softmax maps are fused by their weighted mean on 
 ``plane``, with in-plane working spacing ``spacing_mm`` (2 values, mm); ``3d`` (sliding window of
 ``patch_size`` voxels at ``spacing_mm``, 3 values, mm, in (x, y, z) order). ``echo_index`` is the
 0-based echo of a multi-echo scan the member reads (default: the first).
+
+``decision_offsets`` (optional, default all 0) are added to the log of the fused probabilities
+before the label decision, one per channel including background (natural-log units; see
+:mod:`KneeSegLogic.calibration`, which chooses them on calibration scans).
 
 Every weights file's sha256 is recorded in ``model.json`` and checked before the file is
 deserialised: a mismatch is refused. The sha256 of ``model.json`` itself therefore identifies
@@ -57,6 +62,7 @@ import hashlib
 import inspect
 import io
 import json
+import math
 import os
 import re
 import shutil
@@ -96,7 +102,7 @@ NORMALISATIONS: dict[str, tuple[str, ...]] = {
 WEIGHTS_SUFFIXES = (".safetensors", ".pt", ".pth")
 
 _TOP_KEYS = {"format_version", "id", "version", "description", "license", "default", "labels",
-             "members", "postprocessing", "training", "metrics"}
+             "members", "decision_offsets", "postprocessing", "training", "metrics"}
 _MEMBER_KEYS = {"name", "weights", "sha256", "architecture", "input", "weight"}
 _INPUT_KEYS = {"kind", "plane", "context_slices", "spacing_mm", "slice_spacing_mm", "patch_size", "normalisation", "echo_index"}
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -182,6 +188,8 @@ class ModelPackage:
         Output channel (1..N) -> structure key in the tissue table; 0 (background) implied.
     members : list of MemberSpec
         The ensemble, at least one member.
+    decision_offsets : list of float
+        Per channel (background first), added to the log-probabilities before the argmax.
     postprocessing : list of dict
         Steps ``{"name": ..., parameters}`` applied in order after fusion.
     training, metrics : dict
@@ -203,6 +211,7 @@ class ModelPackage:
     license: str
     labels: dict[int, str]
     members: list[MemberSpec]
+    decision_offsets: list[float]
     postprocessing: list[dict[str, Any]]
     training: dict[str, Any]
     metrics: dict[str, Any]
@@ -323,6 +332,10 @@ def _parse(raw: Any, folder: Path, source: Path, manifest: Path) -> ModelPackage
     names = [m.name for m in members]
     if len(set(names)) != len(names):
         fail("members", f"member names must be unique, found {names}")
+    offsets = _get(raw, "decision_offsets", list, "decision_offsets", fail, default=[0.0] * (len(labels) + 1))
+    if len(offsets) != len(labels) + 1 or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in offsets):
+        fail("decision_offsets", f"must be {len(labels) + 1} finite numbers (background and each label)")
     postprocessing = _get(raw, "postprocessing", list, "postprocessing", fail, default=[])
     for i, step in enumerate(postprocessing):
         if not isinstance(step, dict) or not isinstance(step.get("name"), str):
@@ -336,6 +349,7 @@ def _parse(raw: Any, folder: Path, source: Path, manifest: Path) -> ModelPackage
         license=license_name,
         labels=labels,
         members=members,
+        decision_offsets=[float(v) for v in offsets],
         postprocessing=postprocessing,
         training=_get(raw, "training", dict, "training", fail, default={}),
         metrics=_get(raw, "metrics", dict, "metrics", fail, default={}),
@@ -783,6 +797,7 @@ def package_summary(package: ModelPackage) -> dict[str, Any]:
         "members": [{"name": m.name, "kind": m.kind, "plane": m.plane, "context_slices": m.context_slices,
                      "spacing_mm": list(m.spacing_mm), "architecture": m.architecture, "weight": m.weight}
                     for m in package.members],
+        "decision_offsets": package.decision_offsets,
     }
 
 

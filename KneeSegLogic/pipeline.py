@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from . import inference
+from .calibration import decide_labels
 from .errors import KneeSegError
 from .models import get_package, package_summary
 from .outputs import Progress, Results, output_folder
@@ -69,7 +70,7 @@ def segment_volume(volume: Volume, package, device, results: Results, progress: 
         fused, mean_member_entropy = inference.fuse_on_grid(member_maps, reference)
         del member_maps
         channel_labels = np.asarray(package.tissue_labels, dtype=np.uint8)
-        labels = channel_labels[fused.argmax(0)]
+        labels = channel_labels[decide_labels(fused, package.decision_offsets)]
         total = entropy(fused)
         maps = {"uncertainty": total}
         if mean_member_entropy is not None:

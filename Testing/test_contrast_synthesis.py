@@ -230,3 +230,20 @@ def test_mese_echo_augmentation_draws_echoes_20_60_20_with_physical_contrast():
     assert np.all((echo_times > 7.9) & (echo_times < 36.1))
     fractions = np.bincount(echo, minlength=4)[1:] / len(echo)
     np.testing.assert_allclose(fractions, [0.2, 0.6, 0.2], atol=0.06)
+
+
+def test_label_maps_continue_their_cut_bones_beyond_the_map_and_real_pairs_do_not() -> None:
+    # A bone shaft along h cut by the map's first row: a box reaching 10 voxels beyond that edge
+    # sees the shaft run on (border replication), as a real scan shows it; a real pair cannot be
+    # extended, so there the part beyond the map is blank background.
+    array = np.zeros(SHAPE, np.uint8)
+    array[8:16, :30, 20:28] = BONE
+    shaft = Volume(array, (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), PIR_DIRECTION)
+    centre = np.array([12.0, 5.0, 24.0])  # box rows -10..20 of the map: 10 rows lie beyond its edge
+    _, labels = Synthesizer([Anatomy.from_volume(shaft)], (9, 31, 31), (1.0, 1.0, 1.0), RIGID, seed=0).sample(centre=centre)
+    beyond, inside = labels[:, :10], labels[:, 10:25]
+    np.testing.assert_array_equal(beyond.numpy(), np.broadcast_to(inside[:, :1].numpy(), beyond.shape))
+    assert (beyond == BONE).sum() == 10 * 8 * 8
+    pair = Anatomy.from_pair(shaft.with_array(smooth_pattern(SHAPE, 5)), shaft)
+    image, labels = Synthesizer([pair], (9, 31, 31), (1.0, 1.0, 1.0), RIGID, seed=0).sample(centre=centre)
+    assert (labels[:, :10] == 0).all() and (labels[:, 10:25] == BONE).sum() == 15 * 8 * 8
