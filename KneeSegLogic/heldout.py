@@ -42,22 +42,28 @@ def canonical_direction() -> np.ndarray:
     return np.asarray(sitk.DICOMOrientImageFilter.GetDirectionCosinesFromOrientation(CANONICAL_ORIENTATION)).reshape(3, 3)
 
 
-def heldout_cases(anatomies: list[Anatomy], seed: int = 90_000) -> list[HeldoutCase]:
-    """One whole synthetic scan per :data:`HELDOUT_ACQUISITIONS` entry (seeds unused in training)."""
+def heldout_cases(anatomies: list[Anatomy], seed: int = 90_000, repeats: int = 1) -> list[HeldoutCase]:
+    """``repeats`` whole synthetic scans per :data:`HELDOUT_ACQUISITIONS` entry (seeds unused in training).
+
+    Repeat ``r`` of acquisition ``n`` uses seed ``seed + 100 r + n``, so the first repeat is the
+    same scan whatever ``repeats`` is; repeats after the first are named ``"<acquisition> #<r+1>"``.
+    """
     cases = []
-    for number, (name, contrast, axis, thickness) in enumerate(HELDOUT_ACQUISITIONS):
-        settings = SynthesisSettings(rotation_deg=5.0, elastic_mm=2.0, random_contrast_probability=0.0, contrast=contrast,
-                                     thick_slice_probability=1.0 if axis is not None else 0.0,
-                                     thick_slice_mm=(thickness, thickness), thick_slice_axis=axis,
-                                     noise_range=(0.02, 0.04), fov_crop_probability=0.0,
-                                     real_image_probability=0.0)
-        synthesizer = Synthesizer(anatomies, BOX_SHAPE, BOX_SPACING_MM, settings, seed=seed + number)
-        # Centre the knee: the middle of the range training centres were drawn from.
-        low, high = anatomies[0].centre_range
-        image, labels = synthesizer.sample(centre=(low + high) / 2)
-        spacing_ijk = BOX_SPACING_MM[::-1]
-        direction = canonical_direction()
-        geometry = dict(spacing=spacing_ijk, origin=(0.0, 0.0, 0.0), direction=direction)
-        cases.append(HeldoutCase(name, Volume(image.numpy().astype(np.float32) * 1000, **geometry),
-                                 Volume(labels.numpy().astype(np.uint8), **geometry)))
+    for repeat in range(repeats):
+        for number, (name, contrast, axis, thickness) in enumerate(HELDOUT_ACQUISITIONS):
+            settings = SynthesisSettings(rotation_deg=5.0, elastic_mm=2.0, random_contrast_probability=0.0,
+                                         contrast=contrast, thick_slice_probability=1.0 if axis is not None else 0.0,
+                                         thick_slice_mm=(thickness, thickness), thick_slice_axis=axis,
+                                         noise_range=(0.02, 0.04), fov_crop_probability=0.0,
+                                         real_image_probability=0.0)
+            synthesizer = Synthesizer(anatomies, BOX_SHAPE, BOX_SPACING_MM, settings, seed=seed + 100 * repeat + number)
+            # Centre the knee: the middle of the range training centres were drawn from.
+            low, high = anatomies[0].centre_range
+            image, labels = synthesizer.sample(centre=(low + high) / 2)
+            spacing_ijk = BOX_SPACING_MM[::-1]
+            direction = canonical_direction()
+            geometry = dict(spacing=spacing_ijk, origin=(0.0, 0.0, 0.0), direction=direction)
+            cases.append(HeldoutCase(name if repeat == 0 else f"{name} #{repeat + 1}",
+                                     Volume(image.numpy().astype(np.float32) * 1000, **geometry),
+                                     Volume(labels.numpy().astype(np.uint8), **geometry)))
     return cases

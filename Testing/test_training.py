@@ -233,3 +233,19 @@ def test_kneeseg_train_assembles_a_package(tiny_ensemble, tmp_path: Path, monkey
         assert set(final["volume_ratio"]) <= set(final["dice"]) and all(0 <= d <= 1 for d in final["dice"].values())
     card = (tmp_path / "package" / "MODEL_CARD.md").read_text()
     assert "## Calibration" in card and "Predicted / true volume" in card
+
+
+def test_heldout_repeats_add_new_scans_and_keep_the_first(anatomies: list[Anatomy], monkeypatch: pytest.MonkeyPatch) -> None:
+    from KneeSegLogic import heldout
+
+    monkeypatch.setattr(heldout, "BOX_SHAPE", (6, 24, 24))
+    monkeypatch.setattr(heldout, "HELDOUT_ACQUISITIONS", heldout.HELDOUT_ACQUISITIONS[:2])
+    single = heldout.heldout_cases(anatomies)
+    repeated = heldout.heldout_cases(anatomies, repeats=2)
+    names = [a[0] for a in heldout.HELDOUT_ACQUISITIONS]
+    assert [c.name for c in repeated] == names + [f"{n} #2" for n in names]
+    for first, again in zip(single, repeated):
+        np.testing.assert_array_equal(first.image.array, again.image.array)
+    assert not np.array_equal(repeated[0].image.array, repeated[2].image.array)  # same acquisition, new scan
+    calibration = heldout.heldout_cases(anatomies, seed=80_000)
+    assert not np.array_equal(calibration[0].image.array, single[0].image.array)
