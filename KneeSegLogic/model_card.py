@@ -218,8 +218,9 @@ def model_card(spec: dict) -> str:
                      f"{member['input']['slice_spacing_mm']} mm, blending weight {member['weight']:g}")
     calibration = spec["metrics"].get("calibration_synthetic")
     if calibration:
-        names = ["background"] + [spec["labels"][str(t.label)] for t in TISSUES]
-        shifted = ", ".join(f"{name} {value:+.1f}" for name, value in zip(names, spec["decision_offsets"]) if value)
+        offsets = spec["decision_offsets"]
+        names = ["background"] + [spec["labels"][str(channel)] for channel in range(1, len(offsets))]
+        shifted = ", ".join(f"{name} {value:+.1f}" for name, value in zip(names, offsets) if value)
         lines += ["", "## Calibration (synthetic scans, other seeds)", calibration["description"],
                   f"Mean Dice by blending weight of the first member: {calibration['mean_dice_by_weight']}; "
                   f"decision offsets (log units, added before the argmax): {shifted or 'none'}; mean Dice "
