@@ -13,12 +13,14 @@ from KneeSegLogic.errors import KneeSegError
 from KneeSegLogic.postprocess import (
     apply_postprocessing,
     ball_closing,
+    ball_opening,
     close_labels,
     fill_holes,
     fill_label_holes,
     keep_largest_components,
     largest_components,
     mese_candidates,
+    open_labels,
     refine_mese_cartilage,
 )
 from KneeSegLogic.volume import Volume, read_volume
@@ -214,7 +216,7 @@ def test_apply_postprocessing_named_steps() -> None:
     assert out.array[7, 2, 2] == 0 and np.count_nonzero(out.array == 6) == 8
     assert np.all(out.array[6:8, 12:16, 10:14] == 5)
     with pytest.raises(KneeSegError, match="unknown name"):
-        apply_postprocessing(volume, [{"name": "opening"}])
+        apply_postprocessing(volume, [{"name": "dilation"}])
     with pytest.raises(KneeSegError, match="radius"):
         apply_postprocessing(volume, [{"name": "closing", "radius": 2}])
     with pytest.raises(KneeSegError, match="probability"):
@@ -230,3 +232,47 @@ def test_apply_postprocessing_mese_refinement_step() -> None:
     out = apply_postprocessing(Volume(labels, (0.3, 0.3, 2.0)), [step], probabilities, t2)
     assert np.array_equal(out.array == 1, refine_mese_cartilage(probability, t2))
     assert np.array_equal(out.array == 5, labels == 5)
+
+
+@pytest.mark.parametrize("radius", [1, 2, 3])
+def test_ball_opening_equals_skimage_away_from_the_border(radius: int) -> None:
+    from skimage.morphology import binary_opening
+
+    for seed in range(3):
+        mask = np.zeros((40, 44, 48), bool)
+        mask[8:32, 8:36, 8:40] = random_blobs((24, 28, 32), seed + 10 * radius, level=-0.1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            expected = binary_opening(mask, ball(radius))
+        assert np.count_nonzero(mask & ~expected) > 0  # the opening does something here
+        assert np.array_equal(ball_opening(mask, radius), expected)
+
+
+def test_ball_opening_removes_a_thin_spur_and_keeps_a_thick_body() -> None:
+    # A 4 mm-radius ball of bone with a 1 mm-thick spur sticking out 10 mm, at 0.5 x 0.5 x 1 mm.
+    spacing = np.array([1.0, 0.5, 0.5])  # array axes (k, j, i)
+    k, j, i = np.indices((20, 60, 60)) * spacing[:, None, None, None]
+    body = (k - 10) ** 2 + (j - 15) ** 2 + (i - 15) ** 2 <= 4**2
+    spur = (np.abs(k - 10) <= 0.5) & (np.abs(j - 15) <= 0.5) & (i > 15) & (i < 29)
+    opened = ball_opening(body | spur, 1.5, spacing)
+    assert not (opened & spur & (i > 19 + 1.5)).any()  # gone beyond the ball's reach from the body
+    inner = (k - 10) ** 2 + (j - 15) ** 2 + (i - 15) ** 2 <= 2.4**2
+    assert opened[inner].all() and not (opened & ~(body | spur)).any()
+    assert np.count_nonzero(body & ~opened) < 0.1 * np.count_nonzero(body)  # only its rim's corners
+    assert not ball_opening(spur, 1.5, spacing).any()  # nothing survives that is thinner than the ball
+    assert np.array_equal(ball_opening(body, 0, spacing), body)
+    with pytest.raises(ValueError, match="radius"):
+        ball_opening(body, -1)
+
+
+def test_open_labels_turns_only_removed_voxels_into_background() -> None:
+    labels = np.zeros((20, 40, 40), np.uint8)
+    labels[4:16, 5:30, 5:30] = 5
+    labels[9:11, 14:16, 30:38] = 5  # a 2-voxel spur of femur
+    labels[4:16, 30:34, 5:30] = 1  # cartilage beside it, not opened
+    out = open_labels(labels, 2, None, [5])
+    assert (out[9:11, 14:16, 31:38] == 0).all()
+    assert np.array_equal(out == 1, labels == 1)
+    assert set(np.unique(out[labels == 5])) <= {0, 5} and ((out == 5) <= (labels == 5)).all()
+    volume = Volume(labels, (1.0, 1.0, 1.0))
+    np.testing.assert_array_equal(apply_postprocessing(volume, [{"name": "opening", "radius_mm": 2, "labels": [5]}]).array, out)
