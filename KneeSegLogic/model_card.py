@@ -26,10 +26,15 @@ from .volume import Volume
 
 PACKAGE_ID = "kneeseg-knee-2p5d"
 PACKAGE_VERSION = "1.0.0"
-# Bones: keep the largest piece and fill marrow holes; cartilage and menisci are thin and may be
-# split by partial volume, so no component filtering there.
+# Bones: cut off thin leaks into neighbouring tissue, keep the largest piece and fill marrow holes;
+# cartilage and menisci are thin and may be split by partial volume, so no component filtering
+# there. The 2 mm opening was chosen on 10 calibration scans (seeds 80 000+) with the first default
+# model: mean Dice femur +0.001, tibia +0.007 (one leak along the tibia 0.918 -> 0.960), fibula
+# +0.003; the patella lost 0.002 (1.5 mm: no change), so it is not opened.
 BONE_LABELS = [t.label for t in TISSUES if t.group == "bone"]
+OPENED_BONES = [t.label for t in TISSUES if t.key in ("femur", "tibia", "fibula")]
 POSTPROCESSING = [
+    {"name": "opening", "radius_mm": 2.0, "labels": OPENED_BONES},
     {"name": "largest_component", "labels": BONE_LABELS, "components": 1},
     {"name": "fill_holes", "labels": BONE_LABELS},
 ]
