@@ -78,6 +78,27 @@ def _as_spacing(spacing: Sequence[float] | None, ndim: int) -> np.ndarray:
     return values
 
 
+def _ball_setup(
+    name: str, mask: np.ndarray, radius: float, spacing: Sequence[float] | None, threads: int | None
+) -> tuple[np.ndarray, np.ndarray, float | None, dict[str, Any]]:
+    """Checks and EDT settings shared by the ball morphology functions.
+
+    Returns the boolean mask, the spacing per array axis, the squared radius widened by
+    :data:`RADIUS_TOLERANCE` (None when there is nothing to do: radius 0 or an empty mask) and the
+    ``edt`` keyword arguments (no black border: the image border is not outside the mask).
+    """
+    mask = np.asarray(mask, dtype=bool)
+    if not 1 <= mask.ndim <= 3:
+        raise ValueError(f"{name} works on 1-3 dimensional masks, got {mask.ndim} dimensions")
+    if radius < 0:
+        raise ValueError(f"radius must be >= 0, got {radius}")
+    step = _as_spacing(spacing, mask.ndim)
+    if radius == 0 or not mask.any():
+        return mask, step, None, {}
+    options = dict(anisotropy=tuple(step), black_border=False, parallel=_threads(threads))
+    return mask, step, radius * radius * (1.0 + RADIUS_TOLERANCE), options
+
+
 def ball_closing(
     mask: np.ndarray, radius: float, spacing: Sequence[float] | None = None, threads: int | None = None
 ) -> np.ndarray:
@@ -114,19 +135,12 @@ def ball_closing(
     >>> bool(ball_closing(mask, 1)[4, 4, 4])
     True
     """
-    mask = np.asarray(mask, dtype=bool)
-    if not 1 <= mask.ndim <= 3:
-        raise ValueError(f"ball_closing works on 1-3 dimensional masks, got {mask.ndim} dimensions")
-    if radius < 0:
-        raise ValueError(f"radius must be >= 0, got {radius}")
-    step = _as_spacing(spacing, mask.ndim)
-    if radius == 0 or not mask.any():
+    mask, step, limit, options = _ball_setup("ball_closing", mask, radius, spacing, threads)
+    if limit is None:
         return mask.copy()
     reach = np.floor(radius / step + RADIUS_TOLERANCE).astype(int)
     box = _bounding_box(mask, reach + 1)
     crop = mask[box]
-    limit = radius * radius * (1.0 + RADIUS_TOLERANCE)
-    options = dict(anisotropy=tuple(step), black_border=False, parallel=_threads(threads))
     dilated = edt.edtsq(np.logical_not(crop), **options) <= limit
     out = np.zeros(mask.shape, dtype=bool)
     out[box] = edt.edtsq(dilated, **options) > limit
@@ -144,17 +158,10 @@ def ball_opening(
     spacing as in :func:`ball_closing`; the image border does not count as outside (scikit-image's
     ``binary_opening`` with ``ball(r)`` erodes from the border too, so the two agree away from it).
     """
-    mask = np.asarray(mask, dtype=bool)
-    if not 1 <= mask.ndim <= 3:
-        raise ValueError(f"ball_opening works on 1-3 dimensional masks, got {mask.ndim} dimensions")
-    if radius < 0:
-        raise ValueError(f"radius must be >= 0, got {radius}")
-    step = _as_spacing(spacing, mask.ndim)
-    if radius == 0 or not mask.any():
+    mask, _, limit, options = _ball_setup("ball_opening", mask, radius, spacing, threads)
+    if limit is None:
         return mask.copy()
     box = _bounding_box(mask, np.ones(mask.ndim, dtype=int))
-    limit = radius * radius * (1.0 + RADIUS_TOLERANCE)
-    options = dict(anisotropy=tuple(step), black_border=False, parallel=_threads(threads))
     eroded = edt.edtsq(mask[box], **options) > limit
     out = np.zeros(mask.shape, dtype=bool)
     if eroded.any():
