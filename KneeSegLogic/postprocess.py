@@ -131,7 +131,7 @@ def ball_closing(
 
     Examples
     --------
-    >>> mask = np.zeros((9, 9, 9), bool); mask[4, 2:7, 2:7] = True; mask[4, 4, 4] = False
+    >>> mask = np.zeros((9, 9, 9), bool); mask[2:7, 2:7, 2:7] = True; mask[4, 4, 4] = False
     >>> bool(ball_closing(mask, 1)[4, 4, 4])
     True
     """
