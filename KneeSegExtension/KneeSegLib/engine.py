@@ -1,7 +1,7 @@
 """The engine seen from the Slicer module: where it is, its command lines, its progress and error lines.
 
-The module runs the engine (the ``KneeSegLogic`` package) as a child process with Slicer's own
-Python (``PythonSlicer -m KneeSegLogic COMMAND ...``) and reads what it prints:
+The module runs the engine (the package named by :data:`ENGINE_PACKAGE`) as a child process with
+Slicer's own Python (``PythonSlicer -m <ENGINE_PACKAGE> COMMAND ...``) and reads what it prints:
 
 - progress, one JSON object per line on stdout: ``{"stage": "inference", "progress": 0.42,
   "message": "slice 67/160"}``;
@@ -25,6 +25,8 @@ from typing import Iterable, Sequence
 
 from .results import SEGMENTATION_FILE
 
+# The engine's import name: the only place the module names it. The module never imports it (the
+# Slicer module's own Logic class is also called KneeSegLogic, as the scripted-module template names it).
 ENGINE_PACKAGE = "KneeSegLogic"
 
 EXIT_BAD_INPUT = 1
@@ -32,7 +34,8 @@ EXIT_USAGE = 2
 EXIT_INTERNAL = 3
 EXIT_CANCELLED = 130
 
-DEVICES = ("auto", "cuda", "cpu")
+# "mps" (Apple GPUs) is offered only where the device probe finds it.
+DEVICES = ("auto", "cpu", "cuda", "mps")
 # First entry of each: the engine's default.
 T2_MODELS = ("ncexp", "mono", "mono-offset", "loglinear")
 SURFACE_SMOOTHING = ("windowed-sinc", "laplacian-idw", "none")
@@ -40,7 +43,7 @@ REGION_VARIANTS = ("default", "dosma", "thomas")  # "default": the engine's own 
 
 
 def findEngineRoot(moduleDirectory: str | Path) -> Path | None:
-    """The folder that holds the ``KneeSegLogic`` package, to put on the child's ``PYTHONPATH``.
+    """The folder that holds the engine package, to put on the child's ``PYTHONPATH``.
 
     Installed extensions place the package beside the module script (the module's CMake lists
     copy it into the same ``qt-scripted-modules`` folder); in a source checkout it is one level up,
@@ -76,11 +79,13 @@ class SegmentOptions:
     ----------
     model : str
         Model package id (empty: the registry's default package).
-    device : {"auto", "cuda", "cpu"}
+    device : one of :data:`DEVICES`
     closingRadiusMm : float or None
         Radius of the morphological closing in millimetres (None: the model package's).
     ensembleMembers : int
         Number of ensemble members to run (0: all members of the package).
+    fast : bool
+        Fast mode for laptops: one ensemble member, whatever ``ensembleMembers`` says.
     surfaces : bool
         Whether to build surface models.
     surfaceSmoothing : one of :data:`SURFACE_SMOOTHING`
@@ -95,6 +100,7 @@ class SegmentOptions:
     device: str = "auto"
     closingRadiusMm: float | None = None
     ensembleMembers: int = 0
+    fast: bool = False
     surfaces: bool = True
     surfaceSmoothing: str = SURFACE_SMOOTHING[0]
     t2: bool = True
@@ -131,8 +137,9 @@ def segmentCommand(python: str, inputPath: str | Path, outputFolder: str | Path,
         args += ["--model", options.model]
     if options.closingRadiusMm is not None:
         args += ["--closing-radius", f"{options.closingRadiusMm:g}"]
-    if options.ensembleMembers > 0:
-        args += ["--members", str(options.ensembleMembers)]
+    members = 1 if options.fast else options.ensembleMembers
+    if members > 0:
+        args += ["--members", str(members)]
     if not (surfaces and options.surfaces):
         args.append("--no-surfaces")
     return args
@@ -201,11 +208,17 @@ def planRecompute(python: str, work: Path, segmentationPath: Path, t2InputPath: 
     return commands
 
 
-def modelsCommand(python: str, importPath: str | Path | None = None) -> list[str]:
-    """``kneeseg models --json``, optionally importing a package folder or zip first (offline sites)."""
+def modelsCommand(python: str, importPath: str | Path | None = None, downloadUrl: str = "",
+                  sha256: str = "") -> list[str]:
+    """``kneeseg models --json``, first importing a package folder or zip (offline sites) or
+    downloading a package zip whose sha256 the engine checks before installing it."""
     args = _base(python, "models") + ["--json"]
     if importPath is not None:
         args += ["--import", str(importPath)]
+    if downloadUrl:
+        if not sha256:
+            raise ValueError("a download needs the sha256 of the package zip")
+        args += ["--download", downloadUrl, "--sha256", sha256]
     return args
 
 
@@ -224,7 +237,9 @@ except Exception as error:
     print(json.dumps({"torch": None, "error": f"{type(error).__name__}: {error}"}))
 else:
     cuda = bool(torch.backends.cuda.is_built() and torch.cuda.is_available())
-    info = {"torch": torch.__version__, "cuda_built": bool(torch.backends.cuda.is_built()), "cuda": cuda}
+    mps = getattr(torch.backends, "mps", None)
+    info = {"torch": torch.__version__, "cuda_built": bool(torch.backends.cuda.is_built()), "cuda": cuda,
+            "mps": bool(mps is not None and mps.is_available())}
     if cuda:
         properties = torch.cuda.get_device_properties(torch.cuda.current_device())
         info.update(name=properties.name, memory_gb=round(properties.total_memory / 2**30, 1),
@@ -234,20 +249,40 @@ else:
 
 
 def probeCommand(python: str) -> list[str]:
-    """Command printing what PyTorch sees (version, CUDA, GPU name and memory) as one JSON line."""
+    """Command printing what PyTorch sees (version, CUDA, MPS, GPU name and memory) as one JSON line."""
     return [python, "-c", DEVICE_PROBE]
 
 
-def describeDevice(probe: dict | None) -> str:
-    """One line for the GUI from :data:`DEVICE_PROBE`'s output."""
+def availableDevices(probe: dict | None) -> list[str]:
+    """The device choices to offer: auto and cpu always, cuda and mps only where PyTorch can use them."""
+    probe = probe or {}
+    return ["auto", "cpu"] + [device for device in ("cuda", "mps") if probe.get(device)]
+
+
+def resolvedDevice(probe: dict | None, choice: str) -> str:
+    """The device a run with ``choice`` uses: ``auto`` is CUDA when usable, else the CPU (the engine's rule)."""
+    if choice == "auto":
+        return "cuda" if (probe or {}).get("cuda") else "cpu"
+    return choice
+
+
+def describeDevice(probe: dict | None, choice: str = "auto") -> str:
+    """One line for the panel, before the run: what the run with ``choice`` will run on."""
     if not probe or not probe.get("torch"):
         reason = (probe or {}).get("error", "")
         return "PyTorch is not installed yet (it is installed at the first Apply)" + (f" [{reason}]" if "ModuleNotFound" not in reason and reason else "")
+    device = resolvedDevice(probe, choice)
+    if device == "cuda" and probe.get("cuda"):
+        return f"Runs on the GPU: {probe.get('name', 'CUDA device')}, {probe.get('memory_gb', '?')} GB (PyTorch {probe['torch']}, CUDA {probe.get('cuda_version', '?')})"
+    if device == "mps" and probe.get("mps"):
+        return f"Runs on the Apple GPU (MPS, PyTorch {probe['torch']})"
+    if device in ("cuda", "mps"):
+        return f"{device.upper()} is not usable here (PyTorch {probe['torch']}): choose auto or cpu"
     if probe.get("cuda"):
-        return f"GPU: {probe.get('name', 'CUDA device')}, {probe.get('memory_gb', '?')} GB (PyTorch {probe['torch']}, CUDA {probe.get('cuda_version', '?')})"
+        return f"Runs on the CPU although a GPU ({probe.get('name', 'CUDA device')}) is there (PyTorch {probe['torch']})"
     if probe.get("cuda_built"):
-        return f"CPU only: PyTorch {probe['torch']} has CUDA but no usable GPU or driver was found"
-    return f"CPU only (PyTorch {probe['torch']}, built without CUDA)"
+        return f"Runs on the CPU: PyTorch {probe['torch']} has CUDA but no usable GPU or driver was found"
+    return f"Runs on the CPU (PyTorch {probe['torch']}, built without CUDA)"
 
 
 @dataclass(frozen=True)

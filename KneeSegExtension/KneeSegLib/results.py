@@ -189,3 +189,17 @@ def trainingCasePaths(folder: str | Path, case: str) -> tuple[Path, Path]:
     """
     folder = Path(folder)
     return folder / "images" / f"{case}.nrrd", folder / "labels" / f"{case}.seg.nrrd"
+
+
+def replacementWarning(madeByKneeSeg: bool, edited: bool, segmentCount: int) -> str:
+    """Why writing a new result into an existing segmentation needs the user's yes, or ``""``.
+
+    ``"edited"``: KneeSeg made it and it was changed since (a correction would be lost);
+    ``"foreign"``: KneeSeg did not make it and it holds segments (somebody's work, never called
+    "edited"). An empty segmentation, or an unchanged KneeSeg result, is written into silently.
+    """
+    if segmentCount == 0:
+        return ""
+    if not madeByKneeSeg:
+        return "foreign"
+    return "edited" if edited else ""
