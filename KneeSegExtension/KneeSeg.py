@@ -111,6 +111,7 @@ T2_WINDOW_MS = (0.0, 100.0)
 T2_THRESHOLD_MS = 1.0  # the engine writes 0 where it fitted nothing: those voxels stay transparent
 UNCERTAINTY_THRESHOLD = 0.05  # below it the heatmap is transparent, so it does not dim the scan
 UNCERTAINTY_OPACITY = 0.5
+T2_OPACITY = 0.7  # the anatomy stays visible under fitted voxels
 THRESHOLD_CEILING = 1.0e6  # upper threshold of the maps: every value above the lower one stays visible
 OVERLAYS = ("uncertainty", "t2", "none")
 ACCEPTED_CARDS_SETTING = "KneeSeg/AcceptedModelCards"
@@ -842,8 +843,11 @@ class KneeSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         result: SceneResult = outcome.result
         if result is not None and result.segmentation is not None and self._parameterNode:
             self._parameterNode.outputSegmentation = result.segmentation
-            overlay = "t2" if result.t2 is not None else ("uncertainty" if result.uncertainty is not None else "none")
-            self.ui.overlayComboBox.currentIndex = self.ui.overlayComboBox.findData(overlay)
+            overlay = self.logic.defaultOverlay(result.segmentation)
+            combo = self.ui.overlayComboBox
+            wasBlocked = combo.blockSignals(True)
+            combo.currentIndex = combo.findData(overlay)
+            combo.blockSignals(wasBlocked)
             self.logic.showOverlay(result.segmentation, overlay)
         warnings = (result.results.get("warnings") if result else None) or []
         for warning in warnings:
@@ -1006,7 +1010,9 @@ class ModelPackagesDialog:
         self.table.resizeColumnsToContents()
         ids = [package.get("id") for package in self.packages]
         if self.packages:
-            self.table.selectRow(ids.index(selectId) if selectId in ids else 0)
+            row = ids.index(selectId) if selectId in ids else 0
+            self.table.selectRow(row)
+            self._showCard(row)
         else:
             self.card.setPlainText(_("No model package found: download or import one."))
 
@@ -1245,7 +1251,8 @@ class KneeSegLogic(ScriptedLoadableModuleLogic, VTKObservationMixin):
         sequence, proxy = self.sequenceOf(node)
         if sequence is not None:
             values = [sequence.GetNthIndexValue(index) for index in range(sequence.GetNumberOfDataNodes())]
-            return (proxy or sequence).GetName(), sequence.GetIndexName(), sequence.GetIndexUnit(), values
+            named = proxy if proxy is not None else sequence
+            return named.GetName(), sequence.GetIndexName(), sequence.GetIndexUnit(), values
         if node.IsA("vtkMRMLMultiVolumeNode"):
             labels = [label for label in (node.GetAttribute("MultiVolume.FrameLabels") or "").split(",") if label.strip()]
             if not labels:
@@ -1375,6 +1382,12 @@ class KneeSegLogic(ScriptedLoadableModuleLogic, VTKObservationMixin):
             raise RuntimeError(_("Could not write '{name}' to {path}").format(name=volumeNode.GetName(), path=path))
         return path
 
+    def discardTemporaries(self, *scans: ScanInput | None) -> None:
+        """Remove stacked volumes still in the scene (a run that stopped before writing them)."""
+        for scan in scans:
+            if scan is not None and scan.temporary and slicer.mrmlScene.IsNodePresent(scan.source):
+                self.removeNodeCompletely(scan.source)
+
     def writeScan(self, scan: ScanInput, path: Path) -> Path:
         """Write the scan for the engine; a temporary stacked volume leaves the scene once written."""
         self.exportVolume(scan.source, path)
@@ -1399,16 +1412,23 @@ class KneeSegLogic(ScriptedLoadableModuleLogic, VTKObservationMixin):
         options = options or RunOptions()
         scan = self.scanInput(inputNode, options.echoTimes)
         t2Scan = None
-        if options.engine.t2:
-            t2Scan = self.scanInput(t2Volume, options.echoTimes) if t2Volume is not None else (scan if scan.echoes > 1 else None)
-        (onLog or logging.info)(echoMessage(scan.node.GetName(), scan.echoes, t2Volume is not None, options.engine.t2))
-        inputEchoTimes = self.echoTimesOf(scan, options.echoTimes)
-        t2EchoTimes = self.echoTimesOf(t2Scan, options.echoTimes) if t2Scan is not None else None
-        work = self.workFolder()
-        inputPath = self.writeScan(scan, work / "input.nrrd")
-        t2Input = None
-        if t2Scan is not None:
-            t2Input = inputPath if t2Scan is scan else self.writeScan(t2Scan, work / "t2input.nrrd")
+        try:
+            if options.engine.t2 and t2Volume is not None and t2Volume is not inputNode:
+                t2Scan = self.scanInput(t2Volume, options.echoTimes)
+            elif options.engine.t2 and scan.echoes > 1:
+                t2Scan = scan
+            (onLog or logging.info)(echoMessage(scan.node.GetName(), scan.echoes, t2Scan is not None and t2Scan is not scan,
+                                                options.engine.t2))
+            inputEchoTimes = self.echoTimesOf(scan, options.echoTimes)
+            t2EchoTimes = self.echoTimesOf(t2Scan, options.echoTimes) if t2Scan is not None else None
+            work = self.workFolder()
+            inputPath = self.writeScan(scan, work / "input.nrrd")
+            t2Input = None
+            if t2Scan is not None:
+                t2Input = inputPath if t2Scan is scan else self.writeScan(t2Scan, work / "t2input.nrrd")
+        except Exception:
+            self.discardTemporaries(scan, t2Scan)
+            raise
         plan = planSegmentRun(self.pythonExecutable(), work, inputPath, inputEchoTimes, t2Input, t2EchoTimes, options.engine)
 
         def loadOutputs(outcome: RunOutcome) -> SceneResult:
@@ -1427,12 +1447,16 @@ class KneeSegLogic(ScriptedLoadableModuleLogic, VTKObservationMixin):
             raise ValueError(_("Select the segmentation to recompute from."))
         options = options or RunOptions()
         t2Scan = self.scanInput(t2Volume, options.echoTimes) if t2Volume is not None and options.engine.t2 else None
-        t2EchoTimes = self.echoTimesOf(t2Scan, options.echoTimes) if t2Scan is not None else None
-        work = self.workFolder()
-        segmentationPath = work / "edited.seg.nrrd"
-        if not slicer.util.exportNode(segmentationNode, str(segmentationPath), {}):
-            raise RuntimeError(_("Could not write the segmentation to {path}").format(path=segmentationPath))
-        t2Input = self.writeScan(t2Scan, work / "t2input.nrrd") if t2Scan is not None else None
+        try:
+            t2EchoTimes = self.echoTimesOf(t2Scan, options.echoTimes) if t2Scan is not None else None
+            work = self.workFolder()
+            segmentationPath = work / "edited.seg.nrrd"
+            if not slicer.util.exportNode(segmentationNode, str(segmentationPath), {}):
+                raise RuntimeError(_("Could not write the segmentation to {path}").format(path=segmentationPath))
+            t2Input = self.writeScan(t2Scan, work / "t2input.nrrd") if t2Scan is not None else None
+        except Exception:
+            self.discardTemporaries(t2Scan)
+            raise
         plan = planRecompute(self.pythonExecutable(), work, segmentationPath, t2Input, t2EchoTimes, options.engine)
 
         def loadOutputs(outcome: RunOutcome) -> SceneResult:
@@ -1618,8 +1642,7 @@ class KneeSegLogic(ScriptedLoadableModuleLogic, VTKObservationMixin):
         display.AutoWindowLevelOff()
         display.SetWindowLevelMinMax(*window)
         display.AutoThresholdOff()
-        display.SetLowerThreshold(threshold)
-        display.SetUpperThreshold(THRESHOLD_CEILING)
+        display.SetThreshold(threshold, THRESHOLD_CEILING)
         display.ApplyThresholdOn()
         self.placeBeside(volume, besideVolume)
         self.setAttributes(volume, provenanceAttributes(results, parameters))
@@ -1643,6 +1666,13 @@ class KneeSegLogic(ScriptedLoadableModuleLogic, VTKObservationMixin):
             legend.SetVisibility(False)  # shown with the map (showOverlay)
         return volume
 
+    def defaultOverlay(self, segmentationNode) -> str:
+        """The T2 map when the segmentation has one (the quantitative result asked for), else its heatmap."""
+        for overlay, role in (("t2", T2_ROLE), ("uncertainty", UNCERTAINTY_ROLE)):
+            if self.referencedNodes(segmentationNode, role):
+                return overlay
+        return "none"
+
     def showOverlay(self, segmentationNode, overlay: str) -> None:
         """Show the segmentation's uncertainty heatmap or T2 map (one of :data:`OVERLAYS`) over its scan."""
         if overlay not in OVERLAYS:
@@ -1651,7 +1681,7 @@ class KneeSegLogic(ScriptedLoadableModuleLogic, VTKObservationMixin):
         shown = {"uncertainty": maps[UNCERTAINTY_ROLE], "t2": maps[T2_ROLE], "none": None}[overlay]
         background = self.referenceVolumeOf(segmentationNode)
         slicer.util.setSliceViewerLayers(background=background if background is not None else "keep-current",
-                                         foreground=shown, foregroundOpacity=UNCERTAINTY_OPACITY if overlay == "uncertainty" else 1.0)
+                                         foreground=shown, foregroundOpacity=T2_OPACITY if overlay == "t2" else UNCERTAINTY_OPACITY)
         t2 = maps[T2_ROLE]
         legend = slicer.vtkSlicerColorLogic.GetColorLegendDisplayNode(t2) if t2 is not None else None
         if legend is not None:
@@ -1926,7 +1956,8 @@ class KneeSegTest(ScriptedLoadableModuleTest):
         followUp = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "KneeLabels follow-up")
         followUp.CreateDefaultDisplayNodes()
         followUp.GetSegmentation().DeepCopy(baseline.GetSegmentation())
-        followUp.GetSegmentation().RemoveSegment("patella")
+        followUp.GetSegmentation().RemoveSegment(followUp.GetSegmentation().GetNthSegmentID(
+            followUp.GetSegmentation().GetNumberOfSegments() - 1))
         for node in (baseline, followUp):
             shNode.SetItemParent(shNode.GetItemByDataNode(node), study)
         labels = slicer.util.loadLabelVolume(str(sharedResource("SampleData", "knee_labels.nrrd")), {})
@@ -1954,6 +1985,7 @@ class KneeSegTest(ScriptedLoadableModuleTest):
         outcome = logic.recompute(followUp, RunOptions(), blocking=True)
         self.assertTrue(outcome.succeeded, outcome.message)
         followUpModels = logic.surfaceModelsOf(followUp)
+        self.assertEqual(len(outcome.result.results["surfaces"]["structures"]), len(structures) - 1)
         self.assertEqual(len(followUpModels), len(structures) - 1)
         self.assertEqual([m for m in baselineModels if slicer.mrmlScene.IsNodePresent(m)], baselineModels)
         self.assertFalse(set(baselineModels) & set(followUpModels))

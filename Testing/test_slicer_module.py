@@ -841,6 +841,18 @@ def test_extensions_index_checker_fields():
         assert "raw.githubusercontent.com" not in path.read_text(encoding="utf-8"), path.name
 
 
+def test_readme_states_supported_versions_and_installation():
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    start = text.index("## In 3D Slicer")
+    section = text[start:text.index("\n## ", start + 5)]
+    for version in compatibility.TESTED_SLICER_RELEASES:
+        assert "{}.{}".format(*version) in section
+    for needed in ("Extensions Manager", "From a build", "PyTorch extension", _module_constant("RUN_ENGINE_TESTS_VARIABLE")):
+        assert needed in section, needed
+    description = re.search(r'set\(EXTENSION_DESCRIPTION\s+"([^"]*)"', (REPO / "CMakeLists.txt").read_text(encoding="utf-8"))
+    assert "Slicer 5.8" in description.group(1)  # the Extensions Index entry states it too
+
+
 def test_sample_checksums_match_the_files():
     import hashlib
 
