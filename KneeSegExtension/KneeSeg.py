@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import queue
 import shutil
 import sys
@@ -1045,8 +1046,12 @@ class ModelPackagesDialog:
     def _start(self, text: str, importPath: Path | None = None, downloadUrl: str = "", sha256: str = "") -> None:
         self.statusLabel.text = text
         self._setBusy(True)
-        self.runner = self.logic.startModelsCommand(self._finished, importPath=importPath, downloadUrl=downloadUrl,
-                                                    sha256=sha256, onProgress=self._onProgress)
+        try:
+            self.runner = self.logic.startModelsCommand(self._finished, importPath=importPath, downloadUrl=downloadUrl,
+                                                        sha256=sha256, onProgress=self._onProgress)
+        except (RuntimeError, ValueError) as error:  # no PythonSlicer, a bad URL or checksum: say so, stay usable
+            self._setBusy(False)
+            self.statusLabel.text = str(error)
 
     def _onProgress(self, fraction: float, text: str) -> None:
         if fraction > 0:  # the first report gives the bar a scale; until then it shows "busy"
@@ -1235,7 +1240,7 @@ class KneeSegLogic(ScriptedLoadableModuleLogic, VTKObservationMixin):
         """(sequence, proxy volume or None) of a sequence browser, a sequence or a proxy; (None, None) else."""
         if node.IsA("vtkMRMLSequenceBrowserNode"):
             sequence = node.GetMasterSequenceNode()
-            return sequence, node.GetProxyNode(sequence) if sequence else None
+            return sequence, node.GetProxyNode(sequence) if sequence is not None else None
         if node.IsA("vtkMRMLSequenceNode"):
             for browser in slicer.util.getNodesByClass("vtkMRMLSequenceBrowserNode"):
                 if browser.IsSynchronizedSequenceNodeID(node.GetID(), True):
@@ -1506,7 +1511,7 @@ class KneeSegLogic(ScriptedLoadableModuleLogic, VTKObservationMixin):
         result.segmentation.SetAttribute(UNCERTAIN_SLICES_ATTRIBUTE, json.dumps(slices))
         if options.showUncertainty and (segmentFolder / UNCERTAINTY_FILE).is_file():
             result.uncertainty = self.loadUncertainty(segmentFolder / UNCERTAINTY_FILE, inputVolume, results, parameters)
-        self.replaceDerived(result.segmentation, UNCERTAINTY_ROLE, [result.uncertainty] if result.uncertainty else [])
+        self.replaceDerived(result.segmentation, UNCERTAINTY_ROLE, [result.uncertainty] if result.uncertainty is not None else [])
         surfacesFolder = self.firstFolderWith(SURFACES_FOLDER, work / "surfaces", segmentFolder) if options.engine.surfaces else None
         self.loadSurfaces(result, surfacesFolder, readResults(surfacesFolder) if surfacesFolder else {}, parameters)
         t2Folder = self.firstFolderWith(T2_FILE, work / "t2", segmentFolder) if t2Series is not None else None
@@ -1536,8 +1541,8 @@ class KneeSegLogic(ScriptedLoadableModuleLogic, VTKObservationMixin):
             result.t2 = self.loadT2Map(folder / T2_FILE, t2Series, t2Results, parameters)
             if (folder / REGIONS_TABLE_FILE).is_file():
                 result.regionsTable = self.loadTable(folder / REGIONS_TABLE_FILE, f"{t2Series.GetName()} T2 per region", t2Series)
-        self.replaceDerived(result.segmentation, T2_ROLE, [result.t2] if result.t2 else [])
-        self.replaceDerived(result.segmentation, REGIONS_TABLE_ROLE, [result.regionsTable] if result.regionsTable else [])
+        self.replaceDerived(result.segmentation, T2_ROLE, [result.t2] if result.t2 is not None else [])
+        self.replaceDerived(result.segmentation, REGIONS_TABLE_ROLE, [result.regionsTable] if result.regionsTable is not None else [])
 
     @staticmethod
     def placeBeside(node, inputNode) -> None:
@@ -1739,7 +1744,7 @@ class KneeSegLogic(ScriptedLoadableModuleLogic, VTKObservationMixin):
             names[segmentation.GetNthSegmentID(index)] = segmentation.GetNthSegment(index).GetName()
         path = writeVolumesTable(results, names, work / "volumes.csv")
         table = self.loadTable(path, f"{segmentationNode.GetName()} volumes", inputNode) if path is not None else None
-        self.replaceDerived(segmentationNode, VOLUMES_TABLE_ROLE, [table] if table else [])
+        self.replaceDerived(segmentationNode, VOLUMES_TABLE_ROLE, [table] if table is not None else [])
         return table
 
     # -- correction and planning
@@ -1874,8 +1879,6 @@ class KneeSegTest(ScriptedLoadableModuleTest):
 
     @staticmethod
     def engineRunsEnabled() -> bool:
-        import os
-
         return not slicer.app.commandOptions().testingEnabled or os.environ.get(RUN_ENGINE_TESTS_VARIABLE) == "1"
 
     def _logic(self) -> KneeSegLogic:
