@@ -64,7 +64,7 @@ from KneeSegLib.engine import (
     planSegmentRun,
     probeCommand,
 )
-from KneeSegLib.inputs import echoMessage, frameEchoTimes
+from KneeSegLib.inputs import echoMessage, frameDescription, frameEchoTimes
 from KneeSegLib.packages import modelCard, normaliseSha256, packageRow
 from KneeSegLib.processtree import killProcessTree
 from KneeSegLib.results import (
@@ -1251,19 +1251,25 @@ class KneeSegLogic(ScriptedLoadableModuleLogic, VTKObservationMixin):
             return browser.GetSequenceNode(node), node
         return None, None
 
+    @staticmethod
+    def multiVolumeFrames(node) -> tuple[str, str, list[str]]:
+        """(frame tag, its unit, frame labels) MultiVolumeImporter writes as attributes ("EchoTime", "ms", echo times)."""
+        labels = [label for label in (node.GetAttribute("MultiVolume.FrameLabels") or "").split(",") if label.strip()]
+        return (node.GetAttribute("MultiVolume.FrameIdentifyingDICOMTagName") or "",
+                node.GetAttribute("MultiVolume.FrameIdentifyingDICOMTagUnits") or "", labels)
+
     def frameIndex(self, node) -> tuple | None:
         """(name, index name, index unit, index values) of a sequence's or multi-volume's frames; None for a volume."""
         sequence, proxy = self.sequenceOf(node)
         if sequence is not None:
             values = [sequence.GetNthIndexValue(index) for index in range(sequence.GetNumberOfDataNodes())]
-            named = proxy if proxy is not None else sequence
-            return named.GetName(), sequence.GetIndexName(), sequence.GetIndexUnit(), values
+            described = frameDescription(sequence.GetIndexName(), sequence.GetIndexUnit(), values, *self.multiVolumeFrames(sequence))
+            return ((proxy if proxy is not None else sequence).GetName(), *described)
         if node.IsA("vtkMRMLMultiVolumeNode"):
-            labels = [label for label in (node.GetAttribute("MultiVolume.FrameLabels") or "").split(",") if label.strip()]
+            tag, unit, labels = self.multiVolumeFrames(node)
             if not labels:
                 return None  # frames not described: taken as a vector volume (echo times typed or from its file)
-            return (node.GetName(), node.GetAttribute("MultiVolume.FrameIdentifyingDICOMTagName") or "",
-                    node.GetAttribute("MultiVolume.FrameIdentifyingDICOMTagUnits") or "", labels)
+            return node.GetName(), tag, unit, labels
         return None
 
     def echoCount(self, node) -> int:
@@ -1896,16 +1902,24 @@ class KneeSegTest(ScriptedLoadableModuleTest):
         return SampleData.downloadSample(name)
 
     @staticmethod
-    def _sequenceFrom(vectorVolume, indexName: str, indexUnit: str, values) -> tuple:
-        """(sequence, browser, proxy): one frame per component of ``vectorVolume``, as MultiVolumeImporter loads DICOM."""
+    def _sequenceFrom(vectorVolume, indexName: str, indexUnit: str, values, multiVolumeTag: str = "") -> tuple:
+        """(sequence, browser, proxy): one frame per component of ``vectorVolume``.
+
+        With ``multiVolumeTag`` the sequence is made the way MultiVolumeImporter loads DICOM: an
+        empty index of frame numbers, the frames' tag, unit and values in MultiVolume attributes.
+        """
         logic = KneeSegLogic()
         array = slicer.util.arrayFromVolume(vectorVolume)
         sequence = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSequenceNode", f"{vectorVolume.GetName()} sequence")
-        sequence.SetIndexName(indexName)
-        sequence.SetIndexUnit(indexUnit)
+        sequence.SetIndexName("" if multiVolumeTag else indexName)
+        sequence.SetIndexUnit("" if multiVolumeTag else indexUnit)
+        if multiVolumeTag:
+            sequence.SetAttribute("MultiVolume.FrameIdentifyingDICOMTagName", multiVolumeTag)
+            sequence.SetAttribute("MultiVolume.FrameIdentifyingDICOMTagUnits", indexUnit)
+            sequence.SetAttribute("MultiVolume.FrameLabels", ",".join(f"{value:g}" for value in values))
         for index, value in enumerate(values):
             frame = logic.volumeFromArray(array[..., index].copy(), vectorVolume, "frame")
-            sequence.SetDataNodeAtValue(frame, f"{value:g}")
+            sequence.SetDataNodeAtValue(frame, str(index) if multiVolumeTag else f"{value:g}")
             logic.removeNodeCompletely(frame)
         browser = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSequenceBrowserNode", f"{vectorVolume.GetName()} browser")
         browser.SetAndObserveMasterSequenceNodeID(sequence.GetID())
@@ -1940,9 +1954,17 @@ class KneeSegTest(ScriptedLoadableModuleTest):
             self.assertTrue(np.array_equal(slicer.util.arrayFromVolume(inputScan.source), slicer.util.arrayFromVolume(scan)))
             logic.removeNodeCompletely(inputScan.source)
 
+        # As MultiVolumeImporter loads multi-echo DICOM: frame numbers as index, echo times in attributes.
+        _imported, _importedBrowser, importedProxy = self._sequenceFrom(scan, "", "ms", self.ECHO_TIMES_MS, "EchoTime")
+        imported = logic.scanInput(importedProxy)
+        self.assertEqual((imported.echoes, imported.echoTimesMs), (8, list(self.ECHO_TIMES_MS)))
+        logic.discardTemporaries(imported)
         _dynamic, _dynamicBrowser, dynamicProxy = self._sequenceFrom(scan, "time", "s", range(8))
         with self.assertRaisesRegex(ValueError, "4D"):
             logic.scanInput(dynamicProxy)
+        _trigger, _triggerBrowser, triggerProxy = self._sequenceFrom(scan, "", "ms", range(0, 80, 10), "TriggerTime")
+        with self.assertRaisesRegex(ValueError, "4D"):
+            logic.describeInput(triggerProxy)
         with self.assertRaisesRegex(ValueError, "4D"):
             logic.describeInput(dynamicProxy)
         # Typed echo times say the unnamed frames are echoes after all.
@@ -2079,7 +2101,7 @@ class KneeSegTest(ScriptedLoadableModuleTest):
         scan = self._sample("KneeMESE")
         echoTimes = logic.echoTimesOf(logic.scanInput(scan))
         self.assertEqual(len(echoTimes), 8)
-        _sequence, _browser, proxy = self._sequenceFrom(scan, "EchoTime", "ms", echoTimes)
+        _sequence, _browser, proxy = self._sequenceFrom(scan, "", "ms", echoTimes, "EchoTime")  # as DICOM loads
         logic.removeNodeCompletely(scan)
 
         outcome = logic.segment(proxy, RunOptions(), blocking=True)

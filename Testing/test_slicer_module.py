@@ -674,6 +674,19 @@ def test_sequence_frames_are_echoes_or_refused_as_4d():
     assert inputs.isEchoIndex("EchoTime") and not inputs.isEchoIndex("time") and not inputs.isEchoIndex("TriggerTime")
 
 
+def test_multivolume_importer_attributes_describe_a_sequence():
+    """MultiVolumeImporter's sequences: empty index of frame numbers, echo times in MultiVolume attributes."""
+    frames = ["0", "1", "2"]
+    described = inputs.frameDescription("", "", frames, "EchoTime", "ms", ["10", "20", "30"])
+    assert described == ("EchoTime", "ms", ["10", "20", "30"])
+    assert inputs.frameEchoTimes("MESE", *described) == [10.0, 20.0, 30.0]
+    # Attributes that do not describe every frame (a sequence edited since) leave the index in charge.
+    assert inputs.frameDescription("time", "s", frames, "EchoTime", "ms", ["10", "20"]) == ("time", "s", frames)
+    assert inputs.frameDescription("EchoTime", "ms", ["10", "20"], "", "", []) == ("EchoTime", "ms", ["10", "20"])
+    with pytest.raises(ValueError, match="4D series"):
+        inputs.frameEchoTimes("dyn", *inputs.frameDescription("", "", frames, "TriggerTime", "ms", ["0", "40", "80"]))
+
+
 def test_echo_message_says_when_an_input_has_one_echo():
     assert inputs.echoMessage("MESE", 8, False, True) == "'MESE': 8 echoes: the T2 map is fitted on them."
     assert "no T2 map" in inputs.echoMessage("PD", 1, False, True)

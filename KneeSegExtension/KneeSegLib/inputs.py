@@ -28,6 +28,19 @@ def isEchoIndex(indexName: str) -> bool:
     return bool(_ECHO_INDEX.search((indexName or "").strip()))
 
 
+def frameDescription(indexName: str, indexUnit: str, indexValues: Sequence[str], frameTag: str, frameTagUnit: str,
+                     frameLabels: Sequence[str]) -> tuple[str, str, list[str]]:
+    """(name, unit, values) that describe a sequence's frames.
+
+    MultiVolumeImporter loads multi-echo DICOM as a sequence whose index is empty (frame numbers)
+    and keeps the frames' DICOM tag, unit and values in ``MultiVolume.*`` attributes: those win
+    when they describe every frame; otherwise the sequence's own index does.
+    """
+    if frameLabels and len(frameLabels) == len(indexValues):
+        return frameTag, frameTagUnit, list(frameLabels)
+    return indexName, indexUnit, list(indexValues)
+
+
 def frameEchoTimes(nodeName: str, indexName: str, indexUnit: str, indexValues: Sequence[str],
                    typedEchoTimes: Sequence[float] = ()) -> list[float]:
     """Echo times (ms) of a series of ``len(indexValues)`` frames, or a ``ValueError`` saying why not.
