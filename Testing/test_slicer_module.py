@@ -761,7 +761,7 @@ def test_module_cmake_lists_every_module_file():
 def test_module_cmake_lists_every_engine_file():
     """Fails when an engine file is added without being listed in KneeSegExtension/CMakeLists.txt."""
     listed = set(_listed("ENGINE_PYTHON_SCRIPTS"))
-    on_disk = {f"KneeSegLogic/{p.name}" for p in (REPO / "KneeSegLogic").glob("*.py")}
+    on_disk = {p.relative_to(REPO).as_posix() for p in (REPO / "KneeSegLogic").rglob("*.py") if "__pycache__" not in p.parts}
     assert listed == on_disk, (f"add to ENGINE_PYTHON_SCRIPTS: {sorted(on_disk - listed)}; "
                                f"listed but absent: {sorted(listed - on_disk)}")
     resources = set(_listed("ENGINE_RESOURCES"))
