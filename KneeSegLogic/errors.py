@@ -20,13 +20,13 @@ class InputError(KneeSegError):
         super().__init__(f"{path}: {problem}" if path is not None else problem)
 
 
-class NotAvailableError(KneeSegError):
-    """A command whose capability has not landed yet."""
-
-    exit_code = 2
-
-
 class CancelledError(KneeSegError):
     """The user (or the Slicer module) asked the engine to stop."""
 
     exit_code = 130
+
+
+def one_line(message: object, limit: int = 400) -> str:
+    """``message`` (an exception or text) on one line, whitespace collapsed, at most ``limit`` characters."""
+    text = " ".join(str(message).split())
+    return text if len(text) <= limit else text[:limit] + "..."

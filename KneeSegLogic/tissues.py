@@ -14,21 +14,44 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 TERMINOLOGY_CONTEXT = "Segmentation category and type - DICOM master list"
+
+
 ANATOMIC_CONTEXT = "Anatomic codes - DICOM master list"
+
 
 Code = tuple[str, str, str]  # (coding scheme designator, code value, code meaning)
 
+
 ANATOMICAL_STRUCTURE: Code = ("SCT", "123037004", "Anatomical Structure")
+
+
 TISSUE: Code = ("SCT", "85756007", "Tissue")
 
+
 FEMUR: Code = ("SCT", "71341001", "Femur")
+
+
 TIBIA: Code = ("SCT", "12611008", "Tibia")
+
+
 PATELLA: Code = ("SCT", "64234005", "Patella")
+
+
 FIBULA: Code = ("SCT", "87342007", "Fibula")
+
+
 KNEE: Code = ("SCT", "72696002", "Knee")
+
+
 CARTILAGE: Code = ("SCT", "309312004", "Cartilage")
+
+
 MENISCUS: Code = ("SCT", "74135004", "Meniscus")
+
+
 MEDIAL: Code = ("SCT", "255561001", "Medial")
+
+
 LATERAL: Code = ("SCT", "49370004", "Lateral")
 
 
@@ -109,7 +132,10 @@ TISSUES: tuple[Tissue, ...] = (
            TISSUE, MENISCUS, KNEE, MEDIAL),
 )
 
+
 BY_LABEL: dict[int, Tissue] = {t.label: t for t in TISSUES}
+
+
 BY_KEY: dict[str, Tissue] = {t.key: t for t in TISSUES}
 
 

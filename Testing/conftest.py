@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from KneeSegLogic.volume import Volume
+from KneeSegLogic.io.volume import Volume
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE_DATA = REPO / "Resources" / "SampleData"

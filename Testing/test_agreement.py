@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from KneeSegLogic.agreement import (
+from KneeSegLogic.evaluation.agreement import (
     agreement,
     bland_altman,
     mean_absolute_error,

@@ -8,15 +8,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from KneeSegLogic.calibration import _CalibrationCase, decide_labels, fit_decision_offsets
-from KneeSegLogic.cli import main
-from KneeSegLogic.errors import InputError
-from KneeSegLogic.models import load_package
-from KneeSegLogic.segfile import read_segmentation
-from KneeSegLogic.tissues import BY_KEY
-
 from test_segment import SAMPLE, package  # noqa: F401  (module fixture: a tiny untrained package)
+
+from KneeSegLogic.commands.main import main
+from KneeSegLogic.errors import InputError
+from KneeSegLogic.io.segfile import read_segmentation
+from KneeSegLogic.segmentation.calibration import (
+    _CalibrationCase,
+    decide_labels,
+    fit_decision_offsets,
+)
+from KneeSegLogic.segmentation.package import load_package
+from KneeSegLogic.tissues import BY_KEY
 
 
 def random_probabilities(shape: tuple[int, ...], channels: int, seed: int) -> np.ndarray:
@@ -121,7 +124,7 @@ def test_segment_applies_the_package_offsets(tmp_path, package) -> None:  # noqa
     offsets[femur_channel] = 40.0
     shifted = with_offsets(package, tmp_path / "shifted", offsets)
     scan = tmp_path / "echo.nrrd"
-    from KneeSegLogic.volume import read_volume, write_volume
+    from KneeSegLogic.io.scans import read_volume, write_volume
 
     write_volume(read_volume(SAMPLE).echo(1), scan)
     out = tmp_path / "out"

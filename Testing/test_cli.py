@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 from conftest import SAMPLE_DATA, rotation, write_dicom_series
 
-from KneeSegLogic import cli
-from KneeSegLogic.volume import Volume, read_volume, write_volume
+from KneeSegLogic.commands import main as cli
+from KneeSegLogic.io.scans import read_volume, write_volume
+from KneeSegLogic.io.volume import Volume
 
 RESERVED = ("segment", "t2", "t2-change", "surfaces", "evaluate", "train", "demo", "batch")
 SAMPLE_SCAN = SAMPLE_DATA / "mese_t2_knee.nrrd"
@@ -152,27 +153,18 @@ def test_bad_echo_times_argument_is_a_usage_error(capsys):
     assert "echo times must be comma-separated numbers in ms" in capsys.readouterr().err
 
 
-# --- handler resolution (fake commands, so real ones landing later do not matter) -------------
+# --- dispatch (fake commands, so the real ones do not matter) ------------------------------------
 
 
 def _no_arguments(parser) -> None:
     parser.add_argument("--flag", action="store_true")
 
 
-@pytest.mark.parametrize("target", ["KneeSegLogic.not_written_yet:run", "KneeSegLogic.tissues:run_missing"])
-def test_command_not_available_yet_exits_2(capsys, monkeypatch, target):
-    monkeypatch.setitem(cli.COMMANDS, "future", ("a command still to come", _no_arguments, target))
-    code, out, err = run(capsys, "future", "--flag")
-    assert code == 2
-    assert err == "kneeseg future: error: this command is not available yet in this version of KneeSeg\n"
-
-
 def test_internal_error_is_one_line_exit_3_and_traceback_with_debug(capsys, monkeypatch):
     def buggy(args):
         raise ZeroDivisionError("division by zero")
 
-    monkeypatch.setitem(cli.COMMANDS, "buggy", ("a command with a bug", _no_arguments, "fake:buggy"))
-    monkeypatch.setattr(cli, "_resolve", lambda target: buggy)
+    monkeypatch.setitem(cli.COMMANDS, "buggy", cli.Command("a command with a bug", _no_arguments, buggy))
     code, _, err = run(capsys, "buggy")
     assert code == 3 and err.count("\n") == 1
     assert "internal error: ZeroDivisionError: division by zero (rerun with --debug" in err
@@ -181,6 +173,5 @@ def test_internal_error_is_one_line_exit_3_and_traceback_with_debug(capsys, monk
 
 
 def test_handler_return_value_is_the_exit_code(capsys, monkeypatch):
-    monkeypatch.setitem(cli.COMMANDS, "ok", ("a command", _no_arguments, "fake:ok"))
-    monkeypatch.setattr(cli, "_resolve", lambda target: lambda args: None)
+    monkeypatch.setitem(cli.COMMANDS, "ok", cli.Command("a command", _no_arguments, lambda args: None))
     assert run(capsys, "ok")[0] == 0

@@ -7,16 +7,18 @@ import numpy as np
 import pytest
 import torch
 
-from KneeSegLogic.contrast_synthesis import (
+from KneeSegLogic.io.volume import Volume, orientation_code, reorient
+from KneeSegLogic.segmentation.normalisation import (
     CANONICAL_ORIENTATION,
-    Anatomy,
-    Synthesizer,
-    SynthesisSettings,
-    _thick_slices,
     normalise_intensity,
 )
 from KneeSegLogic.tissues import TISSUES
-from KneeSegLogic.volume import Volume, orientation_code, reorient
+from KneeSegLogic.training.synthesis import (
+    Anatomy,
+    SynthesisSettings,
+    Synthesizer,
+    _thick_slices,
+)
 
 torch.set_num_threads(1)
 
@@ -210,8 +212,8 @@ def test_normalise_intensity_maps_percentiles_to_unit_range() -> None:
 
 def test_mese_echo_augmentation_draws_echoes_20_60_20_with_physical_contrast():
     """Thomas et al.'s echo augmentation: echo 1/2/3 at 20/60/20 %, signal PD * exp(-TE/T2)."""
-    from KneeSegLogic.contrast_synthesis import GROUPS, MESE_PROPERTIES
-    from KneeSegLogic.volume import Volume
+    from KneeSegLogic.io.volume import Volume
+    from KneeSegLogic.training.synthesis import GROUPS, MESE_PROPERTIES
 
     labels = Volume(np.zeros((4, 8, 8), np.uint8), (1.0, 1.0, 1.0))
     labels.array[1:3, 2:6, 2:6] = 5

@@ -14,11 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from KneeSegLogic.cli import main
-from KneeSegLogic.models import get_package
-from KneeSegLogic.segfile import read_segmentation
+from KneeSegLogic.commands.main import main
+from KneeSegLogic.io.scans import read_volume
+from KneeSegLogic.io.segfile import read_segmentation
+from KneeSegLogic.segmentation.registry import get_package
 from KneeSegLogic.tissues import TISSUES
-from KneeSegLogic.volume import read_volume
 
 SAMPLE = Path(__file__).resolve().parents[1] / "Resources" / "SampleData" / "mese_t2_knee.nrrd"
 

@@ -9,9 +9,9 @@ import pydicom
 import pytest
 from conftest import rotation, shared_data, write_dicom_series
 
-from KneeSegLogic.dicom import read_dicom_folder
 from KneeSegLogic.errors import InputError
-from KneeSegLogic.volume import read_volume
+from KneeSegLogic.io.dicom import read_dicom_folder
+from KneeSegLogic.io.scans import read_volume
 
 ECHO_TIMES = (9.5, 19.0, 28.5)
 SPACING = (0.7, 0.6, 3.0)

@@ -6,14 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from KneeSegLogic import inference
 from KneeSegLogic.errors import CancelledError
-from KneeSegLogic.models import save_package
-from KneeSegLogic.networks import build_network
-from KneeSegLogic.outputs import Progress
+from KneeSegLogic.io.outputs import Progress
+from KneeSegLogic.io.volume import Volume
+from KneeSegLogic.segmentation import inference
+from KneeSegLogic.segmentation.networks import build_network
+from KneeSegLogic.segmentation.package import save_package
+from KneeSegLogic.segmentation.uncertainty import entropy, mutual_information
 from KneeSegLogic.tissues import TISSUES
-from KneeSegLogic.uncertainty import entropy, mutual_information
-from KneeSegLogic.volume import Volume
 
 torch.set_num_threads(1)
 CLASSES = 1 + len(TISSUES)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -10,13 +9,18 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from KneeSegLogic.cli import main
+from KneeSegLogic.commands.main import main
 from KneeSegLogic.errors import InputError
-from KneeSegLogic.longitudinal import focal_change, read_time_point, run_t2_change
-from KneeSegLogic.outputs import Results
-from KneeSegLogic.projection import ProjectionGrid
-from KneeSegLogic.regions import divide_cartilage, femoral_cells
-from KneeSegLogic.volume import Volume, read_volume, write_volume
+from KneeSegLogic.io.outputs import Results
+from KneeSegLogic.io.scans import read_volume, write_volume
+from KneeSegLogic.io.volume import Volume
+from KneeSegLogic.quantification.longitudinal import (
+    focal_change,
+    read_time_point,
+    t2_change_folders,
+)
+from KneeSegLogic.quantification.projection import ProjectionGrid
+from KneeSegLogic.quantification.regions import divide_cartilage, femoral_cells
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE_LABELS = REPO / "Resources" / "SampleData" / "knee_labels.nrrd"
@@ -72,8 +76,7 @@ def pair(tmp_path_factory):
         noisy = t2_map + rng.normal(0, NOISE_MS, t2_map.shape).astype(np.float32)
         write_volume(knee.with_array(noisy.astype(np.float32)), root / name / "t2.nrrd")
         write_volume(knee.with_array(labels.astype(np.uint8)), root / name / "labels.nrrd")
-    args = argparse.Namespace(baseline=root / "baseline", followup=root / "followup", output=root / "out", overwrite=False)
-    assert run_t2_change(args) == 0
+    t2_change_folders(root / "baseline", root / "followup", root / "out")
     results = json.loads((root / "out" / "results.json").read_text())
     return {"root": root, "knee": knee, "results": results["t2_change"], "motion": motion,
             "grid": grid, "division": division, "in_patch": in_patch, "rows": rows, "columns": columns}

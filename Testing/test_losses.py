@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from KneeSegLogic.losses import (
+from KneeSegLogic.training.losses import (
     MixedLoss,
     area_ratio_weights,
     boundary_loss,

@@ -9,12 +9,19 @@ import numpy as np
 import pytest
 from scipy.spatial.distance import cdist
 
-from KneeSegLogic import cli
+from KneeSegLogic.commands import main as cli
 from KneeSegLogic.errors import InputError
-from KneeSegLogic.metrics import (
-    choose_model, evaluate, format_table, summarize, surface_distances, surface_voxels, to_json,
+from KneeSegLogic.evaluation.metrics import (
+    choose_model,
+    evaluate,
+    format_table,
+    summarize,
+    surface_distances,
+    surface_voxels,
+    to_json,
 )
-from KneeSegLogic.volume import Volume, write_volume
+from KneeSegLogic.io.scans import write_volume
+from KneeSegLogic.io.volume import Volume
 
 
 def cube(shape: tuple[int, int, int], start: tuple[int, int, int], side: int, label: int = 1) -> np.ndarray:
@@ -325,7 +332,7 @@ def test_cli_evaluate_json_and_table(tmp_path, capsys) -> None:
 
 def test_seg_nrrd_matched_by_structure(tmp_path) -> None:
     segfile = pytest.importorskip("KneeSegLogic.segfile")
-    from KneeSegLogic.metrics import evaluate_files
+    from KneeSegLogic.evaluation.metrics import evaluate_files
 
     spacing = (0.7, 0.7, 2.0)
     reference = cube((12, 12, 12), (2, 2, 2), 6, label=10)

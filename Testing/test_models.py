@@ -11,10 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from KneeSegLogic import models
-from KneeSegLogic.cli import main
+from KneeSegLogic.commands.main import main
 from KneeSegLogic.errors import InputError, KneeSegError
-from KneeSegLogic.networks import build_network
+from KneeSegLogic.segmentation import package as contract
+from KneeSegLogic.segmentation import registry
+from KneeSegLogic.segmentation.networks import build_network
 
 torch.set_num_threads(1)
 
@@ -45,10 +46,10 @@ def random_network(seed: int, args: dict | None = None) -> torch.nn.Module:
     return build_network("monai.UNet", args or unet_args()).eval()
 
 
-def make_package(folder: Path, seed: int = 0, **spec_args) -> tuple[models.ModelPackage, list[torch.nn.Module]]:
+def make_package(folder: Path, seed: int = 0, **spec_args) -> tuple[contract.ModelPackage, list[torch.nn.Module]]:
     package_spec = spec(**spec_args)
     networks = [random_network(seed + i, m["architecture"]["args"]) for i, m in enumerate(package_spec["members"])]
-    package = models.save_package(folder, package_spec, [n.state_dict() for n in networks])
+    package = contract.save_package(folder, package_spec, [n.state_dict() for n in networks])
     return package, networks
 
 
@@ -58,7 +59,7 @@ def places(tmp_path, monkeypatch):
     bundled, extra, home = tmp_path / "bundled", tmp_path / "extra", tmp_path / "home"
     for folder in (bundled, extra, home):
         folder.mkdir()
-    monkeypatch.setattr(models, "BUNDLED_MODELS_DIR", bundled)
+    monkeypatch.setattr(registry, "BUNDLED_MODELS_DIR", bundled)
     monkeypatch.setenv("KNEESEG_HOME", str(home))
     monkeypatch.setenv("KNEESEG_MODELS_PATH", str(extra))
     return bundled, extra, home
@@ -79,7 +80,7 @@ def test_round_trip_gives_identical_outputs(tmp_path, places):
     package, networks = make_package(tmp_path / "pkg", members=two)
     assert (tmp_path / "pkg" / "MODEL_CARD.md").read_text().startswith("# tiny-knee 1.0.0")
     assert not (tmp_path / "pkg.partial").exists()
-    reloaded = models.load_package(tmp_path / "pkg")
+    reloaded = contract.load_package(tmp_path / "pkg")
     assert [m.in_channels for m in reloaded.members] == [5, 3]
     assert reloaded.members[0].echo_index == 1 and reloaded.members[1].plane == "coronal"
     assert reloaded.tissue_labels == [0, 1, 5]  # channel -> tissue-table label value
@@ -125,25 +126,25 @@ def test_torch_pt_weights_load_with_weights_only(tmp_path):
     torch.save(network.state_dict(), folder / "member0.pt")
     raw = spec()
     raw["format_version"] = 1
-    raw["members"][0].update(weights="member0.pt", sha256=models.sha256_of(folder / "member0.pt"))
+    raw["members"][0].update(weights="member0.pt", sha256=contract.sha256_of(folder / "member0.pt"))
     (folder / "model.json").write_text(json.dumps(raw))
     x = torch.randn(1, 5, 16, 16)
     with torch.no_grad():
-        assert torch.equal(models.load_package(folder).load_member(0)(x), network(x))
+        assert torch.equal(contract.load_package(folder).load_member(0)(x), network(x))
     # A pickle holding anything but tensors is not unpickled (weights_only=True refuses it).
     torch.save({"evil": Path("/")}, folder / "member0.pt")
-    edit_manifest(folder, lambda r: r["members"][0].update(sha256=models.sha256_of(folder / "member0.pt")))
+    edit_manifest(folder, lambda r: r["members"][0].update(sha256=contract.sha256_of(folder / "member0.pt")))
     with pytest.raises(KneeSegError, match="cannot be read as weights"):
-        models.load_package(folder).load_member(0)
+        contract.load_package(folder).load_member(0)
 
 
 def test_weights_of_another_architecture_do_not_fit(tmp_path):
     package, _ = make_package(tmp_path / "pkg")
     other = build_network("monai.UNet", {**unet_args(), "channels": [4, 16]})
-    models.safetensors.torch.save_file(other.state_dict(), str(package.weights_path(0)))
-    edit_manifest(package.path, lambda r: r["members"][0].update(sha256=models.sha256_of(package.weights_path(0))))
+    contract.safetensors.torch.save_file(other.state_dict(), str(package.weights_path(0)))
+    edit_manifest(package.path, lambda r: r["members"][0].update(sha256=contract.sha256_of(package.weights_path(0))))
     with pytest.raises(KneeSegError, match="do not fit monai.UNet"):
-        models.load_package(package.path).load_member(0)
+        contract.load_package(package.path).load_member(0)
 
 
 def test_save_package_refuses_existing_folder_and_wrong_member_count(tmp_path):
@@ -151,10 +152,10 @@ def test_save_package_refuses_existing_folder_and_wrong_member_count(tmp_path):
     with pytest.raises(KneeSegError, match="exists"):
         make_package(tmp_path / "pkg")
     with pytest.raises(KneeSegError, match="2 state dicts for 1 members"):
-        models.save_package(tmp_path / "other", spec(), [random_network(0).state_dict()] * 2)
+        contract.save_package(tmp_path / "other", spec(), [random_network(0).state_dict()] * 2)
     # A spec that does not validate leaves nothing behind.
     with pytest.raises(InputError, match="labels"):
-        models.save_package(tmp_path / "bad", {**spec(), "labels": {"1": "kneecap"}}, [random_network(0).state_dict()])
+        contract.save_package(tmp_path / "bad", {**spec(), "labels": {"1": "kneecap"}}, [random_network(0).state_dict()])
     assert not (tmp_path / "bad").exists() and not (tmp_path / "bad.partial").exists()
 
 
@@ -212,7 +213,7 @@ def invalid(change) -> str:
 def test_invalid_manifest_gets_a_clear_error(tmp_path, change, where, words):
     (tmp_path / "model.json").write_text(json.dumps(invalid(change)))
     with pytest.raises(InputError) as caught:
-        models.load_package(tmp_path)
+        contract.load_package(tmp_path)
     message = str(caught.value)
     assert message.startswith(str(tmp_path / "model.json")), message
     assert where in message and words in message, message
@@ -226,7 +227,7 @@ def test_valid_3d_member_and_other_inputs(tmp_path):
                          "normalisation": {"name": "percentile", "low": 1, "high": 99}}, "weight": 0.5}
     raw = invalid(lambda r: r["members"].__setitem__(0, {**three_d, "weights": "m.safetensors", "sha256": "a" * 64}))
     (tmp_path / "model.json").write_text(json.dumps(raw))
-    package = models.load_package(tmp_path)
+    package = contract.load_package(tmp_path)
     m = package.members[0]
     assert (m.kind, m.plane, m.context_slices, m.in_channels, m.spatial_dims) == ("3d", None, 0, 1, 3)
     assert m.patch_size == (32, 32, 16) and m.spacing_mm == (1.0, 1.0, 1.5) and m.weight == 0.5
@@ -235,20 +236,20 @@ def test_valid_3d_member_and_other_inputs(tmp_path):
     raw["members"][0]["input"] = {"kind": "2d", "plane": "axial", "spacing_mm": [1, 1], "normalisation": {"name": "zscore"}}
     (tmp_path / "model.json").write_text(json.dumps(raw))
     with pytest.raises(InputError, match="spatial_dims"):
-        models.load_package(tmp_path)
+        contract.load_package(tmp_path)
 
 
 def test_not_a_package(tmp_path):
     with pytest.raises(InputError, match="no such model package"):
-        models.load_package(tmp_path / "absent")
+        contract.load_package(tmp_path / "absent")
     with pytest.raises(InputError, match="model.json missing"):
-        models.load_package(tmp_path)
+        contract.load_package(tmp_path)
     (tmp_path / "model.json").write_text("{not json")
     with pytest.raises(InputError, match="not valid JSON"):
-        models.load_package(tmp_path)
+        contract.load_package(tmp_path)
     (tmp_path / "weights.bin").write_bytes(b"\0" * 10)
     with pytest.raises(InputError, match="not a model package"):
-        models.load_package(tmp_path / "weights.bin")
+        contract.load_package(tmp_path / "weights.bin")
 
 
 # --- zips, registry, import, download -------------------------------------------------------------
@@ -265,20 +266,20 @@ def test_zip_is_unpacked_once_and_imported_into_the_user_cache(tmp_path, places)
     _, _, home = places
     package, networks = make_package(tmp_path / "pkg", seed=5)
     archive = zip_folder(tmp_path / "pkg", tmp_path / "tiny-knee.zip", inner="tiny-knee/")
-    from_zip = models.load_package(archive)
-    assert from_zip.path.parent.name == models.sha256_of(archive) and from_zip.sha256 == package.sha256
-    assert models.load_package(archive).path == from_zip.path  # the cache is reused
-    imported = models.import_package(archive)
+    from_zip = contract.load_package(archive)
+    assert from_zip.path.parent.name == contract.sha256_of(archive) and from_zip.sha256 == package.sha256
+    assert contract.load_package(archive).path == from_zip.path  # the cache is reused
+    imported = registry.import_package(archive)
     assert imported.path == home / "models" / "tiny-knee-1.0.0" and imported.origin == "user"
     x = torch.randn(1, 5, 16, 16)
     with torch.no_grad():
         assert torch.equal(imported.load_member(0)(x), networks[0](x))
-    assert models.import_package(tmp_path / "pkg").path == imported.path  # same package again: no-op
+    assert registry.import_package(tmp_path / "pkg").path == imported.path  # same package again: no-op
     # The same id and version with other weights is refused, not silently replaced.
     shutil.rmtree(tmp_path / "pkg")
     make_package(tmp_path / "pkg", seed=6)
     with pytest.raises(KneeSegError, match="already installed"):
-        models.import_package(tmp_path / "pkg")
+        registry.import_package(tmp_path / "pkg")
 
 
 def test_import_refuses_tampered_package_and_unsafe_zip(tmp_path, places):
@@ -286,14 +287,14 @@ def test_import_refuses_tampered_package_and_unsafe_zip(tmp_path, places):
     package, _ = make_package(tmp_path / "pkg")
     package.weights_path(0).write_bytes(package.weights_path(0).read_bytes()[:-4] + b"\0\0\0\0")
     with pytest.raises(KneeSegError, match="refused"):
-        models.import_package(tmp_path / "pkg")
+        registry.import_package(tmp_path / "pkg")
     assert not (home / "models" / "tiny-knee-1.0.0").exists()
     evil = tmp_path / "evil.zip"
     with zipfile.ZipFile(evil, "w") as zipped:
         zipped.writestr("model.json", "{}")
         zipped.writestr("../escaped.txt", "x")
     with pytest.raises(InputError, match="unsafe path"):
-        models.load_package(evil)
+        contract.load_package(evil)
     assert not (home / "escaped.txt").exists() and not (home / "unpacked" / "escaped.txt").exists()
 
 
@@ -303,51 +304,51 @@ def test_registry_finds_bundled_extra_and_cached_packages(tmp_path, places):
     make_package(tmp_path / "zipped", package_id="zipped-knee")
     zip_folder(tmp_path / "zipped", extra / "zipped-knee.zip")
     make_package(tmp_path / "cached", package_id="cached-knee", version="2.0.0")
-    models.import_package(tmp_path / "cached")
+    registry.import_package(tmp_path / "cached")
     (bundled / "README.md").write_text("not a package")
     (bundled / "broken").mkdir()
     (bundled / "broken" / "model.json").write_text("{}")
 
     problems: list[str] = []
-    found = models.find_packages(problems)
+    found = registry.find_packages(problems)
     assert [(p.id, p.origin) for p in found] == [("bundled-knee", "bundled"), ("zipped-knee", "extra"), ("cached-knee", "user")]
     assert len(problems) == 1 and "broken" in problems[0] and "format_version" in problems[0]
     with pytest.warns(UserWarning, match="broken"):
-        models.find_packages()
+        registry.find_packages()
     shutil.rmtree(bundled / "broken")
 
     # No package says "default": the first bundled one is the default.
-    assert models.get_package(None).id == "bundled-knee"
-    assert models.get_package("zipped-knee").origin == "extra"
-    assert models.get_package(str(tmp_path / "cached")).id == "cached-knee"  # a path is accepted
+    assert registry.get_package(None).id == "bundled-knee"
+    assert registry.get_package("zipped-knee").origin == "extra"
+    assert registry.get_package(str(tmp_path / "cached")).id == "cached-knee"  # a path is accepted
     with pytest.raises(KneeSegError, match=r"unknown model package 'nope'.*bundled-knee@1.0.0"):
-        models.get_package("nope")
+        registry.get_package("nope")
 
     # A package marked default wins; for one id the newest version wins, wherever it is.
     make_package(tmp_path / "cached3", package_id="cached-knee", version="10.0.0", default=True)
-    models.import_package(tmp_path / "cached3")
-    assert (models.get_package(None).id, models.get_package(None).version) == ("cached-knee", "10.0.0")
-    assert models.get_package("cached-knee@2.0.0").version == "2.0.0"
+    registry.import_package(tmp_path / "cached3")
+    assert (registry.get_package(None).id, registry.get_package(None).version) == ("cached-knee", "10.0.0")
+    assert registry.get_package("cached-knee@2.0.0").version == "2.0.0"
 
 
 def test_registry_with_nothing_found(places):
     with pytest.raises(KneeSegError, match="no model package found"):
-        models.get_package(None)
+        registry.get_package(None)
 
 
 def test_download_checks_the_sha256(tmp_path, places):
     _, _, home = places
     make_package(tmp_path / "pkg", package_id="remote-knee")
     archive = zip_folder(tmp_path / "pkg", tmp_path / "remote-knee.zip")
-    right = models.sha256_of(archive)
+    right = contract.sha256_of(archive)
     wrong = "0" * 64
     with pytest.raises(KneeSegError, match=f"refused and deleted.*expected {wrong}, found {right}"):
-        models.download_package(archive.as_uri(), wrong)
+        registry.download_package(archive.as_uri(), wrong)
     assert list((home / "downloads").iterdir()) == []
-    assert models.find_packages() == []
+    assert registry.find_packages() == []
     with pytest.raises(KneeSegError, match="download failed"):
-        models.download_package((tmp_path / "absent.zip").as_uri(), right)
-    package = models.download_package(archive.as_uri(), "SHA256:" + right.upper())
+        registry.download_package((tmp_path / "absent.zip").as_uri(), right)
+    package = registry.download_package(archive.as_uri(), "SHA256:" + right.upper())
     assert package.id == "remote-knee" and package.path == home / "models" / "remote-knee-1.0.0"
     assert list((home / "downloads").iterdir()) == []  # the zip is not kept once imported
     package.verify()
@@ -370,7 +371,7 @@ def test_cli_models_json_import_and_download(tmp_path, places, capsys):
     assert by_id["offline-knee"]["location"] == str(home / "models" / "offline-knee-1.0.0")
     assert by_id["offline-knee"]["labels"] == LABELS and by_id["offline-knee"]["license"] == "Apache-2.0"
     assert by_id["offline-knee"]["members"][0]["kind"] == "2.5d"
-    assert by_id["offline-knee"]["sha256"] == models.sha256_of(tmp_path / "offline" / "model.json")
+    assert by_id["offline-knee"]["sha256"] == contract.sha256_of(tmp_path / "offline" / "model.json")
 
     assert main(["models"]) == 0
     text = capsys.readouterr().out

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from KneeSegLogic.errors import CancelledError, KneeSegError
-from KneeSegLogic.outputs import (
+from KneeSegLogic.io.outputs import (
     RESULTS_FILE,
     SCHEMA_VERSION,
     Progress,

@@ -6,11 +6,14 @@ import warnings
 
 import numpy as np
 import pytest
+from conftest import SAMPLE_DATA
 from scipy import ndimage
 from skimage.morphology import ball
 
 from KneeSegLogic.errors import KneeSegError
-from KneeSegLogic.postprocess import (
+from KneeSegLogic.io.scans import read_volume
+from KneeSegLogic.io.volume import Volume
+from KneeSegLogic.segmentation.postprocess import (
     apply_postprocessing,
     ball_closing,
     ball_opening,
@@ -23,9 +26,6 @@ from KneeSegLogic.postprocess import (
     open_labels,
     refine_mese_cartilage,
 )
-from KneeSegLogic.volume import Volume, read_volume
-
-from conftest import SAMPLE_DATA
 
 
 def skimage_closing(mask: np.ndarray, radius: int) -> np.ndarray:

@@ -10,15 +10,16 @@ import pytest
 from scipy.spatial.transform import Rotation
 
 from KneeSegLogic.errors import InputError
-from KneeSegLogic.knee_frame import knee_frame, label_centroids
-from KneeSegLogic.regions import (
+from KneeSegLogic.io.scans import read_volume
+from KneeSegLogic.io.volume import Volume, orientation_code, reorient
+from KneeSegLogic.quantification.knee_frame import knee_frame, label_centroids
+from KneeSegLogic.quantification.regions import (
     REGION_NAMES,
     analyse_cartilage,
     divide_cartilage,
     division_thickness,
     femoral_projection_maps,
 )
-from KneeSegLogic.volume import Volume, orientation_code, read_volume, reorient
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE_LABELS = REPO / "Resources" / "SampleData" / "knee_labels.nrrd"

@@ -9,7 +9,9 @@ from conftest import SAMPLE_DATA, shared_data
 from scipy.special import i0e, i1e
 
 from KneeSegLogic.errors import InputError, KneeSegError
-from KneeSegLogic.relaxometry import (
+from KneeSegLogic.io.scans import read_volume, write_volume
+from KneeSegLogic.io.volume import Volume
+from KneeSegLogic.quantification.relaxometry import (
     FLAG_CONVERGED,
     FLAG_FITTED,
     FLAG_LOW_R2,
@@ -21,8 +23,7 @@ from KneeSegLogic.relaxometry import (
     fit_t2_volume,
     t2_volumes,
 )
-from KneeSegLogic.synthesis import DEFAULT_ECHO_TIMES_MS, rician, synthesize_mese
-from KneeSegLogic.volume import Volume, read_volume, write_volume
+from KneeSegLogic.training.phantom import DEFAULT_ECHO_TIMES_MS, rician, synthesize_mese
 
 torch.set_num_threads(1)
 

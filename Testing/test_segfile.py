@@ -11,14 +11,15 @@ import slicerio
 from conftest import SAMPLE_DATA
 
 from KneeSegLogic.errors import InputError
-from KneeSegLogic.segfile import (
+from KneeSegLogic.io.scans import read_volume, write_volume
+from KneeSegLogic.io.segfile import (
     LPS_TO_RAS,
     read_labels,
     read_segmentation,
     write_segmentation,
 )
+from KneeSegLogic.io.volume import Volume
 from KneeSegLogic.tissues import BY_LABEL, TISSUES
-from KneeSegLogic.volume import Volume, read_volume, write_volume
 
 # NRRD stores spacing x direction as one vector per axis; splitting it back into spacing and
 # direction costs at most a few float64 ulps.

@@ -9,12 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from KneeSegLogic.cli import main
-from KneeSegLogic.models import save_package
-from KneeSegLogic.networks import build_network
-from KneeSegLogic.segfile import read_segmentation
+from KneeSegLogic.commands.main import main
+from KneeSegLogic.io.scans import read_volume, write_volume
+from KneeSegLogic.io.segfile import read_segmentation
+from KneeSegLogic.io.volume import Volume
+from KneeSegLogic.segmentation.networks import build_network
+from KneeSegLogic.segmentation.package import save_package
 from KneeSegLogic.tissues import TISSUES
-from KneeSegLogic.volume import Volume, read_volume, write_volume
 
 SAMPLE = Path(__file__).resolve().parents[1] / "Resources" / "SampleData" / "mese_t2_knee.nrrd"
 

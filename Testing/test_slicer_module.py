@@ -913,7 +913,7 @@ def test_install_tree_from_the_cmake_lists_runs_the_engine(tmp_path):
 
 
 def _engine_parser():
-    from KneeSegLogic.cli import build_parser
+    from KneeSegLogic.commands.main import build_parser
 
     return build_parser()
 
@@ -982,7 +982,7 @@ def test_plan_runs_only_what_segment_does_not_do_itself(tmp_path):
 def test_progress_lines_from_the_engine_progress_writer():
     import io
 
-    from KneeSegLogic.outputs import Progress
+    from KneeSegLogic.io.outputs import Progress
 
     stream = io.StringIO()
     report = Progress(stream)
@@ -1115,7 +1115,8 @@ def test_dependencies_plan_and_protection():
 
 
 def _write_labels(path: Path) -> tuple[np.ndarray, tuple[float, float, float]]:
-    from KneeSegLogic.volume import Volume, write_volume
+    from KneeSegLogic.io.scans import write_volume
+    from KneeSegLogic.io.volume import Volume
 
     array = np.zeros((14, 30, 34), np.uint8)  # (k, j, i)
     array[2:12, 5:25, 4:16] = 5  # femur
@@ -1158,7 +1159,7 @@ def test_results_of_a_real_surfaces_run(tmp_path):
 
 
 def test_uncertain_slices_in_the_engine_format():
-    from KneeSegLogic.uncertainty import most_uncertain_slices
+    from KneeSegLogic.segmentation.uncertainty import most_uncertain_slices
 
     rng = np.random.default_rng(3)
     labels = np.zeros((12, 20, 22), np.uint8)

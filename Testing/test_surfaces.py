@@ -8,13 +8,16 @@ import time
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from conftest import SAMPLE_DATA, rotation
 from vtkmodules.util.numpy_support import vtk_to_numpy
 from vtkmodules.vtkIOGeometry import vtkSTLReader
 from vtkmodules.vtkIOXML import vtkXMLPolyDataReader
 
-from KneeSegLogic.cli import build_parser, main
+from KneeSegLogic.commands.main import build_parser, main
 from KneeSegLogic.errors import KneeSegError
-from KneeSegLogic.surfaces import (
+from KneeSegLogic.io.scans import read_volume, write_volume
+from KneeSegLogic.io.volume import Volume
+from KneeSegLogic.quantification.surfaces import (
     SMOOTHING_METHODS,
     build_surfaces,
     extract_surface,
@@ -23,9 +26,6 @@ from KneeSegLogic.surfaces import (
     structure_surface,
 )
 from KneeSegLogic.tissues import TISSUES, tissue
-from KneeSegLogic.volume import Volume, read_volume, write_volume
-
-from conftest import SAMPLE_DATA, rotation
 
 SPHERE_RADIUS_MM = 8.0
 SPHERE_SPACING = (0.5, 0.45, 0.8)  # i, j, k

@@ -6,9 +6,14 @@ import numpy as np
 import pytest
 from conftest import SAMPLE_DATA
 
-from KneeSegLogic.synthesis import DEFAULT_ECHO_TIMES_MS, TISSUE_PROPERTIES, synthesize_mese
+from KneeSegLogic.io.scans import read_volume
+from KneeSegLogic.io.volume import Volume
 from KneeSegLogic.tissues import BY_LABEL
-from KneeSegLogic.volume import Volume, read_volume
+from KneeSegLogic.training.phantom import (
+    DEFAULT_ECHO_TIMES_MS,
+    TISSUE_PROPERTIES,
+    synthesize_mese,
+)
 
 
 @pytest.fixture(scope="module")

@@ -10,10 +10,11 @@ import SimpleITK as sitk
 import torch
 from conftest import SAMPLE_DATA
 
-from KneeSegLogic import cli
-from KneeSegLogic.relaxometry import FLAG_CONVERGED, FLAG_FITTED
-from KneeSegLogic.synthesis import synthesize_mese
-from KneeSegLogic.volume import Volume, read_volume, write_volume
+from KneeSegLogic.commands import main as cli
+from KneeSegLogic.io.scans import read_volume, write_volume
+from KneeSegLogic.io.volume import Volume
+from KneeSegLogic.quantification.relaxometry import FLAG_CONVERGED, FLAG_FITTED
+from KneeSegLogic.training.phantom import synthesize_mese
 
 torch.set_num_threads(1)
 

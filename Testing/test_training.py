@@ -14,14 +14,21 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from KneeSegLogic import outputs, training
-from KneeSegLogic.cli import main
-from KneeSegLogic.contrast_synthesis import CANONICAL_ORIENTATION, Anatomy, normalise_intensity
+from KneeSegLogic.commands.main import main
 from KneeSegLogic.errors import InputError
-from KneeSegLogic.networks import build_network
-from KneeSegLogic.segfile import write_segmentation
-from KneeSegLogic.training import MemberSpec, find_training_pairs, load_anatomies, train_member
-from KneeSegLogic.volume import Volume, reorient, write_volume
+from KneeSegLogic.io import outputs
+from KneeSegLogic.io.scans import write_volume
+from KneeSegLogic.io.segfile import write_segmentation
+from KneeSegLogic.io.volume import Volume, reorient
+from KneeSegLogic.segmentation.networks import build_network
+from KneeSegLogic.segmentation.normalisation import (
+    CANONICAL_ORIENTATION,
+    normalise_intensity,
+)
+from KneeSegLogic.training import trainer as training
+from KneeSegLogic.training.data import find_training_pairs, load_anatomies
+from KneeSegLogic.training.synthesis import Anatomy
+from KneeSegLogic.training.trainer import MemberRecipe, train_member
 
 torch.set_num_threads(1)
 
@@ -29,8 +36,8 @@ torch.set_num_threads(1)
 PIR_DIRECTION = np.array([[0.0, 0.0, -1.0], [1.0, 0.0, 0.0], [0.0, -1.0, 0.0]])
 
 
-def tiny_spec(name: str = "tiny", seed: int = 0) -> MemberSpec:
-    return MemberSpec(name, pixel_mm=3.0, context_slices=1, crop=32, channels=(4, 8), strides=(2,),
+def tiny_spec(name: str = "tiny", seed: int = 0) -> MemberRecipe:
+    return MemberRecipe(name, pixel_mm=3.0, context_slices=1, crop=32, channels=(4, 8), strides=(2,),
                       slices_per_box=2, seed=seed)
 
 
@@ -173,7 +180,7 @@ def test_load_anatomies_rejects_incomplete_or_empty_data(tmp_path: Path) -> None
 
 
 @pytest.fixture
-def tiny_ensemble(monkeypatch: pytest.MonkeyPatch) -> tuple[MemberSpec, ...]:
+def tiny_ensemble(monkeypatch: pytest.MonkeyPatch) -> tuple[MemberRecipe, ...]:
     members = (tiny_spec("tiny-a", seed=1), tiny_spec("tiny-b", seed=2))
     monkeypatch.setattr(training, "DEFAULT_MEMBERS", members)
     return members
@@ -205,8 +212,9 @@ def test_kneeseg_train_only_member(tiny_ensemble, tmp_path: Path, monkeypatch: p
 
 
 def test_kneeseg_train_assembles_a_package(tiny_ensemble, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from KneeSegLogic import heldout, model_card
-    from KneeSegLogic.models import load_package
+    from KneeSegLogic.segmentation.package import load_package
+    from KneeSegLogic.training import builder as model_card
+    from KneeSegLogic.training import heldout
 
     # Held-out scans small enough for a test (the real ones are 64 x 224 x 224 voxels).
     monkeypatch.setattr(heldout, "BOX_SHAPE", (12, 40, 40))
@@ -236,7 +244,7 @@ def test_kneeseg_train_assembles_a_package(tiny_ensemble, tmp_path: Path, monkey
 
 
 def test_heldout_repeats_add_new_scans_and_keep_the_first(anatomies: list[Anatomy], monkeypatch: pytest.MonkeyPatch) -> None:
-    from KneeSegLogic import heldout
+    from KneeSegLogic.training import heldout
 
     monkeypatch.setattr(heldout, "BOX_SHAPE", (6, 24, 24))
     monkeypatch.setattr(heldout, "HELDOUT_ACQUISITIONS", heldout.HELDOUT_ACQUISITIONS[:2])

@@ -7,13 +7,12 @@ import pytest
 from conftest import SAMPLE_DATA, shared_data
 
 from KneeSegLogic.errors import InputError
-from KneeSegLogic.volume import (
+from KneeSegLogic.io.scans import read_volume, write_volume
+from KneeSegLogic.io.volume import (
     Volume,
     orientation_code,
-    read_volume,
     reorient,
     resample_to_spacing,
-    write_volume,
 )
 
 ECHO_TIMES = (8.0, 16.0, 24.0, 32.0)

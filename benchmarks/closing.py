@@ -27,16 +27,16 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-from timing import best_time
 from scipy import ndimage
 from skimage.morphology import ball, binary_closing, isotropic_closing
+from timing import best_time
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from KneeSegLogic.postprocess import ball_closing  # noqa: E402
-from KneeSegLogic.surfaces import build_surfaces  # noqa: E402
-from KneeSegLogic.volume import read_volume  # noqa: E402
+from KneeSegLogic.io.scans import read_volume
+from KneeSegLogic.quantification.surfaces import build_surfaces
+from KneeSegLogic.segmentation.postprocess import ball_closing
 
 RADIUS = 9
 REPEATS = 3  # for the fast methods; the slow ones run once

@@ -25,10 +25,11 @@ LABELS = ROOT / "Resources" / "SampleData" / "knee_labels.nrrd"
 
 
 def _default_package(folder: Path) -> Path:
-    from KneeSegLogic.model_card import POSTPROCESSING, _spec
-    from KneeSegLogic.models import find_packages, save_package
-    from KneeSegLogic.networks import build_network
-    from KneeSegLogic.training import DEFAULT_MEMBERS
+    from KneeSegLogic.segmentation.networks import build_network
+    from KneeSegLogic.segmentation.package import save_package
+    from KneeSegLogic.segmentation.registry import find_packages
+    from KneeSegLogic.training.builder import POSTPROCESSING, _spec
+    from KneeSegLogic.training.trainer import DEFAULT_MEMBERS
 
     bundled = [p for p in find_packages() if p.default]
     if bundled:
@@ -43,8 +44,9 @@ def _scan(folder: Path, slices: int) -> Path:
     """A synthetic MESE echo-2 knee on the real 384x384x160 label grid (optionally fewer slices)."""
     import numpy as np
 
-    from KneeSegLogic.synthesis import synthesize_mese
-    from KneeSegLogic.volume import Volume, read_volume, write_volume
+    from KneeSegLogic.io.scans import read_volume, write_volume
+    from KneeSegLogic.io.volume import Volume
+    from KneeSegLogic.training.phantom import synthesize_mese
 
     labels = read_volume(LABELS)
     if slices < labels.array.shape[0]:  # the central slices, on the same physical positions
@@ -59,10 +61,10 @@ def _scan(folder: Path, slices: int) -> Path:
 def measure_pipeline(scan: str, package: str, threads: int) -> dict:
     import torch
 
-    from KneeSegLogic.models import load_package
-    from KneeSegLogic.outputs import Progress, Results
-    from KneeSegLogic.pipeline import segment_volume
-    from KneeSegLogic.volume import read_volume
+    from KneeSegLogic.io.outputs import Progress, Results
+    from KneeSegLogic.io.scans import read_volume
+    from KneeSegLogic.pipeline.segment import segment_volume
+    from KneeSegLogic.segmentation.package import load_package
 
     torch.set_num_threads(threads)
     volume = read_volume(scan)

@@ -22,8 +22,14 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from KneeSegLogic.metrics import evaluate
-from KneeSegLogic.volume import Volume, read_volume, reorient, resample_to_grid, resample_to_spacing
+from KneeSegLogic.evaluation.metrics import evaluate
+from KneeSegLogic.io.scans import read_volume
+from KneeSegLogic.io.volume import (
+    Volume,
+    reorient,
+    resample_to_grid,
+    resample_to_spacing,
+)
 
 # (name, orientation code whose slowest axis is the slice normal, in-plane mm, slice mm)
 ACQUISITIONS = (
@@ -47,9 +53,9 @@ def reacquire(scan: Volume, orientation: str, pixel_mm: float, slice_mm: float) 
 def segment(scan: Volume, threads: int) -> tuple[Volume, float]:
     import torch
 
-    from KneeSegLogic.models import get_package
-    from KneeSegLogic.outputs import Progress, Results
-    from KneeSegLogic.pipeline import segment_volume
+    from KneeSegLogic.io.outputs import Progress, Results
+    from KneeSegLogic.pipeline.segment import segment_volume
+    from KneeSegLogic.segmentation.registry import get_package
 
     torch.set_num_threads(threads)
     start = time.perf_counter()
@@ -68,7 +74,7 @@ def main() -> None:
     if args.echo is not None:
         scan = scan.echo(args.echo - 1)
     elif scan.is_multi_echo:  # the same single image segment uses for every reacquisition
-        from KneeSegLogic.pipeline import segmentation_image
+        from KneeSegLogic.pipeline.segment import segmentation_image
 
         scan = segmentation_image(scan, None)
     reference, seconds = segment(scan, args.threads)

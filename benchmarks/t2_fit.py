@@ -28,15 +28,15 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-from timing import best_time
 import torch
 from scipy.optimize import OptimizeWarning, curve_fit
+from timing import best_time
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from KneeSegLogic.relaxometry import fit_t2
-from KneeSegLogic.synthesis import DEFAULT_ECHO_TIMES_MS, rician
+from KneeSegLogic.quantification.relaxometry import fit_t2
+from KneeSegLogic.training.phantom import DEFAULT_ECHO_TIMES_MS, rician
 
 REPEATS = 3
 

@@ -1,0 +1,517 @@
+"""Surface models of segmented structures: label map -> closed, smoothed triangle meshes in LPS mm.
+
+Pipeline per structure
+----------------------
+1. The structure's voxels (cropped to their bounding box and padded with one background voxel,
+   so a structure cut by the edge of the scan still gets a closed, capped surface) go through
+   ``vtkDiscreteFlyingEdges3D`` in *index space* (i, j, k).
+2. Points are mapped with the volume's full index-to-LPS matrix
+   (``origin + direction @ (spacing * ijk)``), so oblique and left-handed grids land where the
+   voxels are; triangles are turned, where needed, so normals point outwards.
+3. Optional quadric decimation (``vtkQuadricDecimation``, volume preserving).
+4. Smoothing in millimetres: ``"windowed-sinc"`` (default; ``vtkWindowedSincPolyDataFilter`` with
+   normalised coordinates, a low-pass filter that barely shrinks), ``"laplacian-idw"`` (the
+   KneeBones3Dify inverse-distance Laplacian: 20 iterations, weights 1 / (|e| + 1) with |e| the
+   edge length in mm, full step to the weighted mean of the neighbours; it shrinks, and the
+   shrinkage is recorded) or ``"none"``.
+5. Point normals (``vtkPolyDataNormals``, no splitting, so the mesh stays closed).
+6. A mesh check: closed (no boundary edges), manifold (no edge shared by more than two
+   triangles), mesh volume (``vtkMassProperties``) against the voxel volume.
+
+Files and coordinate system
+---------------------------
+``surfaces/<structure key>.stl`` and ``.vtp``, coordinates in LPS millimetres. Slicer converts
+model files to its internal RAS space according to a tag in the file, the convention of its
+``vtkMRMLModelStorageNode``: the STL header holds ``SPACE=LPS`` (Slicer searches the header for
+``SPACE=LPS`` / ``SPACE=RAS``), and the VTP holds a field-data string array named ``SPACE``
+whose first value is ``LPS``. Slicer 4.11 and later read both and flip x and y on loading, so
+the models overlay the scan they came from.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+from scipy import ndimage
+from vtkmodules.util.numpy_support import (
+    numpy_to_vtk,
+    numpy_to_vtkIdTypeArray,
+    vtk_to_numpy,
+)
+from vtkmodules.vtkCommonCore import vtkPoints, vtkStringArray
+from vtkmodules.vtkCommonDataModel import vtkCellArray, vtkImageData, vtkPolyData
+from vtkmodules.vtkFiltersCore import (
+    vtkMassProperties,
+    vtkPolyDataNormals,
+    vtkQuadricDecimation,
+    vtkWindowedSincPolyDataFilter,
+)
+from vtkmodules.vtkFiltersGeneral import vtkDiscreteFlyingEdges3D
+from vtkmodules.vtkIOGeometry import vtkSTLWriter
+from vtkmodules.vtkIOXML import vtkXMLPolyDataWriter
+
+from KneeSegLogic.errors import KneeSegError
+from KneeSegLogic.io.outputs import (
+    SURFACES_FOLDER,
+    Progress,
+    Results,
+    atomic_file,
+    output_folder,
+)
+from KneeSegLogic.io.volume import Volume
+from KneeSegLogic.tissues import TISSUES, Tissue, tissue
+
+SMOOTHING_METHODS = ("windowed-sinc", "laplacian-idw", "none")
+
+
+
+
+COORDINATE_SYSTEM = "LPS"
+
+
+# Slicer's tag (vtkMRMLModelStorageNode): "SPACE=LPS" in an STL header, field array "SPACE" in VTP.
+SPACE_TAG = "SPACE"
+
+
+# Windowed-sinc settings as Slicer uses them for closed surfaces at its default smoothing
+# factor 0.5: pass band 10^(-4 * 0.5), 20 iterations.
+WINDOWED_SINC_ITERATIONS = 20
+
+
+WINDOWED_SINC_PASS_BAND = 0.01
+
+
+# KneeBones3Dify smoothPatch settings.
+IDW_ITERATIONS = 20
+
+
+def _polydata(points: np.ndarray, triangles: np.ndarray) -> vtkPolyData:
+    """A vtkPolyData of triangles from numpy arrays (copied)."""
+    vtk_points = vtkPoints()
+    vtk_points.SetData(numpy_to_vtk(np.ascontiguousarray(points, dtype=np.float64), deep=True))
+    cells = vtkCellArray()
+    offsets = np.arange(0, 3 * len(triangles) + 1, 3, dtype=np.int64)
+    connectivity = np.ascontiguousarray(triangles, dtype=np.int64).ravel()
+    cells.SetData(numpy_to_vtkIdTypeArray(offsets, deep=True), numpy_to_vtkIdTypeArray(connectivity, deep=True))
+    mesh = vtkPolyData()
+    mesh.SetPoints(vtk_points)
+    mesh.SetPolys(cells)
+    return mesh
+
+
+def _arrays(mesh: vtkPolyData) -> tuple[np.ndarray, np.ndarray]:
+    """Points and triangles of a triangle-only vtkPolyData."""
+    if mesh.GetNumberOfPoints() == 0:
+        return np.zeros((0, 3)), np.zeros((0, 3), dtype=np.int64)
+    points = vtk_to_numpy(mesh.GetPoints().GetData()).astype(np.float64)
+    polys = mesh.GetPolys()
+    offsets = vtk_to_numpy(polys.GetOffsetsArray())
+    if np.any(np.diff(offsets) != 3):
+        raise ValueError("mesh has non-triangle cells")
+    triangles = vtk_to_numpy(polys.GetConnectivityArray()).astype(np.int64).reshape(-1, 3)
+    return points, triangles
+
+
+def signed_volume(points: np.ndarray, triangles: np.ndarray) -> float:
+    """Volume enclosed by a closed triangle mesh (divergence theorem); > 0 for outward normals."""
+    a, b, c = (points[triangles[:, n]] for n in range(3))
+    return float(np.einsum("ij,ij->", a, np.cross(b, c)) / 6.0)
+
+
+def edge_counts(triangles: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Unique undirected edges (e, 2) of a triangle mesh and how many triangles share each."""
+    first = triangles.ravel()
+    second = triangles[:, [1, 2, 0]].ravel()
+    low = np.minimum(first, second)
+    high = np.maximum(first, second)
+    # One int64 key per edge: a 1D sort is far faster than unique rows.
+    n = int(triangles.max()) + 1 if triangles.size else 1
+    keys, counts = np.unique(low * n + high, return_counts=True)
+    return np.stack([keys // n, keys % n], axis=1), counts
+
+
+def mesh_check(points: np.ndarray, triangles: np.ndarray) -> dict[str, Any]:
+    """Closed and manifold tests of a triangle mesh.
+
+    Returns
+    -------
+    dict
+        ``boundary_edges`` (edges of one triangle), ``non_manifold_edges`` (edges of more than
+        two), ``closed`` and ``manifold`` (each True when the matching count is 0).
+    """
+    if len(triangles) == 0:
+        return {"closed": False, "manifold": False, "boundary_edges": 0, "non_manifold_edges": 0}
+    _, counts = edge_counts(triangles)
+    boundary = int(np.count_nonzero(counts == 1))
+    non_manifold = int(np.count_nonzero(counts > 2))
+    return {
+        "closed": boundary == 0,
+        "manifold": non_manifold == 0,
+        "boundary_edges": boundary,
+        "non_manifold_edges": non_manifold,
+    }
+
+
+def mesh_volume(mesh: vtkPolyData) -> float:
+    """Enclosed volume in mm^3 (``vtkMassProperties``)."""
+    properties = vtkMassProperties()
+    properties.SetInputData(mesh)
+    properties.Update()
+    return float(properties.GetVolume())
+
+
+def extract_surface(
+    mask: np.ndarray, index_to_physical: np.ndarray, offset: Sequence[int] = (0, 0, 0)
+) -> tuple[np.ndarray, np.ndarray]:
+    """Isosurface of a binary mask, in physical coordinates, normals outwards.
+
+    Parameters
+    ----------
+    mask : ndarray of bool, shape (k, j, i)
+        The structure, or the block of it around the structure (crop to its bounding box:
+        the cost grows with the block size).
+        One background voxel is added all round, so the surface is closed even where the
+        structure touches the block's edge.
+    index_to_physical : ndarray, shape (4, 4)
+        Maps homogeneous (i, j, k, 1) voxel indices of the whole volume to LPS mm
+        (:meth:`Volume.index_to_physical`).
+    offset : sequence of 3 int
+        (k, j, i) index of the block's first voxel in the whole volume.
+
+    Returns
+    -------
+    points : ndarray, shape (n, 3)
+        LPS mm.
+    triangles : ndarray, shape (m, 3)
+        Point indices, counter-clockwise seen from outside.
+    """
+    padded = np.pad(np.asarray(mask, dtype=np.uint8), 1)
+    image = vtkImageData()
+    image.SetDimensions(padded.shape[2], padded.shape[1], padded.shape[0])
+    image.SetOrigin(*(np.asarray(offset, dtype=float)[::-1] - 1.0))  # index space (i, j, k)
+    image.GetPointData().SetScalars(numpy_to_vtk(padded.ravel(), deep=True))
+    flying_edges = vtkDiscreteFlyingEdges3D()
+    flying_edges.SetInputData(image)
+    flying_edges.SetValue(0, 1)
+    flying_edges.ComputeNormalsOff()
+    flying_edges.ComputeGradientsOff()
+    flying_edges.ComputeScalarsOff()
+    flying_edges.Update()
+    index_points, triangles = _arrays(flying_edges.GetOutput())
+    points = index_points @ index_to_physical[:3, :3].T + index_to_physical[:3, 3]
+    if len(triangles) and signed_volume(points, triangles) < 0:
+        triangles = np.ascontiguousarray(triangles[:, ::-1])
+    return points, triangles
+
+
+def smooth_windowed_sinc(
+    points: np.ndarray,
+    triangles: np.ndarray,
+    iterations: int = WINDOWED_SINC_ITERATIONS,
+    pass_band: float = WINDOWED_SINC_PASS_BAND,
+) -> np.ndarray:
+    """Windowed-sinc low-pass smoothing (Taubin), coordinates normalised; returns new points."""
+    smoother = vtkWindowedSincPolyDataFilter()
+    smoother.SetInputData(_polydata(points, triangles))
+    smoother.SetNumberOfIterations(iterations)
+    smoother.SetPassBand(pass_band)
+    smoother.NormalizeCoordinatesOn()
+    smoother.BoundarySmoothingOff()
+    smoother.FeatureEdgeSmoothingOff()
+    smoother.NonManifoldSmoothingOn()
+    smoother.Update()
+    return _arrays(smoother.GetOutput())[0]
+
+
+def smooth_laplacian_idw(points: np.ndarray, triangles: np.ndarray, iterations: int = IDW_ITERATIONS) -> np.ndarray:
+    """Inverse-distance-weighted Laplacian smoothing as in KneeBones3Dify's ``smoothPatch``.
+
+    Each iteration moves every point to the mean of its edge neighbours weighted by
+    ``1 / (|e| + 1)``, ``|e|`` the current edge length (mm): a full step with no shrink
+    compensation. (smoothPatch counts every edge once per triangle; on a closed manifold mesh
+    each neighbour then counts twice, which leaves the weighted mean unchanged.)
+
+    Returns
+    -------
+    ndarray, shape (n, 3)
+        Smoothed points; points on no edge stay where they are.
+    """
+    edges, _ = edge_counts(triangles)
+    source = np.concatenate([edges[:, 0], edges[:, 1]])
+    target = np.concatenate([edges[:, 1], edges[:, 0]])
+    n = len(points)
+    current = np.array(points, dtype=np.float64)
+    for _ in range(iterations):
+        length = np.linalg.norm(current[edges[:, 0]] - current[edges[:, 1]], axis=1)
+        weight = np.tile(1.0 / (length + 1.0), 2)
+        total = np.bincount(source, weight, n)
+        moved = np.stack([np.bincount(source, weight * current[target, c], n) for c in range(3)], axis=1)
+        connected = total > 0
+        current[connected] = moved[connected] / total[connected, None]
+    return current
+
+
+def decimate_mesh(points: np.ndarray, triangles: np.ndarray, fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """Quadric decimation removing about ``fraction`` (0-1) of the triangles, volume preserving."""
+    decimator = vtkQuadricDecimation()
+    decimator.SetInputData(_polydata(points, triangles))
+    decimator.SetTargetReduction(fraction)
+    decimator.VolumePreservationOn()
+    decimator.Update()
+    return _arrays(decimator.GetOutput())
+
+
+def with_normals(points: np.ndarray, triangles: np.ndarray) -> vtkPolyData:
+    """The mesh as vtkPolyData with point normals (no splitting: the mesh stays closed)."""
+    normals = vtkPolyDataNormals()
+    normals.SetInputData(_polydata(points, triangles))
+    normals.SplittingOff()
+    normals.ConsistencyOff()  # triangles are already oriented outwards
+    normals.AutoOrientNormalsOff()
+    normals.ComputePointNormalsOn()
+    normals.ComputeCellNormalsOff()
+    normals.Update()
+    return normals.GetOutput()
+
+
+def structure_surface(
+    labels: Volume,
+    label: int,
+    smoothing: str = "windowed-sinc",
+    decimate_fraction: float = 0.0,
+    box: tuple[slice, slice, slice] | None = None,
+) -> tuple[vtkPolyData, dict[str, Any]]:
+    """Surface of one structure of a label map, with its mesh check.
+
+    Parameters
+    ----------
+    labels : Volume
+        3D label map.
+    label : int
+        Label value of the structure.
+    smoothing : {"windowed-sinc", "laplacian-idw", "none"}
+    decimate_fraction : float
+        Fraction of triangles to remove, 0 (none) to < 1.
+    box : tuple of 3 slices, optional
+        The structure's bounding box in the array (``scipy.ndimage.find_objects``), found
+        here when not given.
+
+    Returns
+    -------
+    mesh : vtkPolyData
+        Triangles in LPS mm with point normals.
+    check : dict
+        Counts, closed/manifold, ``mesh_volume_mm3`` (``vtkMassProperties``),
+        ``voxel_volume_mm3``, ``volume_ratio`` (mesh / voxel) and ``smoothing_volume_change``
+        (volume after smoothing / before - 1; negative is shrinkage).
+    """
+    if smoothing not in SMOOTHING_METHODS:
+        raise ValueError(f"smoothing must be one of {SMOOTHING_METHODS}, got {smoothing!r}")
+    if not 0.0 <= decimate_fraction < 1.0:
+        raise ValueError(f"decimation fraction must be in [0, 1), got {decimate_fraction}")
+    if box is None:
+        found = ndimage.find_objects((labels.array == label).view(np.uint8))
+        box = found[0] if found else (slice(0, 0),) * 3
+    mask = labels.array[box] == label
+    points, triangles = extract_surface(mask, labels.index_to_physical(), [s.start for s in box])
+    if len(triangles) and decimate_fraction > 0:
+        points, triangles = decimate_mesh(points, triangles, decimate_fraction)
+    before = signed_volume(points, triangles) if len(triangles) else 0.0
+    if smoothing == "windowed-sinc" and len(triangles):
+        points = smooth_windowed_sinc(points, triangles)
+    elif smoothing == "laplacian-idw" and len(triangles):
+        points = smooth_laplacian_idw(points, triangles)
+    mesh = with_normals(points, triangles)
+    voxel_volume = float(np.count_nonzero(mask)) * labels.voxel_volume_mm3
+    volume = mesh_volume(mesh) if len(triangles) else 0.0
+    check = {
+        "points": int(len(points)),
+        "triangles": int(len(triangles)),
+        **mesh_check(points, triangles),
+        "mesh_volume_mm3": round(volume, 3),
+        "voxel_volume_mm3": round(voxel_volume, 3),
+        "volume_ratio": round(volume / voxel_volume, 5) if voxel_volume else None,
+        "smoothing_volume_change": round(volume / before - 1.0, 6) if before else None,
+    }
+    return mesh, check
+
+
+def write_stl(mesh: vtkPolyData, path: str | Path) -> Path:
+    """Binary STL in LPS mm, header ``SPACE=LPS`` (Slicer's tag for the coordinate system)."""
+    path = Path(path)
+    writer = vtkSTLWriter()
+    writer.SetInputData(mesh)
+    writer.SetFileTypeToBinary()
+    writer.SetHeader(f"KneeSeg surface. {SPACE_TAG}={COORDINATE_SYSTEM}")
+    with atomic_file(path) as temporary:
+        writer.SetFileName(str(temporary))
+        if not writer.Write():
+            raise KneeSegError(f"{path}: could not write STL")
+    return path
+
+
+def write_vtp(mesh: vtkPolyData, path: str | Path) -> Path:
+    """Compressed VTP in LPS mm, field-data string array ``SPACE`` = ``LPS`` (Slicer's tag)."""
+    path = Path(path)
+    tagged = vtkPolyData()
+    tagged.ShallowCopy(mesh)
+    space = vtkStringArray()
+    space.SetName(SPACE_TAG)
+    space.InsertNextValue(COORDINATE_SYSTEM)
+    tagged.GetFieldData().AddArray(space)
+    writer = vtkXMLPolyDataWriter()
+    writer.SetInputData(tagged)
+    writer.SetCompressorTypeToLZ4()  # zlib costs seconds on a femur
+    writer.SetDataModeToAppended()
+    writer.EncodeAppendedDataOff()  # raw binary: base64 would cost time and a third more space
+    with atomic_file(path) as temporary:
+        writer.SetFileName(str(temporary))
+        if not writer.Write():
+            raise KneeSegError(f"{path}: could not write VTP")
+    return path
+
+
+def build_surfaces(
+    labels: Volume,
+    out_dir: str | Path,
+    smoothing: str = "windowed-sinc",
+    decimate: float = 0.0,
+    tissues: Sequence[Tissue] = TISSUES,
+    progress: Callable[[str, float, str], None] | None = None,
+) -> dict[str, Any]:
+    """Write ``surfaces/<key>.stl`` and ``.vtp`` for every structure present; return the results section.
+
+    Surfaces are in LPS mm and tagged so that Slicer places them on the scan (module docstring).
+
+    Parameters
+    ----------
+    labels : Volume
+        3D label map with :data:`~KneeSegLogic.tissues.TISSUES` label values.
+    out_dir : str or Path
+        The output folder; files go to ``out_dir/surfaces/``.
+    smoothing : {"windowed-sinc", "laplacian-idw", "none"}
+    decimate : float
+        Fraction of triangles to remove (0 keeps all).
+    tissues : sequence of Tissue
+        Structures to build; those absent from the label map are listed under ``absent``.
+    progress : callable, optional
+        ``progress(stage, fraction, message)``, e.g. an :class:`~KneeSegLogic.outputs.Progress`.
+
+    Returns
+    -------
+    dict
+        ``{"coordinate_system": "LPS", "units": "mm", "smoothing": ..., "decimate": ...,
+        "structures": {key: {label, name, files, mesh check, seconds}}, "absent": [keys]}``;
+        file paths are relative to ``out_dir``.
+
+    Raises
+    ------
+    KneeSegError
+        Not a 3D label map, unknown smoothing, or a decimation fraction outside [0, 1).
+    """
+    if labels.array.ndim != 3:
+        raise KneeSegError(f"surfaces need a 3D label map, got an array of shape {labels.array.shape}")
+    if smoothing not in SMOOTHING_METHODS:
+        raise KneeSegError(f"unknown smoothing {smoothing!r}; choose one of {', '.join(SMOOTHING_METHODS)}")
+    if not 0.0 <= decimate < 1.0:
+        raise KneeSegError(f"decimation fraction must be in [0, 1), got {decimate}")
+    folder = Path(out_dir) / SURFACES_FOLDER
+    folder.mkdir(parents=True, exist_ok=True)
+    # One pass finds every structure's bounding box (None for label values not present).
+    boxes = ndimage.find_objects(labels.array) if np.issubdtype(labels.array.dtype, np.integer) else []
+    present = {value + 1 for value, box in enumerate(boxes) if box is not None}
+    section: dict[str, Any] = {
+        "coordinate_system": COORDINATE_SYSTEM,
+        "units": "mm",
+        "smoothing": smoothing,
+        "decimate": decimate,
+        "structures": {},
+        "absent": [t.key for t in tissues if t.label not in present],
+    }
+    wanted = [t for t in tissues if t.label in present]
+    for number, structure in enumerate(wanted):
+        if progress is not None:
+            progress("surfaces", number / max(len(wanted), 1), structure.name)
+        started = time.perf_counter()
+        mesh, check = structure_surface(labels, structure.label, smoothing, decimate, boxes[structure.label - 1])
+        files = {}
+        for suffix, write in (("stl", write_stl), ("vtp", write_vtp)):
+            write(mesh, folder / f"{structure.key}.{suffix}")
+            files[suffix] = f"{SURFACES_FOLDER}/{structure.key}.{suffix}"
+        section["structures"][structure.key] = {
+            "label": structure.label,
+            "name": structure.name,
+            "files": files,
+            **check,
+            "seconds": round(time.perf_counter() - started, 4),
+        }
+    if progress is not None:
+        progress("surfaces", 1.0, f"{len(wanted)} surfaces")
+    return section
+
+
+@dataclass(frozen=True)
+class SurfaceOptions:
+    """How ``kneeseg surfaces`` builds its models: smoothing method (:data:`SMOOTHING_METHODS`),
+    fraction of triangles removed by decimation (0 to <1), structures as comma-separated keys or
+    label values (None: all present)."""
+
+    smoothing: str = "windowed-sinc"
+    decimate: float = 0.0
+    structures: str | None = None
+    overwrite: bool = False
+
+
+def _structures(text: str | None) -> tuple[Tissue, ...]:
+    """``"femur,tibia"`` or ``"5,6"`` -> tissues (all when None)."""
+    if not text:
+        return TISSUES
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    try:
+        return tuple(tissue(int(item) if item.isdigit() else item) for item in items)
+    except KeyError as error:
+        raise KneeSegError(f"--structures: {error.args[0]}") from None
+
+
+def surfaces_from_segmentation(segmentation: str | Path, out: str | Path, options: SurfaceOptions,
+                               progress: Progress | None = None) -> Results:
+    """Surface models of a segmentation file and their mesh check, into the output folder ``out``.
+
+    Writes ``OUT/surfaces/<key>.stl|.vtp`` and ``OUT/results.json`` (section ``surfaces`` as
+    :func:`build_surfaces` returns it, ``volumes_mm3`` per structure from the voxels, a warning
+    per surface that is not closed and manifold, and per requested structure that is absent).
+
+    Raises
+    ------
+    KneeSegError
+        Unreadable segmentation, unknown structure, bad options, or none of the requested
+        structures present; the output folder is then not created.
+    """
+    from KneeSegLogic.io.segfile import read_labels
+
+    progress = progress or Progress()
+    results = Results("surfaces")
+    tissues = _structures(options.structures)
+    with results.stage("read", progress):
+        labels = read_labels(segmentation)
+    results.add_input("segmentation", segmentation)
+    with output_folder(out, results, overwrite=options.overwrite) as folder:
+        with results.stage("surfaces", progress):
+            section = build_surfaces(labels, folder, smoothing=options.smoothing, decimate=options.decimate,
+                                     tissues=tissues, progress=progress)
+        if not section["structures"]:
+            raise KneeSegError(f"{segmentation}: none of the requested structures is in the segmentation")
+        if options.structures:
+            for key in section["absent"]:
+                results.warn(f"structure {key} requested but not in the segmentation")
+        for key, entry in section["structures"].items():
+            if not (entry["closed"] and entry["manifold"]):
+                results.warn(f"surface {key}: {entry['boundary_edges']} boundary and "
+                             f"{entry['non_manifold_edges']} non-manifold edges")
+        results["surfaces"] = section
+        results["volumes_mm3"] = {key: entry["voxel_volume_mm3"] for key, entry in section["structures"].items()}
+    return results

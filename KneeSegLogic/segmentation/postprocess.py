@@ -1,0 +1,505 @@
+"""Post-processing of masks and label maps: components, holes, ball closing/opening, MESE refinement.
+
+Functions over arrays in the style of scikit-image. Masks and label maps are indexed in array
+order (``array[k, j, i]`` for a :class:`~KneeSegLogic.volume.Volume`); a ``spacing`` argument of
+an array function is therefore in *array axis order* (``volume.spacing[::-1]``), in mm.
+:func:`apply_postprocessing` takes a :class:`~KneeSegLogic.volume.Volume` and does that reversal
+itself, so a model package can name its steps without caring about axis order::
+
+    steps = [
+        {"name": "largest_component", "labels": [5, 6, 7], "components": 1},
+        {"name": "fill_holes", "labels": [5, 6, 7]},
+        {"name": "closing", "radius_mm": 3.0, "labels": [5, 6, 7]},
+    ]
+    labels = apply_postprocessing(labels, steps)
+
+Closing
+-------
+:func:`ball_closing` is the morphological closing with a ball computed through two Euclidean
+distance transforms (the multi-threaded ``edt`` package): a voxel is in the dilation when its
+squared distance to the mask is <= r^2, and in the closing when its squared distance to the
+outside of the dilation is > r^2. With radius ``r`` in voxels this is *identical* to
+``skimage.morphology.binary_closing(mask, skimage.morphology.ball(r))`` with scikit-image's
+default border mode ``"ignore"`` (outside the image counts as False for the dilation and as True
+for the erosion), because ``ball(r)`` holds exactly the offsets with x^2 + y^2 + z^2 <= r^2 and the
+EDTs are taken without a black border. With ``spacing`` the ball is a sphere of radius ``r`` mm:
+offsets ``d`` (voxels) with sum((d * spacing)^2) <= r^2.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from typing import Any, Callable, Mapping, Sequence
+
+import edt
+import numpy as np
+from scipy import ndimage
+
+from KneeSegLogic.errors import KneeSegError
+from KneeSegLogic.io.volume import Volume
+from KneeSegLogic.tissues import TISSUES
+
+# edt returns float32 squared distances; anisotropic ones carry rounding of ~1e-7 relative, so an
+# offset lying exactly on the sphere could land a hair outside. Widen r^2 by this relative amount
+# (for integer radii in voxels nothing changes: squared distances are integers).
+RADIUS_TOLERANCE = 1e-6
+
+
+# Which structure keeps a background voxel that the closings of two structures both fill: thin
+# tissues first, so a bone's closing cannot take the voxels that make a cartilage plate whole.
+CLOSING_PRIORITY: tuple[int, ...] = tuple(
+    t.label for group in ("cartilage", "meniscus", "bone") for t in TISSUES if t.group == group
+)
+
+
+def _threads(threads: int | None) -> int:
+    if threads is not None:
+        return max(1, int(threads))
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _bounding_box(mask: np.ndarray, margin: Sequence[int]) -> tuple[slice, ...]:
+    """Slices of the mask's bounding box widened by ``margin`` voxels per axis, clipped to the array."""
+    box = []
+    for axis, (size, extra) in enumerate(zip(mask.shape, margin)):
+        others = tuple(a for a in range(mask.ndim) if a != axis)
+        present = np.flatnonzero(mask.any(axis=others))
+        box.append(slice(max(int(present[0]) - extra, 0), min(int(present[-1]) + extra + 1, size)))
+    return tuple(box)
+
+
+def _as_spacing(spacing: Sequence[float] | None, ndim: int) -> np.ndarray:
+    values = np.ones(ndim) if spacing is None else np.asarray(spacing, dtype=float).reshape(-1)
+    if values.size != ndim or np.any(values <= 0):
+        raise ValueError(f"spacing must hold {ndim} positive values, got {spacing!r}")
+    return values
+
+
+def _ball_setup(
+    name: str, mask: np.ndarray, radius: float, spacing: Sequence[float] | None, threads: int | None
+) -> tuple[np.ndarray, np.ndarray, float | None, dict[str, Any]]:
+    """Checks and EDT settings shared by the ball morphology functions.
+
+    Returns the boolean mask, the spacing per array axis, the squared radius widened by
+    :data:`RADIUS_TOLERANCE` (None when there is nothing to do: radius 0 or an empty mask) and the
+    ``edt`` keyword arguments (no black border: the image border is not outside the mask).
+    """
+    mask = np.asarray(mask, dtype=bool)
+    if not 1 <= mask.ndim <= 3:
+        raise ValueError(f"{name} works on 1-3 dimensional masks, got {mask.ndim} dimensions")
+    if radius < 0:
+        raise ValueError(f"radius must be >= 0, got {radius}")
+    step = _as_spacing(spacing, mask.ndim)
+    if radius == 0 or not mask.any():
+        return mask, step, None, {}
+    options = dict(anisotropy=tuple(step), black_border=False, parallel=_threads(threads))
+    return mask, step, radius * radius * (1.0 + RADIUS_TOLERANCE), options
+
+
+def ball_closing(
+    mask: np.ndarray, radius: float, spacing: Sequence[float] | None = None, threads: int | None = None
+) -> np.ndarray:
+    """Morphological closing with a ball, through Euclidean distance transforms.
+
+    Parameters
+    ----------
+    mask : ndarray of bool, 1-3 dimensions
+        Binary mask (non-zero is foreground).
+    radius : float
+        Ball radius: in voxels when ``spacing`` is None (integer radii reproduce
+        ``skimage.morphology.ball(radius)`` exactly), else in mm.
+    spacing : sequence of float, optional
+        Voxel size in mm per *array axis*; makes the element a sphere in physical space.
+    threads : int, optional
+        Threads for the EDT (default: the CPUs this process may use).
+
+    Returns
+    -------
+    ndarray of bool
+        The closing, same shape as ``mask``; borders behave as scikit-image's
+        ``binary_closing`` (mode ``"ignore"``).
+
+    Notes
+    -----
+    Only the mask's bounding box widened by the ball's reach plus one voxel is transformed: the
+    dilation lies inside the reach, and the one extra voxel layer is outside the dilation, so it
+    stands for everything beyond it in the erosion. This is what makes a small structure in a
+    large volume cheap.
+
+    Examples
+    --------
+    >>> mask = np.zeros((9, 9, 9), bool); mask[2:7, 2:7, 2:7] = True; mask[4, 4, 4] = False
+    >>> bool(ball_closing(mask, 1)[4, 4, 4])
+    True
+    """
+    mask, step, limit, options = _ball_setup("ball_closing", mask, radius, spacing, threads)
+    if limit is None:
+        return mask.copy()
+    reach = np.floor(radius / step + RADIUS_TOLERANCE).astype(int)
+    box = _bounding_box(mask, reach + 1)
+    crop = mask[box]
+    dilated = edt.edtsq(np.logical_not(crop), **options) <= limit
+    out = np.zeros(mask.shape, dtype=bool)
+    out[box] = edt.edtsq(dilated, **options) > limit
+    return out
+
+
+def ball_opening(
+    mask: np.ndarray, radius: float, spacing: Sequence[float] | None = None, threads: int | None = None
+) -> np.ndarray:
+    """Morphological opening with a ball, through Euclidean distance transforms.
+
+    The erosion keeps voxels farther than ``radius`` from the outside of the mask; the opening
+    is every voxel within ``radius`` of the erosion. It removes spurs and bridges thinner than
+    the ball (a bone label leaking along a tendon) and leaves thicker parts unchanged. Radius and
+    spacing as in :func:`ball_closing`; the image border does not count as outside (scikit-image's
+    ``binary_opening`` with ``ball(r)`` erodes from the border too, so the two agree away from it).
+    """
+    mask, _, limit, options = _ball_setup("ball_opening", mask, radius, spacing, threads)
+    if limit is None:
+        return mask.copy()
+    box = _bounding_box(mask, np.ones(mask.ndim, dtype=int))
+    eroded = edt.edtsq(mask[box], **options) > limit
+    out = np.zeros(mask.shape, dtype=bool)
+    if eroded.any():
+        out[box] = edt.edtsq(np.logical_not(eroded), **options) <= limit
+    return out
+
+
+def largest_components(mask: np.ndarray, components: int = 1, connectivity: int | None = None) -> np.ndarray:
+    """Keep the ``components`` largest connected components of a binary mask.
+
+    Parameters
+    ----------
+    mask : ndarray of bool
+    components : int
+        How many components to keep (ties keep the one met first in array order).
+    connectivity : int, optional
+        Neighbourhood as in ``scipy.ndimage.generate_binary_structure``: 1 faces only, up to
+        ``mask.ndim`` (default) faces, edges and corners (26-connectivity in 3D).
+
+    Returns
+    -------
+    ndarray of bool
+    """
+    mask = np.asarray(mask, dtype=bool)
+    if components < 1:
+        raise ValueError(f"components must be >= 1, got {components}")
+    out = np.zeros(mask.shape, dtype=bool)
+    if not mask.any():
+        return out
+    box = _bounding_box(mask, [0] * mask.ndim)
+    structure = ndimage.generate_binary_structure(mask.ndim, connectivity or mask.ndim)
+    labelled, count = ndimage.label(mask[box], structure=structure)
+    if count <= components:
+        out[box] = mask[box]
+        return out
+    sizes = np.bincount(labelled.ravel())
+    sizes[0] = 0
+    keep = np.argsort(-sizes, kind="stable")[:components]
+    out[box] = np.isin(labelled, keep)
+    return out
+
+
+def fill_holes(mask: np.ndarray) -> np.ndarray:
+    """Fill the holes of a binary mask: background not 6-connected (in 3D) to the array border.
+
+    Parameters
+    ----------
+    mask : ndarray of bool
+
+    Returns
+    -------
+    ndarray of bool
+    """
+    mask = np.asarray(mask, dtype=bool)
+    out = mask.copy()
+    if not mask.any():
+        return out
+    # Outside the bounding box all is background and reaches the border, so cropping is exact.
+    box = _bounding_box(mask, [0] * mask.ndim)
+    out[box] = ndimage.binary_fill_holes(mask[box])
+    return out
+
+
+def _present(labels: np.ndarray, label_values: Sequence[int] | None) -> list[int]:
+    values = np.unique(labels)
+    wanted = values[values != 0] if label_values is None else label_values
+    return [int(v) for v in wanted if np.any(values == v)]
+
+
+def keep_largest_components(
+    labels: np.ndarray,
+    components: int = 1,
+    label_values: Sequence[int] | None = None,
+    connectivity: int | None = None,
+) -> np.ndarray:
+    """Per label value, keep the largest connected component(s); other voxels of it become 0.
+
+    Parameters
+    ----------
+    labels : ndarray of int
+        Label map.
+    components : int
+        Components kept per label value.
+    label_values : sequence of int, optional
+        Labels to treat (default: every non-zero label present).
+    connectivity : int, optional
+        See :func:`largest_components`.
+    """
+    out = np.array(labels, copy=True)
+    for value in _present(labels, label_values):
+        mask = labels == value
+        out[mask & ~largest_components(mask, components, connectivity)] = 0
+    return out
+
+
+def fill_label_holes(labels: np.ndarray, label_values: Sequence[int] | None = None) -> np.ndarray:
+    """Per label value, fill its holes; only background (0) voxels are filled, never other labels."""
+    out = np.array(labels, copy=True)
+    for value in _present(labels, label_values):
+        out[fill_holes(labels == value) & (out == 0)] = value
+    return out
+
+
+def close_labels(
+    labels: np.ndarray,
+    radius: float,
+    spacing: Sequence[float] | None = None,
+    label_values: Sequence[int] | None = None,
+    threads: int | None = None,
+) -> np.ndarray:
+    """Ball closing of each structure of a label map, without structures overwriting each other.
+
+    Each label value is closed on its own (from the input map), and its closing fills only
+    voxels that are background in the input and not yet taken: when closings of two
+    structures reach the same background voxel, the one earlier in ``label_values`` keeps it.
+
+    Parameters
+    ----------
+    labels : ndarray of int
+        Label map.
+    radius : float
+        Ball radius, voxels without ``spacing``, mm with it (see :func:`ball_closing`).
+    spacing : sequence of float, optional
+        Voxel size in mm per array axis.
+    label_values : sequence of int, optional
+        Labels to close, in priority order (default :data:`CLOSING_PRIORITY`: cartilage, menisci,
+        then bones; labels not in the table follow in ascending order).
+    """
+    if label_values is None:
+        present = set(_present(labels, None))
+        label_values = [v for v in CLOSING_PRIORITY if v in present] + sorted(present - set(CLOSING_PRIORITY))
+    out = np.array(labels, copy=True)
+    for value in _present(labels, label_values):
+        closed = ball_closing(labels == value, radius, spacing, threads)
+        out[closed & (out == 0)] = value
+    return out
+
+
+def open_labels(
+    labels: np.ndarray,
+    radius: float,
+    spacing: Sequence[float] | None = None,
+    label_values: Sequence[int] | None = None,
+    threads: int | None = None,
+) -> np.ndarray:
+    """Ball opening of each structure of a label map; what an opening removes becomes background."""
+    out = np.array(labels, copy=True)
+    for value in _present(labels, label_values):
+        mask = labels == value
+        out[mask & ~ball_opening(mask, radius, spacing, threads)] = 0
+    return out
+
+
+def mese_candidates(probability: np.ndarray, candidate_threshold: float = 0.01) -> np.ndarray:
+    """Voxels worth a T2 fit before refinement (Thomas et al.): probability > ``candidate_threshold``."""
+    return np.asarray(probability) > candidate_threshold
+
+
+def refine_mese_cartilage(
+    probability: np.ndarray,
+    t2_ms: np.ndarray | None = None,
+    *,
+    candidate_threshold: float = 0.01,
+    t2_range_ms: tuple[float, float] = (0.0, 100.0),
+    threshold: float = 0.501,
+    min_voxels_per_slice: int = 425,
+    slice_axis: int = 0,
+) -> np.ndarray:
+    """Cartilage mask refinement of Thomas et al. (MESE T2 model).
+
+    Steps: candidates ``p > candidate_threshold``; voxels whose T2 is outside ``t2_range_ms``
+    (inclusive bounds) or not finite are dropped when a T2 map is given; the rest is binarised at
+    ``p >= threshold``; slices along ``slice_axis`` with fewer than ``min_voxels_per_slice``
+    voxels left are emptied (the published count, 425, is for their 0.3 mm in-plane sagittal
+    grid: scale it with the in-plane voxel area on other grids).
+
+    Parameters
+    ----------
+    probability : ndarray of float
+        The cartilage probability map, values in [0, 1].
+    t2_ms : ndarray of float, optional
+        T2 map in ms on the same grid.
+    slice_axis : int
+        Array axis across slices (0 = ``k`` for a :class:`~KneeSegLogic.volume.Volume`, the
+        sagittal slice axis of a sagittal MESE scan).
+
+    Returns
+    -------
+    ndarray of bool
+    """
+    probability = np.asarray(probability)
+    mask = mese_candidates(probability, candidate_threshold) & (probability >= threshold)
+    if t2_ms is not None:
+        t2_ms = np.asarray(t2_ms)
+        if t2_ms.shape != probability.shape:
+            raise ValueError(f"T2 map shape {t2_ms.shape} differs from probability shape {probability.shape}")
+        with np.errstate(invalid="ignore"):
+            mask &= (t2_ms >= t2_range_ms[0]) & (t2_ms <= t2_range_ms[1])
+    others = tuple(a for a in range(mask.ndim) if a != slice_axis)
+    sparse = mask.sum(axis=others) < min_voxels_per_slice
+    index = [slice(None)] * mask.ndim
+    index[slice_axis] = sparse
+    mask[tuple(index)] = False
+    return mask
+
+
+# Each step: (label map array, its Volume, context with optional inputs, **options) -> array.
+Context = Mapping[str, Any]
+
+
+def _largest_component_step(
+    label_map: np.ndarray,
+    volume: Volume,
+    context: Context,
+    *,
+    labels: Sequence[int] | None = None,
+    components: int = 1,
+    connectivity: int | None = None,
+) -> np.ndarray:
+    return keep_largest_components(label_map, components, labels, connectivity)
+
+
+def _fill_holes_step(
+    label_map: np.ndarray, volume: Volume, context: Context, *, labels: Sequence[int] | None = None
+) -> np.ndarray:
+    return fill_label_holes(label_map, labels)
+
+
+def _closing_step(
+    label_map: np.ndarray,
+    volume: Volume,
+    context: Context,
+    *,
+    radius_mm: float,
+    labels: Sequence[int] | None = None,
+) -> np.ndarray:
+    return close_labels(label_map, float(radius_mm), volume.spacing[::-1], labels)
+
+
+def _opening_step(
+    label_map: np.ndarray,
+    volume: Volume,
+    context: Context,
+    *,
+    radius_mm: float,
+    labels: Sequence[int] | None = None,
+) -> np.ndarray:
+    return open_labels(label_map, float(radius_mm), volume.spacing[::-1], labels)
+
+
+def _mese_refinement_step(
+    label_map: np.ndarray,
+    volume: Volume,
+    context: Context,
+    *,
+    label: int = 1,
+    candidate_threshold: float = 0.01,
+    t2_range_ms: Sequence[float] = (0.0, 100.0),
+    threshold: float = 0.501,
+    min_voxels_per_slice: int = 425,
+    slice_axis: int = 0,
+) -> np.ndarray:
+    probabilities = context.get("probabilities")
+    if probabilities is None:
+        raise KneeSegError("post-processing step 'mese_refinement' needs the class probability maps")
+    refined = refine_mese_cartilage(
+        probabilities[label],
+        context.get("t2_ms"),
+        candidate_threshold=candidate_threshold,
+        t2_range_ms=(float(t2_range_ms[0]), float(t2_range_ms[1])),
+        threshold=threshold,
+        min_voxels_per_slice=min_voxels_per_slice,
+        slice_axis=slice_axis,
+    )
+    out = np.where(label_map == label, 0, label_map).astype(label_map.dtype)
+    out[refined & (out == 0)] = label
+    return out
+
+
+STEPS: dict[str, Callable[..., np.ndarray]] = {
+    "largest_component": _largest_component_step,
+    "fill_holes": _fill_holes_step,
+    "closing": _closing_step,
+    "opening": _opening_step,
+    "mese_refinement": _mese_refinement_step,
+}
+
+
+def apply_postprocessing(
+    labels: Volume,
+    steps: Sequence[Mapping[str, Any]],
+    probabilities: np.ndarray | None = None,
+    t2_ms: np.ndarray | None = None,
+) -> Volume:
+    """Run named post-processing steps on a label map, in order.
+
+    Parameters
+    ----------
+    labels : Volume
+        3D label map (label values of :data:`~KneeSegLogic.tissues.TISSUES`).
+    steps : sequence of dict
+        Each ``{"name": ..., options}``; ``"labels"`` (a list of label values) limits a step to
+        those structures, in priority order for ``closing``:
+
+        - ``{"name": "largest_component", "components": 1, "connectivity": 3}``
+        - ``{"name": "fill_holes"}``
+        - ``{"name": "closing", "radius_mm": 3.0}`` (ball in mm, from the volume's spacing)
+        - ``{"name": "opening", "radius_mm": 1.5}`` (removed voxels become background)
+        - ``{"name": "mese_refinement", "label": 1, "candidate_threshold": 0.01,
+          "t2_range_ms": [0, 100], "threshold": 0.501, "min_voxels_per_slice": 425,
+          "slice_axis": 0}`` (needs ``probabilities``; uses ``t2_ms`` when given)
+    probabilities : ndarray, shape (classes, k, j, i), optional
+        Class probability maps, channel index = label value.
+    t2_ms : ndarray, shape (k, j, i), optional
+        T2 map in ms on the same grid.
+
+    Returns
+    -------
+    Volume
+        A new label map on the same grid; the input is not modified.
+
+    Raises
+    ------
+    KneeSegError
+        An unknown step name or option, or a step that lacks its inputs.
+    """
+    context = {"probabilities": probabilities, "t2_ms": t2_ms}
+    array = labels.array
+    for number, step in enumerate(steps, start=1):
+        options = dict(step)
+        name = options.pop("name", None)
+        if name not in STEPS:
+            raise KneeSegError(f"post-processing step {number}: unknown name {name!r}; known: {sorted(STEPS)}")
+        function = STEPS[name]
+        try:
+            inspect.signature(function).bind(array, labels, context, **options)
+        except TypeError as error:
+            raise KneeSegError(f"post-processing step {number} ({name}): {error}") from None
+        array = function(array, labels, context, **options)
+    return labels.with_array(array)

@@ -1,0 +1,208 @@
+"""Training 2.5D members on synthetic images from real label maps (or real image/label pairs).
+
+One *member* is a 2D network that sees ``2k+1`` adjacent sagittal slices as channels at a given
+working spacing (KneeXNet-2.5D); an ensemble is several members at different in-plane
+resolutions (scale space) and noise settings (noise space), fused by mean softmax.
+
+Training is time-budgeted and resumable: ``workdir/<member>/checkpoint.pt`` holds the network,
+optimiser, iteration and elapsed time; ``best.safetensors`` the weights with the best validation
+Dice (checkpointing on validation Dice); ``history.json`` the curves. Seeds make runs repeatable
+up to thread scheduling.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+
+from KneeSegLogic.io.outputs import atomic_file, write_json
+from KneeSegLogic.segmentation.networks import build_network
+from KneeSegLogic.tissues import TISSUES
+from KneeSegLogic.training.losses import make_loss
+from KneeSegLogic.training.synthesis import Anatomy, SynthesisSettings, Synthesizer
+
+NUM_CLASSES = 1 + max(t.label for t in TISSUES)
+
+
+@dataclass
+class MemberRecipe:
+    """How one 2.5D member is trained and what its input contract is."""
+
+    name: str
+    pixel_mm: float
+    slice_mm: float = 1.5
+    context_slices: int = 2
+    crop: int = 160
+    channels: tuple[int, ...] = (16, 32, 64, 128, 256)
+    strides: tuple[int, ...] = (2, 2, 2, 2)
+    num_res_units: int = 1
+    noise_range: tuple[float, float] = (0.005, 0.08)
+    slices_per_box: int = 12
+    boxes_per_batch: int = 1
+    learning_rate: float = 2e-3
+    seed: int = 0
+
+    def architecture(self) -> dict:
+        return {
+            "name": "monai.UNet",
+            "args": {
+                "spatial_dims": 2,
+                "in_channels": 2 * self.context_slices + 1,
+                "out_channels": NUM_CLASSES,
+                "channels": list(self.channels),
+                "strides": list(self.strides),
+                "num_res_units": self.num_res_units,
+            },
+        }
+
+    def input_contract(self) -> dict:
+        return {
+            "kind": "2.5d",
+            "plane": "sagittal",
+            "context_slices": self.context_slices,
+            "spacing_mm": [self.pixel_mm, self.pixel_mm],
+            "slice_spacing_mm": self.slice_mm,
+            "normalisation": {"name": "percentile", "low": 1, "high": 99},
+        }
+
+
+@dataclass
+class TrainingState:
+    iteration: int = 0
+    elapsed_s: float = 0.0
+    best_dice: float = -1.0
+    history: list[dict] = field(default_factory=list)
+
+
+def _synthesizer(anatomies: list[Anatomy], spec: MemberRecipe, seed: int) -> Synthesizer:
+    depth = 2 * spec.context_slices + spec.slices_per_box
+    settings = SynthesisSettings(noise_range=spec.noise_range)
+    return Synthesizer(anatomies, (depth, spec.crop, spec.crop), (spec.slice_mm, spec.pixel_mm, spec.pixel_mm), settings, seed)
+
+
+def stacks_from_box(image: torch.Tensor, labels: torch.Tensor, context: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """All 2.5D inputs of a box: (N, 2k+1, H, W) slice stacks and (N, H, W) centre labels."""
+    depth = image.shape[0]
+    centres = range(context, depth - context)
+    inputs = torch.stack([image[c - context : c + context + 1] for c in centres])
+    targets = torch.stack([labels[c] for c in centres])
+    return inputs, targets
+
+
+def dice_per_class(prediction: torch.Tensor, target: torch.Tensor, classes: int) -> np.ndarray:
+    """Hard Dice per foreground class over a batch (NaN where a class is absent from both)."""
+    scores = np.full(classes - 1, np.nan)
+    for c in range(1, classes):
+        p, t = prediction == c, target == c
+        total = int(p.sum() + t.sum())
+        if total:
+            scores[c - 1] = 2 * int((p & t).sum()) / total
+    return scores
+
+
+def _validation_set(anatomies: list[Anatomy], spec: MemberRecipe, boxes: int = 6) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    synthesizer = _synthesizer(anatomies, spec, seed=10_000 + spec.seed)
+    return [stacks_from_box(*synthesizer.sample(), spec.context_slices) for _ in range(boxes)]
+
+
+@torch.no_grad()
+def validate(network: torch.nn.Module, validation: list[tuple[torch.Tensor, torch.Tensor]]) -> np.ndarray:
+    network.eval()
+    predictions, targets = [], []
+    for inputs, target in validation:
+        device = next(network.parameters()).device
+        predictions.append(network(inputs.to(device)).argmax(1).cpu())
+        targets.append(target)
+    network.train()
+    return dice_per_class(torch.cat(predictions), torch.cat(targets), NUM_CLASSES)
+
+
+def train_member(
+    anatomies: list[Anatomy],
+    spec: MemberRecipe,
+    workdir: Path,
+    time_budget_s: float,
+    progress: Callable[[str, float, str], None] | None = None,
+    validate_every: int = 150,
+    loss: str = "dice-ce",
+    device: str = "cpu",
+) -> Path:
+    """Train (or resume) one member for ``time_budget_s`` seconds in total; return best weights.
+
+    ``loss`` is a key of :data:`KneeSegLogic.training.losses.LOSSES`; ``device`` a torch device.
+    """
+    folder = Path(workdir) / spec.name
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(spec.seed)
+    network = build_network(**spec.architecture()).to(device)
+    optimiser = torch.optim.Adam(network.parameters(), lr=spec.learning_rate)
+    state = TrainingState()
+    checkpoint = folder / "checkpoint.pt"
+    if checkpoint.exists():
+        saved = torch.load(checkpoint, weights_only=True, map_location=device)
+        network.load_state_dict(saved["network"])
+        optimiser.load_state_dict(saved["optimiser"])
+        state = TrainingState(**json.loads(saved["state"]))
+    (folder / "spec.json").write_text(json.dumps(asdict(spec), indent=2))
+    synthesizer = _synthesizer(anatomies, spec, seed=spec.seed + state.iteration)
+    validation = _validation_set(anatomies, spec)
+    counts = sum(torch.bincount(a.labels.reshape(-1).long(), minlength=NUM_CLASSES)[:NUM_CLASSES].double() for a in anatomies)
+    loss_function = make_loss(loss, counts.tolist())
+    best = folder / "best.safetensors"
+    started = time.perf_counter() - state.elapsed_s
+    running = []
+
+    def save() -> None:
+        state.elapsed_s = time.perf_counter() - started
+        payload = {"network": network.state_dict(), "optimiser": optimiser.state_dict(),
+                   "state": json.dumps(asdict(state))}
+        with atomic_file(checkpoint) as temporary:
+            torch.save(payload, temporary)
+        write_json(state.history, folder / "history.json")
+
+    while (elapsed := time.perf_counter() - started) < time_budget_s:
+        fraction = elapsed / time_budget_s
+        for group in optimiser.param_groups:  # cosine decay over the time budget
+            group["lr"] = spec.learning_rate * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * fraction)))
+        boxes = [stacks_from_box(*synthesizer.sample(), spec.context_slices) for _ in range(spec.boxes_per_batch)]
+        inputs = torch.cat([b[0] for b in boxes]).to(device)
+        targets = torch.cat([b[1] for b in boxes]).to(device)
+        loss = loss_function(network(inputs), targets)
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        state.iteration += 1
+        running.append(loss.item())
+        if state.iteration % validate_every == 0:
+            dice = validate(network, validation)
+            mean_dice = float(np.nanmean(dice))
+            state.history.append({"iteration": state.iteration, "elapsed_s": round(elapsed, 1),
+                                  "loss": round(float(np.mean(running)), 4), "val_dice_mean": round(mean_dice, 4),
+                                  "val_dice": [None if np.isnan(d) else round(float(d), 4) for d in dice]})
+            running = []
+            if mean_dice > state.best_dice:
+                state.best_dice = mean_dice
+                save_file({k: v.contiguous() for k, v in network.state_dict().items()}, str(best))
+            save()
+            if progress is not None:
+                progress("train", fraction, f"{spec.name}: iteration {state.iteration}, val Dice {mean_dice:.3f}")
+    if not best.exists():
+        save_file({k: v.contiguous() for k, v in network.state_dict().items()}, str(best))
+    save()
+    return best
+
+
+#: The default ensemble (KneeXNet-2.5D's scale space): a fine and a coarse in-plane resolution,
+#: with different noise ranges (noise space).
+DEFAULT_MEMBERS: tuple[MemberRecipe, ...] = (
+    MemberRecipe("sagittal-0.75mm", pixel_mm=0.75, crop=160, noise_range=(0.005, 0.06), seed=1),
+    MemberRecipe("sagittal-1.15mm", pixel_mm=1.15, crop=128, noise_range=(0.02, 0.10), seed=2),
+)
