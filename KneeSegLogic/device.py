@@ -1,4 +1,4 @@
-"""TODO docstring (inference)."""
+"""Compute devices: which torch device a run uses and how it is described in results.json."""
 
 from __future__ import annotations
 

@@ -15,42 +15,29 @@ from dataclasses import dataclass
 
 TERMINOLOGY_CONTEXT = "Segmentation category and type - DICOM master list"
 
-
 ANATOMIC_CONTEXT = "Anatomic codes - DICOM master list"
-
 
 Code = tuple[str, str, str]  # (coding scheme designator, code value, code meaning)
 
-
 ANATOMICAL_STRUCTURE: Code = ("SCT", "123037004", "Anatomical Structure")
-
 
 TISSUE: Code = ("SCT", "85756007", "Tissue")
 
-
 FEMUR: Code = ("SCT", "71341001", "Femur")
-
 
 TIBIA: Code = ("SCT", "12611008", "Tibia")
 
-
 PATELLA: Code = ("SCT", "64234005", "Patella")
-
 
 FIBULA: Code = ("SCT", "87342007", "Fibula")
 
-
 KNEE: Code = ("SCT", "72696002", "Knee")
-
 
 CARTILAGE: Code = ("SCT", "309312004", "Cartilage")
 
-
 MENISCUS: Code = ("SCT", "74135004", "Meniscus")
 
-
 MEDIAL: Code = ("SCT", "255561001", "Medial")
-
 
 LATERAL: Code = ("SCT", "49370004", "Lateral")
 
@@ -114,27 +101,39 @@ def _rgb(r: int, g: int, b: int) -> tuple[float, float, float]:
 # Label values follow the pymskt / OAI knee label maps shipped in Resources/SampleData, so the
 # real anatomy there is already in KneeSeg's labelling.
 TISSUES: tuple[Tissue, ...] = (
-    Tissue(1, "femoral_cartilage", "Femoral cartilage", _rgb(111, 184, 210), "cartilage",
-           TISSUE, CARTILAGE, FEMUR),
-    Tissue(2, "medial_tibial_cartilage", "Medial tibial cartilage", _rgb(216, 101, 79), "cartilage",
-           TISSUE, CARTILAGE, TIBIA, MEDIAL),
-    Tissue(3, "lateral_tibial_cartilage", "Lateral tibial cartilage", _rgb(221, 130, 101), "cartilage",
-           TISSUE, CARTILAGE, TIBIA, LATERAL),
-    Tissue(4, "patellar_cartilage", "Patellar cartilage", _rgb(144, 238, 144), "cartilage",
-           TISSUE, CARTILAGE, PATELLA),
+    Tissue(1, "femoral_cartilage", "Femoral cartilage", _rgb(111, 184, 210), "cartilage", TISSUE, CARTILAGE, FEMUR),
+    Tissue(
+        2,
+        "medial_tibial_cartilage",
+        "Medial tibial cartilage",
+        _rgb(216, 101, 79),
+        "cartilage",
+        TISSUE,
+        CARTILAGE,
+        TIBIA,
+        MEDIAL,
+    ),
+    Tissue(
+        3,
+        "lateral_tibial_cartilage",
+        "Lateral tibial cartilage",
+        _rgb(221, 130, 101),
+        "cartilage",
+        TISSUE,
+        CARTILAGE,
+        TIBIA,
+        LATERAL,
+    ),
+    Tissue(4, "patellar_cartilage", "Patellar cartilage", _rgb(144, 238, 144), "cartilage", TISSUE, CARTILAGE, PATELLA),
     Tissue(5, "femur", "Femur", _rgb(241, 214, 145), "bone", ANATOMICAL_STRUCTURE, FEMUR),
     Tissue(6, "tibia", "Tibia", _rgb(230, 220, 70), "bone", ANATOMICAL_STRUCTURE, TIBIA),
     Tissue(7, "patella", "Patella", _rgb(252, 181, 158), "bone", ANATOMICAL_STRUCTURE, PATELLA),
     Tissue(8, "fibula", "Fibula", _rgb(177, 122, 101), "bone", ANATOMICAL_STRUCTURE, FIBULA),
-    Tissue(9, "lateral_meniscus", "Lateral meniscus", _rgb(183, 156, 220), "meniscus",
-           TISSUE, MENISCUS, KNEE, LATERAL),
-    Tissue(10, "medial_meniscus", "Medial meniscus", _rgb(128, 174, 128), "meniscus",
-           TISSUE, MENISCUS, KNEE, MEDIAL),
+    Tissue(9, "lateral_meniscus", "Lateral meniscus", _rgb(183, 156, 220), "meniscus", TISSUE, MENISCUS, KNEE, LATERAL),
+    Tissue(10, "medial_meniscus", "Medial meniscus", _rgb(128, 174, 128), "meniscus", TISSUE, MENISCUS, KNEE, MEDIAL),
 )
 
-
 BY_LABEL: dict[int, Tissue] = {t.label: t for t in TISSUES}
-
 
 BY_KEY: dict[str, Tissue] = {t.key: t for t in TISSUES}
 

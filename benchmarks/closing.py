@@ -87,8 +87,12 @@ def bench_surfaces(labels) -> dict[str, float]:
             cpus.append(time.process_time() - cpu)
     triangles = sum(entry["triangles"] for entry in section["structures"].values())
     closed = all(entry["closed"] and entry["manifold"] for entry in section["structures"].values())
-    print(f"\nsurfaces: {len(section['structures'])} structures, {triangles} triangles, all closed and manifold: {closed}")
-    print(f"  build_surfaces (windowed-sinc, STL+VTP)  wall {min(walls):.3f} s, CPU {min(cpus):.3f} s (best of {REPEATS})")
+    print(
+        f"\nsurfaces: {len(section['structures'])} structures, {triangles} triangles, all closed and manifold: {closed}"
+    )
+    print(
+        f"  build_surfaces (windowed-sinc, STL+VTP)  wall {min(walls):.3f} s, CPU {min(cpus):.3f} s (best of {REPEATS})"
+    )
     return {"surfaces_wall_s": round(min(walls), 3), "surfaces_cpu_s": round(min(cpus), 3)}
 
 
@@ -101,7 +105,9 @@ def main() -> None:
         "random_blobs": bench_closing("random blobs", random_blobs(labels.array.shape)),
     }
     summary.update(bench_surfaces(labels))
-    summary["closing_budget_30x_met"] = all(summary[case]["skimage_over_ours"] >= 30 for case in ("femur", "random_blobs"))
+    summary["closing_budget_30x_met"] = all(
+        summary[case]["skimage_over_ours"] >= 30 for case in ("femur", "random_blobs")
+    )
     summary["load_average"] = round(os.getloadavg()[0], 2)
     print(json.dumps(summary))
 

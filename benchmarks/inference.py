@@ -52,7 +52,7 @@ def _scan(folder: Path, slices: int) -> Path:
     if slices < labels.array.shape[0]:  # the central slices, on the same physical positions
         start = (labels.array.shape[0] - slices) // 2
         origin = np.asarray(labels.origin) + labels.direction @ np.array([0.0, 0.0, start * labels.spacing[2]])
-        labels = Volume(labels.array[start:start + slices].copy(), labels.spacing, tuple(origin), labels.direction)
+        labels = Volume(labels.array[start : start + slices].copy(), labels.spacing, tuple(origin), labels.direction)
     path = folder / f"knee_{slices}.nrrd"
     write_volume(synthesize_mese(labels, snr=30).image.echo(1), path)
     return path
@@ -118,8 +118,11 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         kind, *rest = args.child
-        result = measure_pipeline(rest[0], rest[1], args.threads) if kind == "pipeline" else \
-            measure_sliding_window(int(rest[0]), args.threads)
+        result = (
+            measure_pipeline(rest[0], rest[1], args.threads)
+            if kind == "pipeline"
+            else measure_sliding_window(int(rest[0]), args.threads)
+        )
         result["peak_rss_gib"] = _peak_rss_gib()
         print(json.dumps(result))
         return
@@ -143,11 +146,16 @@ def main() -> None:
     summary = {
         "pipeline_s": round(full_run["seconds"], 2),
         "pipeline_peak_gib": round(full_run["peak_rss_gib"], 2),
-        "inference_s_160_over_80_slices": round(full_run["timings_s"]["inference"] / half_run["timings_s"]["inference"], 2),
+        "inference_s_160_over_80_slices": round(
+            full_run["timings_s"]["inference"] / half_run["timings_s"]["inference"], 2
+        ),
         "sliding_window_batched_s": round(runs["3D sliding window, 8 patches/batch"]["seconds"], 2),
         "sliding_window_per_patch_s": round(runs["3D sliding window, per-patch loop"]["seconds"], 2),
-        "per_patch_over_batched": round(runs["3D sliding window, per-patch loop"]["seconds"]
-                                        / runs["3D sliding window, 8 patches/batch"]["seconds"], 2),
+        "per_patch_over_batched": round(
+            runs["3D sliding window, per-patch loop"]["seconds"]
+            / runs["3D sliding window, 8 patches/batch"]["seconds"],
+            2,
+        ),
         "threads": args.threads,
     }
     print(json.dumps(summary))

@@ -59,14 +59,18 @@ def segment(scan: Volume, threads: int) -> tuple[Volume, float]:
 
     torch.set_num_threads(threads)
     start = time.perf_counter()
-    labels, _, _ = segment_volume(scan, get_package(None), torch.device("cpu"), Results("reacquisition"), Progress(None))
+    labels, _, _ = segment_volume(
+        scan, get_package(None), torch.device("cpu"), Results("reacquisition"), Progress(None)
+    )
     return labels, time.perf_counter() - start
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("scan", help="a real knee scan (file or DICOM folder)")
-    parser.add_argument("--echo", type=int, default=None, help="1-based echo of a multi-echo scan (default: all, as segment)")
+    parser.add_argument(
+        "--echo", type=int, default=None, help="1-based echo of a multi-echo scan (default: all, as segment)"
+    )
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
 
@@ -84,16 +88,22 @@ def main() -> None:
         labels, seconds = segment(moved, args.threads)
         back = resample_to_grid(labels, reference, is_label=True)
         result = evaluate(back, reference)
-        rows[name] = {"seconds": round(seconds, 1), "grid": list(moved.size),
-                      "dice": {s: round(float(m["dice"]), 3) for s, m in result["structures"].items()}}
+        rows[name] = {
+            "seconds": round(seconds, 1),
+            "grid": list(moved.size),
+            "dice": {s: round(float(m["dice"]), 3) for s, m in result["structures"].items()},
+        }
     structures = sorted({s for row in rows.values() for s in row.get("dice", {})})
     print(f"scan: {args.scan}  grid {list(scan.size)}  spacing {[round(s, 3) for s in scan.spacing]} mm")
     print("Dice against the segmentation of the scan as acquired:")
     print(f"{'re-acquisition':<16}" + "".join(f"{s[:14]:>15}" for s in structures) + f"{'seconds':>9}")
     for name, row in rows.items():
         if "dice" in row:
-            print(f"{name:<16}" + "".join(f"{row['dice'].get(s, float('nan')):>15.3f}" for s in structures)
-                  + f"{row['seconds']:>9.1f}")
+            print(
+                f"{name:<16}"
+                + "".join(f"{row['dice'].get(s, float('nan')):>15.3f}" for s in structures)
+                + f"{row['seconds']:>9.1f}"
+            )
     print(json.dumps({"scan": str(Path(args.scan)), "rows": rows}))
 
 

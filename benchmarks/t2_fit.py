@@ -53,6 +53,7 @@ def synthetic_voxels(voxels: int, air: int, sigma: float, seed: int) -> tuple[np
 
 def dosma_curve_fit(signal: np.ndarray, echo_times: np.ndarray) -> np.ndarray:
     """T2 (ms) per voxel the DOSMA way: polyfit start, curve_fit(a exp(b x)), maxfev 100, ftol 1e-5."""
+
     def model(x: np.ndarray, a: float, b: float) -> np.ndarray:
         return a * np.exp(b * x)
 
@@ -109,31 +110,45 @@ def main() -> None:
     rows = []
     for name, options in methods.items():
         seconds, fit = best_time(
-            lambda options=options: fit_t2(signal, echo_times, mask=tissue, t2_bounds_ms=(0.0, 1e4), device=args.device, **options),
+            lambda options=options: fit_t2(
+                signal, echo_times, mask=tissue, t2_bounds_ms=(0.0, 1e4), device=args.device, **options
+            ),
             REPEATS,
         )
         t2 = fit.t2_ms[tissue]
-        rows.append({
-            "method": f"KneeSeg {name}",
-            "seconds": seconds,
-            "sample": errors(t2[sample], truth[sample]),
-            "all": errors(t2, truth),
-            "sigma": fit.sigma,
-            "converged": float(fit.converged[tissue].mean()),
-        })
-    baseline = {"method": "scipy curve_fit per voxel (DOSMA)", "seconds": baseline_scaled, "sample": errors(baseline_t2, truth[sample])}
+        rows.append(
+            {
+                "method": f"KneeSeg {name}",
+                "seconds": seconds,
+                "sample": errors(t2[sample], truth[sample]),
+                "all": errors(t2, truth),
+                "sigma": fit.sigma,
+                "converged": float(fit.converged[tissue].mean()),
+            }
+        )
+    baseline = {
+        "method": "scipy curve_fit per voxel (DOSMA)",
+        "seconds": baseline_scaled,
+        "sample": errors(baseline_t2, truth[sample]),
+    }
 
-    print(f"T2 fit, {args.voxels:,} voxels (+{args.air:,} air), {echo_times.size} echoes {echo_times[0]:g}-{echo_times[-1]:g} ms, "
-          f"T2 U(20, 60) ms, Rician sigma {args.sigma:g} (S0 1000), {args.threads} thread(s), device {args.device}")
-    print(f"baseline: {args.sample} voxels in {baseline_seconds:.2f} s = {1e6 * baseline_seconds / args.sample:.0f} us/voxel, "
-          f"scaled to {args.voxels:,}: {baseline_scaled:.1f} s")
+    print(
+        f"T2 fit, {args.voxels:,} voxels (+{args.air:,} air), {echo_times.size} echoes {echo_times[0]:g}-{echo_times[-1]:g} ms, "
+        f"T2 U(20, 60) ms, Rician sigma {args.sigma:g} (S0 1000), {args.threads} thread(s), device {args.device}"
+    )
+    print(
+        f"baseline: {args.sample} voxels in {baseline_seconds:.2f} s = {1e6 * baseline_seconds / args.sample:.0f} us/voxel, "
+        f"scaled to {args.voxels:,}: {baseline_scaled:.1f} s"
+    )
     header = f"{'method':40s} {'time (s)':>9s} {'x faster':>9s} {'median |err| (ms)':>18s} {'mean bias (ms)':>15s} {'failed':>7s}   {'all voxels: median |err|, bias':>31s}"
     print(header)
     print("-" * len(header))
     for row in [baseline, *rows]:
         sample_errors = row["sample"]
-        line = (f"{row['method']:40s} {row['seconds']:9.3f} {baseline_scaled / row['seconds']:9.1f} "
-                f"{sample_errors['median_abs_error_ms']:18.3f} {sample_errors['mean_bias_ms']:+15.3f} {sample_errors['failed_fraction']:7.2%}")
+        line = (
+            f"{row['method']:40s} {row['seconds']:9.3f} {baseline_scaled / row['seconds']:9.1f} "
+            f"{sample_errors['median_abs_error_ms']:18.3f} {sample_errors['mean_bias_ms']:+15.3f} {sample_errors['failed_fraction']:7.2%}"
+        )
         if "all" in row:
             line += f"   {row['all']['median_abs_error_ms']:14.3f}, {row['all']['mean_bias_ms']:+.3f}"
         print(line)
@@ -142,27 +157,35 @@ def main() -> None:
     ours, theirs = headline["sample"], baseline["sample"]
     print(f"sigma estimated from the air: {headline['sigma']:.2f} (true {args.sigma:g})")
     # Two estimators on the same 2000 voxels differ in median |error| by about 1 % by chance.
-    accurate = ours["median_abs_error_ms"] <= 1.02 * theirs["median_abs_error_ms"] and abs(ours["mean_bias_ms"]) <= abs(theirs["mean_bias_ms"])
-    print(f"budget >= 50x faster: {'met' if ratio >= 50 else 'NOT met'} ({ratio:.0f}x); error equal or lower "
-          f"(median |error| within 2 %, |bias| no larger): {'met' if accurate else 'NOT met'}")
-    print(json.dumps({
-        "benchmark": "t2_fit",
-        "voxels": args.voxels,
-        "echoes": int(echo_times.size),
-        "sigma": args.sigma,
-        "threads": args.threads,
-        "device": args.device,
-        "method": headline["method"],
-        "seconds": round(headline["seconds"], 4),
-        "baseline_seconds_scaled": round(baseline_scaled, 2),
-        "baseline_us_per_voxel": round(1e6 * baseline_seconds / args.sample, 1),
-        "speed_ratio": round(ratio, 1),
-        "median_abs_error_ms": round(ours["median_abs_error_ms"], 4),
-        "mean_bias_ms": round(ours["mean_bias_ms"], 4),
-        "baseline_median_abs_error_ms": round(theirs["median_abs_error_ms"], 4),
-        "baseline_mean_bias_ms": round(theirs["mean_bias_ms"], 4),
-        "baseline_failed_fraction": round(theirs["failed_fraction"], 4),
-    }))
+    accurate = ours["median_abs_error_ms"] <= 1.02 * theirs["median_abs_error_ms"] and abs(ours["mean_bias_ms"]) <= abs(
+        theirs["mean_bias_ms"]
+    )
+    print(
+        f"budget >= 50x faster: {'met' if ratio >= 50 else 'NOT met'} ({ratio:.0f}x); error equal or lower "
+        f"(median |error| within 2 %, |bias| no larger): {'met' if accurate else 'NOT met'}"
+    )
+    print(
+        json.dumps(
+            {
+                "benchmark": "t2_fit",
+                "voxels": args.voxels,
+                "echoes": int(echo_times.size),
+                "sigma": args.sigma,
+                "threads": args.threads,
+                "device": args.device,
+                "method": headline["method"],
+                "seconds": round(headline["seconds"], 4),
+                "baseline_seconds_scaled": round(baseline_scaled, 2),
+                "baseline_us_per_voxel": round(1e6 * baseline_seconds / args.sample, 1),
+                "speed_ratio": round(ratio, 1),
+                "median_abs_error_ms": round(ours["median_abs_error_ms"], 4),
+                "mean_bias_ms": round(ours["mean_bias_ms"], 4),
+                "baseline_median_abs_error_ms": round(theirs["median_abs_error_ms"], 4),
+                "baseline_mean_bias_ms": round(theirs["mean_bias_ms"], 4),
+                "baseline_failed_fraction": round(theirs["failed_fraction"], 4),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -34,11 +34,15 @@ def echo_times_argument(text: str) -> list[float]:
 def add_scan(parser: argparse.ArgumentParser, name: str, help_text: str) -> None:
     """A scan argument and the ``--echo-times`` a 4D file without them in its header needs."""
     parser.add_argument(name, type=Path, help=help_text)
-    parser.add_argument("--echo-times", type=echo_times_argument, help="echo times in ms (comma-separated) for a 4D file")
+    parser.add_argument(
+        "--echo-times", type=echo_times_argument, help="echo times in ms (comma-separated) for a 4D file"
+    )
 
 
 def add_output(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("-o", "--output", required=True, type=Path, help="output folder (written as OUT.partial, renamed when complete)")
+    parser.add_argument(
+        "-o", "--output", required=True, type=Path, help="output folder (written as OUT.partial, renamed when complete)"
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
 
 

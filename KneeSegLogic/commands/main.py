@@ -97,7 +97,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as error:  # a bug, not bad input: say so in one line, traceback on --debug
         if args.debug:
             raise
-        print(f"kneeseg {args.command}: internal error: {type(error).__name__}: {error} (rerun with --debug for the traceback)", file=sys.stderr)
+        print(
+            f"kneeseg {args.command}: internal error: {type(error).__name__}: {error} (rerun with --debug for the traceback)",
+            file=sys.stderr,
+        )
         return 3
 
 

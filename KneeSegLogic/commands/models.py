@@ -14,8 +14,16 @@ HELP = "list the model packages found"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print JSON")
-    parser.add_argument("--import", dest="import_path", type=Path, metavar="PACKAGE", help="copy a package folder or .zip into the user cache (offline sites)")
-    parser.add_argument("--download", metavar="URL", help="download a package .zip into the user cache (needs --sha256)")
+    parser.add_argument(
+        "--import",
+        dest="import_path",
+        type=Path,
+        metavar="PACKAGE",
+        help="copy a package folder or .zip into the user cache (offline sites)",
+    )
+    parser.add_argument(
+        "--download", metavar="URL", help="download a package .zip into the user cache (needs --sha256)"
+    )
     parser.add_argument("--sha256", metavar="HEX", help="expected sha256 of the --download zip")
 
 
@@ -42,8 +50,15 @@ def run(args: argparse.Namespace) -> int:
     for problem in problems:
         print(f"warning: skipped {problem}", file=sys.stderr)
     if args.json:
-        print(json.dumps({"packages": [package_summary(p) for p in packages], "problems": problems,
-                          "searched": [str(root) for _, root in search_roots()]}))
+        print(
+            json.dumps(
+                {
+                    "packages": [package_summary(p) for p in packages],
+                    "problems": problems,
+                    "searched": [str(root) for _, root in search_roots()],
+                }
+            )
+        )
         return 0
     if not packages:
         print("no model packages found; searched " + ", ".join(str(root) for _, root in search_roots()))

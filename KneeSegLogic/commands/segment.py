@@ -16,10 +16,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="model package id or folder (default: the bundled default model)")
     add_device(parser)
     parser.add_argument("--no-surfaces", action="store_true", help="skip surface models")
-    parser.add_argument("--closing-radius", type=float, default=None, help="closing radius in mm (default: from the model package)")
+    parser.add_argument(
+        "--closing-radius", type=float, default=None, help="closing radius in mm (default: from the model package)"
+    )
     parser.add_argument("--members", type=int, default=0, help="use the first N ensemble members (0: all)")
-    parser.add_argument("--flip-tta", action="store_true", help="also predict the left-right mirrored scan and average (2x time)")
-    parser.add_argument("--regions", choices=["dosma", "thomas"], default=None, help="femoral subregion recipe for multi-echo T2 (default: dosma)")
+    parser.add_argument(
+        "--flip-tta", action="store_true", help="also predict the left-right mirrored scan and average (2x time)"
+    )
+    parser.add_argument(
+        "--regions",
+        choices=["dosma", "thomas"],
+        default=None,
+        help="femoral subregion recipe for multi-echo T2 (default: dosma)",
+    )
 
 
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
@@ -31,9 +40,16 @@ def run(args: argparse.Namespace) -> int:
     from KneeSegLogic.io.outputs import Progress, Results
     from KneeSegLogic.pipeline.segment import SegmentOptions, segment_scan
 
-    options = SegmentOptions(model=args.model, device=args.device, members=args.members, flip_tta=args.flip_tta,
-                             closing_radius_mm=args.closing_radius, surfaces=not args.no_surfaces,
-                             regions=args.regions, overwrite=args.overwrite)
+    options = SegmentOptions(
+        model=args.model,
+        device=args.device,
+        members=args.members,
+        flip_tta=args.flip_tta,
+        closing_radius_mm=args.closing_radius,
+        surfaces=not args.no_surfaces,
+        regions=args.regions,
+        overwrite=args.overwrite,
+    )
     progress, results = Progress(), Results("segment")
     volume = read_scan(args.input, args.echo_times, results, progress)
     segment_scan(volume, args.output, options, scan_path=args.input, results=results, progress=progress)

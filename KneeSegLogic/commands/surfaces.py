@@ -15,10 +15,19 @@ SMOOTHING_METHODS = ("windowed-sinc", "laplacian-idw", "none")
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("segmentation", type=Path, help=".seg.nrrd or label volume")
     add_output(parser)
-    parser.add_argument("--smoothing", default="windowed-sinc", choices=SMOOTHING_METHODS,
-                        help="surface smoothing (default: volume-preserving windowed sinc)")
-    parser.add_argument("--decimate", type=float, default=0.0, metavar="FRACTION",
-                        help="fraction of triangles to remove by quadric decimation, 0 to <1 (default 0)")
+    parser.add_argument(
+        "--smoothing",
+        default="windowed-sinc",
+        choices=SMOOTHING_METHODS,
+        help="surface smoothing (default: volume-preserving windowed sinc)",
+    )
+    parser.add_argument(
+        "--decimate",
+        type=float,
+        default=0.0,
+        metavar="FRACTION",
+        help="fraction of triangles to remove by quadric decimation, 0 to <1 (default 0)",
+    )
     parser.add_argument("--structures", help="comma-separated structure keys or label values (default: all present)")
 
 
@@ -28,7 +37,8 @@ def run(args: argparse.Namespace) -> int:
         surfaces_from_segmentation,
     )
 
-    options = SurfaceOptions(smoothing=args.smoothing, decimate=args.decimate, structures=args.structures,
-                             overwrite=args.overwrite)
+    options = SurfaceOptions(
+        smoothing=args.smoothing, decimate=args.decimate, structures=args.structures, overwrite=args.overwrite
+    )
     surfaces_from_segmentation(args.segmentation, args.output, options)
     return 0

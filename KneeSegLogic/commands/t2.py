@@ -17,11 +17,28 @@ REGION_RECIPES = ("dosma", "thomas")
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_scan(parser, "input", "multi-echo DICOM folder, or 4D NIfTI/NRRD with --echo-times")
     add_output(parser)
-    parser.add_argument("--mask", type=Path, help="segmentation (.seg.nrrd or label volume) limiting the fit and giving regions")
-    parser.add_argument("--model", default="ncexp", choices=T2_MODELS, help="signal model (default: noise-corrected mono-exponential)")
-    parser.add_argument("--keep-first-echo", action="store_true", help="fit echo 1 too (skipped by default: stimulated echoes make it wrong in spin-echo trains)")
-    parser.add_argument("--sigma", type=float, help="noise SD per receiver channel for ncexp, in signal units (default: from the image background)")
-    parser.add_argument("--channels", type=int, default=1, help="receiver channels of the magnitude combination, for ncexp (default 1: Rician)")
+    parser.add_argument(
+        "--mask", type=Path, help="segmentation (.seg.nrrd or label volume) limiting the fit and giving regions"
+    )
+    parser.add_argument(
+        "--model", default="ncexp", choices=T2_MODELS, help="signal model (default: noise-corrected mono-exponential)"
+    )
+    parser.add_argument(
+        "--keep-first-echo",
+        action="store_true",
+        help="fit echo 1 too (skipped by default: stimulated echoes make it wrong in spin-echo trains)",
+    )
+    parser.add_argument(
+        "--sigma",
+        type=float,
+        help="noise SD per receiver channel for ncexp, in signal units (default: from the image background)",
+    )
+    parser.add_argument(
+        "--channels",
+        type=int,
+        default=1,
+        help="receiver channels of the magnitude combination, for ncexp (default 1: Rician)",
+    )
     parser.add_argument("--min-r2", type=float, help="reject voxels whose fit R^2 is lower (DOSMA uses 0.9)")
     parser.add_argument("--regions", choices=REGION_RECIPES, help="femoral subregion recipe (default: dosma)")
     add_device(parser)
@@ -37,9 +54,16 @@ def run(args: argparse.Namespace) -> int:
     from KneeSegLogic.io.outputs import Progress, Results
     from KneeSegLogic.quantification.t2maps import T2Options, t2_scan
 
-    options = T2Options(model=args.model, skip_first_echo=not args.keep_first_echo, sigma=args.sigma,
-                        channels=args.channels, min_r2=args.min_r2, regions=args.regions, device=args.device,
-                        overwrite=args.overwrite)
+    options = T2Options(
+        model=args.model,
+        skip_first_echo=not args.keep_first_echo,
+        sigma=args.sigma,
+        channels=args.channels,
+        min_r2=args.min_r2,
+        regions=args.regions,
+        device=args.device,
+        overwrite=args.overwrite,
+    )
     progress, results = Progress(), Results("t2")
     volume = read_scan(args.input, args.echo_times, results, progress)
     t2_scan(volume, args.output, options, scan_path=args.input, mask_path=args.mask, results=results, progress=progress)

@@ -13,25 +13,41 @@ LOSSES = ("dice-ce", "dice-wce", "dice-ce-boundary")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("data", type=Path, nargs="+",
-                        help="label map files or folders of label maps (images are synthesised from them), and/or "
-                             "folders of real pairs images/<case>.nrrd + labels/<case>.seg.nrrd")
+    parser.add_argument(
+        "data",
+        type=Path,
+        nargs="+",
+        help="label map files or folders of label maps (images are synthesised from them), and/or "
+        "folders of real pairs images/<case>.nrrd + labels/<case>.seg.nrrd",
+    )
     add_output(parser)
     add_device(parser)
-    parser.add_argument("--workdir", type=Path, help="checkpoints and curves (default: OUT.work); training resumes from it")
+    parser.add_argument(
+        "--workdir", type=Path, help="checkpoints and curves (default: OUT.work); training resumes from it"
+    )
     parser.add_argument("--only-member", help="train only this ensemble member (run members in parallel processes)")
     parser.add_argument("--time-budget-min", type=float, default=60.0, help="training time per member in minutes")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
-    parser.add_argument("--loss", default="dice-ce", choices=LOSSES,
-                        help="dice-ce: soft Dice + cross-entropy (default); dice-wce: with Wang et al.'s dual-level "
-                             "weighted cross-entropy; dice-ce-boundary: plus Kervadec et al.'s boundary loss")
+    parser.add_argument(
+        "--loss",
+        default="dice-ce",
+        choices=LOSSES,
+        help="dice-ce: soft Dice + cross-entropy (default); dice-wce: with Wang et al.'s dual-level "
+        "weighted cross-entropy; dice-ce-boundary: plus Kervadec et al.'s boundary loss",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     from KneeSegLogic.training.builder import TrainOptions, train_package
 
-    options = TrainOptions(time_budget_min=args.time_budget_min, threads=args.threads, loss=args.loss,
-                           device=args.device, workdir=args.workdir, only_member=args.only_member,
-                           overwrite=args.overwrite)
+    options = TrainOptions(
+        time_budget_min=args.time_budget_min,
+        threads=args.threads,
+        loss=args.loss,
+        device=args.device,
+        workdir=args.workdir,
+        only_member=args.only_member,
+        overwrite=args.overwrite,
+    )
     train_package(args.data, args.output, options)
     return 0

@@ -1,1 +1,2 @@
-"""TODO."""
+"""Evaluation: segmentation metrics against a reference (:mod:`.metrics`) and agreement of
+measurements between methods or repeats (:mod:`.agreement`)."""

@@ -71,18 +71,14 @@ from KneeSegLogic.tissues import BY_LABEL
 
 OVERLAP_METRICS = ("dice", "iou", "precision", "recall")
 
-
 DISTANCE_METRICS = ("hd95_mm", "assd_mm")
 
-
 SUMMARY_METRICS = OVERLAP_METRICS + DISTANCE_METRICS + ("hd_mm",)
-
 
 SURFACE_DEFINITION = (
     "boundary voxels (6-connected erosion), voxel-centre distances in mm; HD95 = 95th percentile "
     "(linear) of the distances of both directions pooled; ASSD = their mean"
 )
-
 
 _FACE_NEIGHBOURS = ndimage.generate_binary_structure(3, 1)
 
@@ -137,7 +133,10 @@ def _ratio(numerator: int, denominator: int) -> float:
 
 
 def structure_metrics(
-    predicted_voxels: int, reference_voxels: int, common_voxels: int, voxel_volume_mm3: float,
+    predicted_voxels: int,
+    reference_voxels: int,
+    common_voxels: int,
+    voxel_volume_mm3: float,
     distances: tuple[np.ndarray, np.ndarray] | None,
 ) -> dict[str, float | int]:
     """Metrics of one structure from voxel counts and its surface distances (see module notes).
@@ -191,7 +190,10 @@ def _structure_name(label: int) -> str:
 
 
 def evaluate(
-    prediction: Volume, reference: Volume, labels: Mapping[int, str] | None = None, resample: bool = False,
+    prediction: Volume,
+    reference: Volume,
+    labels: Mapping[int, str] | None = None,
+    resample: bool = False,
 ) -> dict[str, Any]:
     """Compare a predicted label map with a reference, structure by structure.
 
@@ -303,7 +305,9 @@ def summarize(results: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """
     names = sorted({name for r in results for name in r["structures"]})
     structures = {
-        name: {m: _nanmean([r["structures"][name][m] for r in results if name in r["structures"]]) for m in SUMMARY_METRICS}
+        name: {
+            m: _nanmean([r["structures"][name][m] for r in results if name in r["structures"]]) for m in SUMMARY_METRICS
+        }
         for name in names
     }
     return {
@@ -385,8 +389,15 @@ def choose_model(per_model_metrics: Mapping[str, Mapping[str, Any]]) -> list[Mod
         key=lambda n: (overlap_rank[n] + distance_rank[n], overlap_rank[n], distance_rank[n], models[n]),
     )
     return [
-        ModelRank(models[n], overlap[n], distance[n], float(overlap_rank[n]), float(distance_rank[n]),
-                  float(overlap_rank[n] + distance_rank[n]), place)
+        ModelRank(
+            models[n],
+            overlap[n],
+            distance[n],
+            float(overlap_rank[n]),
+            float(distance_rank[n]),
+            float(overlap_rank[n] + distance_rank[n]),
+            place,
+        )
         for place, n in enumerate(order, start=1)
     ]
 
@@ -413,15 +424,24 @@ def _cell(value: float, digits: int) -> str:
 
 def format_table(result: Mapping[str, Any]) -> str:
     """A text table: one row per structure, then the mean and the MIoU."""
-    columns = (("dice", "Dice", 3), ("iou", "IoU", 3), ("precision", "Prec", 3), ("recall", "Rec", 3),
-               ("hd95_mm", "HD95 mm", 2), ("assd_mm", "ASSD mm", 2),
-               ("volume_difference_mm3", "dV mm3", 0), ("volume_difference_percent", "dV %", 1))
+    columns = (
+        ("dice", "Dice", 3),
+        ("iou", "IoU", 3),
+        ("precision", "Prec", 3),
+        ("recall", "Rec", 3),
+        ("hd95_mm", "HD95 mm", 2),
+        ("assd_mm", "ASSD mm", 2),
+        ("volume_difference_mm3", "dV mm3", 0),
+        ("volume_difference_percent", "dV %", 1),
+    )
     width = max([len(n) for n in result["structures"]] + [len("MIoU (with background)")])
     lines = [f"{'structure':<{width}}" + "".join(f"{title:>10}" for _, title, _ in columns)]
     rows = list(result["structures"].items()) + [("mean", result["mean"])]
     for name, metrics in rows:
-        lines.append(f"{name:<{width}}" + "".join(
-            f"{_cell(metrics[key], digits) if key in metrics else '':>10}" for key, _, digits in columns))
+        lines.append(
+            f"{name:<{width}}"
+            + "".join(f"{_cell(metrics[key], digits) if key in metrics else '':>10}" for key, _, digits in columns)
+        )
     lines.append(f"{'MIoU (with background)':<{width}}{_cell(result['miou'], 3):>10}")
     lines.append(f"surface: {result['surface']}")
     return "\n".join(lines)

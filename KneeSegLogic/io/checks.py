@@ -1,4 +1,7 @@
-"""TODO docstring (volume)."""
+"""Checks every scan passes before the engine uses it: echo times, memory, values, geometry.
+
+Each check raises :class:`~KneeSegLogic.errors.InputError` naming the file and the problem.
+"""
 
 from __future__ import annotations
 

@@ -24,7 +24,6 @@ from KneeSegLogic.io.volume import Volume
 # Slice spacing may wobble by this fraction (rounding in headers) before we call it irregular.
 SPACING_TOLERANCE = 0.01
 
-
 # We check slice spacing ourselves (below, with a clear error); ITK would only print warnings.
 sitk.ProcessObject.SetGlobalWarningDisplay(False)
 
@@ -56,7 +55,9 @@ def _read_headers(folder: Path) -> list[_Slice]:
         if "PixelData" not in header and getattr(header, "Rows", None) is None:
             continue
         if "ImagePositionPatient" not in header or "ImageOrientationPatient" not in header:
-            raise InputError(path, "DICOM image has no ImagePositionPatient/ImageOrientationPatient; cannot place it in space")
+            raise InputError(
+                path, "DICOM image has no ImagePositionPatient/ImageOrientationPatient; cannot place it in space"
+            )
         echo_time = header.get("EchoTime")
         echo_number = header.get("EchoNumbers")
         slices.append(

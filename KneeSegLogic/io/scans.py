@@ -1,4 +1,8 @@
-"""TODO docstring (volume)."""
+"""Reading and writing scans: NIfTI, NRRD, MHA files and DICOM folders to and from a Volume.
+
+Every scan read is checked (:mod:`KneeSegLogic.io.checks`); every file written is written
+atomically, with its geometry and, for multi-echo volumes, its echo times in the header.
+"""
 
 from __future__ import annotations
 
@@ -49,13 +53,11 @@ def read_volume(path: str | Path, echo_times_ms: Sequence[float] | None = None) 
         from KneeSegLogic.io.dicom import read_dicom_folder
 
         volume = read_dicom_folder(path)
-        if echo_times_ms is not None and volume.echo_times_ms is not None:
-            if not np.allclose(echo_times_ms, volume.echo_times_ms, atol=1e-3):
-                raise InputError(
-                    path,
-                    f"echo times given ({list(echo_times_ms)} ms) differ from the DICOM headers "
-                    f"({list(volume.echo_times_ms)} ms)",
-                )
+        headers = volume.echo_times_ms
+        if echo_times_ms is not None and headers is not None and not np.allclose(echo_times_ms, headers, atol=1e-3):
+            raise InputError(
+                path, f"echo times given ({list(echo_times_ms)} ms) differ from the DICOM headers ({list(headers)} ms)"
+            )
     else:
         volume = _read_image_file(path, echo_times_ms)
     validate_volume(volume, path)
@@ -126,9 +128,7 @@ def _nifti_non_finite_count(path: Path) -> int:
 # EchoTime as the identifying DICOM tag), so multi-echo volumes saved by Slicer load directly.
 ECHO_TIMES_KEY = "echo_times_ms"
 
-
 MULTIVOLUME_LABELS_KEY = "MultiVolume.FrameLabels"
-
 
 MULTIVOLUME_TAG_KEY = "MultiVolume.FrameIdentifyingDICOMTagName"
 
@@ -137,7 +137,9 @@ def _header_echo_times(reader: sitk.ImageFileReader) -> list[float] | None:
     keys = set(reader.GetMetaDataKeys())
     if ECHO_TIMES_KEY in keys:
         text = reader.GetMetaData(ECHO_TIMES_KEY)
-    elif MULTIVOLUME_LABELS_KEY in keys and reader.GetMetaData(MULTIVOLUME_TAG_KEY if MULTIVOLUME_TAG_KEY in keys else MULTIVOLUME_LABELS_KEY).strip() in ("EchoTime", reader.GetMetaData(MULTIVOLUME_LABELS_KEY)):
+    elif MULTIVOLUME_LABELS_KEY in keys and reader.GetMetaData(
+        MULTIVOLUME_TAG_KEY if MULTIVOLUME_TAG_KEY in keys else MULTIVOLUME_LABELS_KEY
+    ).strip() in ("EchoTime", reader.GetMetaData(MULTIVOLUME_LABELS_KEY)):
         text = reader.GetMetaData(MULTIVOLUME_LABELS_KEY)
     else:
         return None

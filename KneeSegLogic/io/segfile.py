@@ -42,12 +42,9 @@ from KneeSegLogic.tissues import TISSUES, Tissue
 
 SEGMENTATION_SUFFIX = ".seg.nrrd"
 
-
 BINARY_LABELMAP = "Binary labelmap"
 
-
 REFERENCE_GEOMETRY = "Reference image geometry"
-
 
 # Slicer's world coordinates are RAS; NRRD space and Volume geometry are LPS.
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -179,10 +176,16 @@ def write_segmentation(
         "containedRepresentationNames": [BINARY_LABELMAP],
         "referenceImageExtentOffset": [0, 0, 0],
         "conversionParameters": [
-            {"name": REFERENCE_GEOMETRY, "value": _reference_geometry(labels),
-             "description": "Geometry (IJK to RAS, extent) of the labelmap: the grid of the segmented scan."},
-            {"name": "Oversampling factor", "value": "1",
-             "description": "Labelmaps made from other representations use the reference grid unchanged."},
+            {
+                "name": REFERENCE_GEOMETRY,
+                "value": _reference_geometry(labels),
+                "description": "Geometry (IJK to RAS, extent) of the labelmap: the grid of the segmented scan.",
+            },
+            {
+                "name": "Oversampling factor",
+                "value": "1",
+                "description": "Labelmaps made from other representations use the reference grid unchanged.",
+            },
         ],
         **_check_extra(extra or {}),
         "segments": segments,
@@ -348,10 +351,12 @@ def _labels_from_segmentation(path: Path) -> Volume:
         mask = layers[..., segment.layer] == segment.label_value
         overlap = int(np.count_nonzero(mask & (labels != 0) & (labels != tissue.label)))
         if overlap:
-            warnings.warn(f"{path}: segment {segment.name!r} overlaps others in {overlap} voxels; it is kept there")
+            warnings.warn(
+                f"{path}: segment {segment.name!r} overlaps others in {overlap} voxels; it is kept there", stacklevel=2
+            )
         labels[mask] = tissue.label
     if ignored:
-        warnings.warn(f"{path}: segments {ignored} match no KneeSeg structure and were ignored")
+        warnings.warn(f"{path}: segments {ignored} match no KneeSeg structure and were ignored", stacklevel=2)
     if not labels.any():
         raise InputError(path, "segmentation holds no voxels of any KneeSeg structure")
     return Volume(labels, labelmap.spacing, labelmap.origin, labelmap.direction)

@@ -1,4 +1,4 @@
-"""Scans in and out: one :class:`Volume` type with exact geometry.
+"""The :class:`Volume` type: a voxel array with exact patient-space geometry, and geometry operations.
 
 Axis order (kept everywhere in the engine)
 ------------------------------------------
@@ -56,9 +56,7 @@ class Volume:
         if self.echo_times_ms is not None:
             object.__setattr__(self, "echo_times_ms", tuple(float(t) for t in self.echo_times_ms))
             if self.array.ndim != 4 or self.array.shape[3] != len(self.echo_times_ms):
-                raise ValueError(
-                    f"{len(self.echo_times_ms)} echo times for an array of shape {self.array.shape}"
-                )
+                raise ValueError(f"{len(self.echo_times_ms)} echo times for an array of shape {self.array.shape}")
 
     @property
     def is_multi_echo(self) -> bool:
@@ -74,13 +72,13 @@ class Volume:
     def voxel_volume_mm3(self) -> float:
         return float(np.prod(self.spacing))
 
-    def with_array(self, array: np.ndarray, echo_times_ms: Sequence[float] | None = None) -> "Volume":
+    def with_array(self, array: np.ndarray, echo_times_ms: Sequence[float] | None = None) -> Volume:
         """A volume on the same grid holding ``array`` (3D, or 4D with ``echo_times_ms``)."""
         if array.shape[:3] != self.array.shape[:3]:
             raise ValueError(f"array shape {array.shape} does not match grid {self.array.shape[:3]}")
         return replace(self, array=array, echo_times_ms=None if echo_times_ms is None else tuple(echo_times_ms))
 
-    def echo(self, index: int) -> "Volume":
+    def echo(self, index: int) -> Volume:
         """The 3D volume of one echo (0-based) of a multi-echo scan."""
         if not self.is_multi_echo:
             raise ValueError("not a multi-echo volume")
@@ -93,7 +91,7 @@ class Volume:
         matrix[:3, 3] = self.origin
         return matrix
 
-    def same_grid(self, other: "Volume", atol: float = 1e-4) -> bool:
+    def same_grid(self, other: Volume, atol: float = 1e-4) -> bool:
         """True when both volumes sample the same voxel grid (size, spacing, origin, direction)."""
         return (
             self.size == other.size
@@ -111,7 +109,7 @@ class Volume:
         return image
 
     @classmethod
-    def from_sitk(cls, image: sitk.Image, echo_times_ms: Sequence[float] | None = None) -> "Volume":
+    def from_sitk(cls, image: sitk.Image, echo_times_ms: Sequence[float] | None = None) -> Volume:
         """The volume of a 3D SimpleITK image (scalar, or vector with one component per echo)."""
         return cls(
             array=sitk.GetArrayFromImage(image),
@@ -169,8 +167,9 @@ def resample_to_spacing(volume: Volume, spacing: Sequence[float], is_label: bool
 INTERPOLATORS = {"nearest": sitk.sitkNearestNeighbor, "linear": sitk.sitkLinear, "bspline": sitk.sitkBSpline}
 
 
-def resample_to_grid(volume: Volume, reference: Volume, is_label: bool = False, default: float = 0.0,
-                     interpolation: str | None = None) -> Volume:
+def resample_to_grid(
+    volume: Volume, reference: Volume, is_label: bool = False, default: float = 0.0, interpolation: str | None = None
+) -> Volume:
     """Resample ``volume`` onto the voxel grid of ``reference``.
 
     ``interpolation`` is ``nearest``, ``linear`` or ``bspline``; by default labels use nearest

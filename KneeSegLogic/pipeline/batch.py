@@ -53,13 +53,10 @@ from KneeSegLogic.tissues import TISSUES
 
 LOG_FOLDER = "logs"
 
-
 CSV_COLUMNS = ("case_id", "path")
-
 
 # Names the batch itself writes into OUT, so no case may take them.
 RESERVED_IDS = {BATCH_SUMMARY, BATCH_FILE, LOG_FOLDER}
-
 
 INSTALL_HINT = 'pip install "KneeSegLogic[batch]"'
 
@@ -119,13 +116,19 @@ def read_cases(source: Path, exclude: Path | None = None) -> list[Case]:
     else:
         raise InputError(source, "expected a folder of scans or a .csv file with columns case_id,path[,echo_times]")
     if not cases:
-        raise InputError(source, f"no cases found (expected {', '.join(IMAGE_SUFFIXES)} files or DICOM sub-folders)"
-                         if source.is_dir() else "no cases found (the CSV has no rows)")
+        raise InputError(
+            source,
+            f"no cases found (expected {', '.join(IMAGE_SUFFIXES)} files or DICOM sub-folders)"
+            if source.is_dir()
+            else "no cases found (the CSV has no rows)",
+        )
     seen: set[str] = set()
     for case in cases:
         _check_case_id(case.case_id, source)
         if case.case_id in seen:
-            raise InputError(source, f"case id {case.case_id!r} appears twice; case ids name output folders and must be unique")
+            raise InputError(
+                source, f"case id {case.case_id!r} appears twice; case ids name output folders and must be unique"
+            )
         seen.add(case.case_id)
     return cases
 
@@ -153,8 +156,11 @@ def _cases_in_csv(table: Path) -> list[Case]:
         columns = [c.strip() for c in reader.fieldnames or []]
         missing = [c for c in CSV_COLUMNS if c not in columns]
         if missing:
-            raise InputError(table, f"CSV lacks column(s) {', '.join(missing)}; expected a header case_id,path[,echo_times] "
-                                    f"(found: {', '.join(columns) or 'no header'})")
+            raise InputError(
+                table,
+                f"CSV lacks column(s) {', '.join(missing)}; expected a header case_id,path[,echo_times] "
+                f"(found: {', '.join(columns) or 'no header'})",
+            )
         cases = []
         for row_number, raw in enumerate(reader, start=2):
             # Cells beyond the header come under the key None; missing cells are None.
@@ -226,8 +232,9 @@ def run_case(case: Case, out_root: str, options: BatchOptions) -> CaseOutcome:
     from KneeSegLogic.pipeline.segment import SegmentOptions, segment_scan
 
     out_root_path = Path(out_root)
-    segment_options = SegmentOptions(model=options.model, device=options.device, surfaces=options.surfaces,
-                                     overwrite=options.overwrite)
+    segment_options = SegmentOptions(
+        model=options.model, device=options.device, surfaces=options.surfaces, overwrite=options.overwrite
+    )
     log_path = out_root_path / LOG_FOLDER / f"{case.case_id}.jsonl"
     log_path.parent.mkdir(exist_ok=True)
     start = time.perf_counter()
@@ -238,11 +245,12 @@ def run_case(case: Case, out_root: str, options: BatchOptions) -> CaseOutcome:
             results = Results("segment")
             with results.stage("read"):
                 volume = read_volume(case.path, case.echo_times_ms)
-            segment_scan(volume, out_root_path / case.case_id, segment_options, scan_path=Path(case.path),
-                         results=results)
+            segment_scan(
+                volume, out_root_path / case.case_id, segment_options, scan_path=Path(case.path), results=results
+            )
         except KneeSegError as failure:
             error = str(failure)
-        except Exception as failure:  # noqa: BLE001 -- a bug met on one case must not stop the cohort
+        except Exception as failure:
             error = f"internal error: {type(failure).__name__}: {failure}"
         if error:
             Progress(stream=log)("batch", 1.0, f"failed: {one_line(error)}")
@@ -260,8 +268,9 @@ def _load_distributed():
 
 
 @contextlib.contextmanager
-def dask_runner(distributed, scheduler: str | None, workers: int
-                ) -> Iterator[tuple[str, Callable[[list[Case], str, dict], Iterator[CaseOutcome]]]]:
+def dask_runner(
+    distributed, scheduler: str | None, workers: int
+) -> Iterator[tuple[str, Callable[[list[Case], str, dict], Iterator[CaseOutcome]]]]:
     """Connect to ``scheduler`` or start a ``LocalCluster``; yield (description, run function).
 
     The run function submits every case and yields outcomes as they finish. A worker lost while
@@ -272,11 +281,16 @@ def dask_runner(distributed, scheduler: str | None, workers: int
             try:
                 client = stack.enter_context(distributed.Client(scheduler))
             except (OSError, TimeoutError) as error:
-                raise KneeSegError(f"--scheduler {scheduler}: cannot connect to the Dask scheduler ({one_line(str(error))})") from None
+                raise KneeSegError(
+                    f"--scheduler {scheduler}: cannot connect to the Dask scheduler ({one_line(str(error))})"
+                ) from None
             described = f"Dask scheduler {scheduler}"
         else:
-            cluster = stack.enter_context(distributed.LocalCluster(
-                n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None))
+            cluster = stack.enter_context(
+                distributed.LocalCluster(
+                    n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None
+                )
+            )
             client = stack.enter_context(distributed.Client(cluster))
             described = f"Dask LocalCluster, {workers} worker process(es) x 1 thread"
 
@@ -286,7 +300,7 @@ def dask_runner(distributed, scheduler: str | None, workers: int
                 case = futures[future]
                 try:
                     yield future.result()
-                except Exception as error:  # noqa: BLE001 -- a lost worker fails its case, not the batch
+                except Exception as error:
                     yield CaseOutcome(case.case_id, "failed", one_line(f"worker lost: {type(error).__name__}: {error}"))
 
         yield described, run
@@ -299,16 +313,22 @@ def _run_in_process(cases: list[Case], out_root: str, options: BatchOptions) -> 
 
 def summary_columns() -> list[str]:
     """Columns of ``summary.csv``: the same for every cohort, empty where a value is absent."""
-    return (["case_id", "status", "error", "seconds"]
-            + [f"{t.key}_volume_mm3" for t in TISSUES]
-            + [f"{t.key}_uncertainty" for t in TISSUES]
-            + ["femoral_cartilage_t2_mean_ms"])
+    return (
+        ["case_id", "status", "error", "seconds"]
+        + [f"{t.key}_volume_mm3" for t in TISSUES]
+        + [f"{t.key}_uncertainty" for t in TISSUES]
+        + ["femoral_cartilage_t2_mean_ms"]
+    )
 
 
 def summary_row(outcome: CaseOutcome, out_root: Path) -> dict[str, Any]:
     """One row of ``summary.csv``; measurements read from the case's ``results.json``."""
-    row: dict[str, Any] = {"case_id": outcome.case_id, "status": outcome.status, "error": outcome.error,
-                           "seconds": "" if outcome.seconds is None else outcome.seconds}
+    row: dict[str, Any] = {
+        "case_id": outcome.case_id,
+        "status": outcome.status,
+        "error": outcome.error,
+        "seconds": "" if outcome.seconds is None else outcome.seconds,
+    }
     results_path = Path(out_root) / outcome.case_id / RESULTS_FILE
     if outcome.status != "failed" and results_path.is_file():
         results = json.loads(results_path.read_text())
@@ -342,7 +362,9 @@ def run_batch(cases_source: Path, out_root: Path, options: BatchOptions) -> Resu
         raise KneeSegError(f"--workers {workers}: needs at least one worker")
     cases = read_cases(Path(cases_source), exclude=out_root)
     if options.model and Path(options.model).exists():
-        options = replace(options, model=str(Path(options.model).resolve()))  # workers need not share our working folder
+        options = replace(
+            options, model=str(Path(options.model).resolve())
+        )  # workers need not share our working folder
     if not scheduler:
         # Refuse a bad model or device once, here, not once per case; and pin the package found
         # now so every case uses the same one even if the model cache changes during the batch.
@@ -369,14 +391,21 @@ def run_batch(cases_source: Path, out_root: Path, options: BatchOptions) -> Resu
             described, run = "nothing to run", _run_in_process
         elif distributed is None:
             described, run = "in this process, one case after another", _run_in_process
-            progress("batch", 0.0, f"Dask is not installed ({INSTALL_HINT}): running the cases one after another "
-                                   "in this process" + (f"; --workers {workers} ignored" if workers > 1 else ""))
+            progress(
+                "batch",
+                0.0,
+                f"Dask is not installed ({INSTALL_HINT}): running the cases one after another "
+                "in this process" + (f"; --workers {workers} ignored" if workers > 1 else ""),
+            )
         else:
             described, run = stack.enter_context(dask_runner(distributed, scheduler, workers))
         results["executor"] = described
         out_root.mkdir(parents=True, exist_ok=True)
-        progress("batch", len(outcomes) / len(cases),
-                 f"{len(cases)} cases: {len(outcomes)} done already, {len(todo)} to run ({described})")
+        progress(
+            "batch",
+            len(outcomes) / len(cases),
+            f"{len(cases)} cases: {len(outcomes)} done already, {len(todo)} to run ({described})",
+        )
         for outcome in outcomes.values():
             progress("batch", len(outcomes) / len(cases), f"case {outcome.case_id} skipped: {RESULTS_FILE} exists")
         for outcome in run(todo, str(out_root), options):
@@ -391,9 +420,15 @@ def run_batch(cases_source: Path, out_root: Path, options: BatchOptions) -> Resu
     results["cases"] = [{**asdict(o), "path": c.path} for o, c in zip(ordered, cases)]
     results.data["timings_s"]["total"] = round(time.perf_counter() - started, 4)
     write_json(results.data, out_root / BATCH_FILE)
-    progress("done", 1.0, f"{counts['ok']} ok, {counts['skipped']} skipped, {counts['failed']} failed; "
-                          f"summary in {out_root / BATCH_SUMMARY}")
+    progress(
+        "done",
+        1.0,
+        f"{counts['ok']} ok, {counts['skipped']} skipped, {counts['failed']} failed; "
+        f"summary in {out_root / BATCH_SUMMARY}",
+    )
     if counts["failed"]:
-        raise KneeSegError(f"{counts['failed']} of {len(cases)} cases failed (see {out_root / BATCH_SUMMARY}); "
-                           "rerun the same command to retry them")
+        raise KneeSegError(
+            f"{counts['failed']} of {len(cases)} cases failed (see {out_root / BATCH_SUMMARY}); "
+            "rerun the same command to retry them"
+        )
     return results

@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.colors import ListedColormap  # noqa: E402
-from skimage.segmentation import find_boundaries  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.colors import ListedColormap
+from skimage.segmentation import find_boundaries
 
 from KneeSegLogic.io.outputs import REPORT_IMAGE, REPORT_PAGE, Results
 from KneeSegLogic.io.volume import Volume, reorient
@@ -28,9 +28,9 @@ matplotlib.use("Agg")
 
 REPORT_DIVISIONS = 40
 
-
-LABEL_COLOURS = ListedColormap([(0, 0, 0, 0)] + [(*BY_LABEL[v].color, 1.0) if v in BY_LABEL else (1, 1, 1, 1)
-                                                 for v in range(1, max(BY_LABEL) + 1)])
+LABEL_COLOURS = ListedColormap(
+    [(0, 0, 0, 0)] + [(*BY_LABEL[v].color, 1.0) if v in BY_LABEL else (1, 1, 1, 1) for v in range(1, max(BY_LABEL) + 1)]
+)
 
 
 def _sagittal(volume: Volume) -> np.ndarray:
@@ -100,15 +100,21 @@ def _tables(results: Results) -> list[tuple[str, list[list[str]]]]:
         tables.append(("structure  |  volume mm3  |  mean uncertainty", rows))
     regions = (results.data.get("t2") or {}).get("cartilage", {}).get("regions", [])
     if regions:
-        rows = [[str(r.get("name")), str(r.get("voxels", "")),
-                 f"{r['t2_mean_ms']:.1f}" if isinstance(r.get("t2_mean_ms"), (int, float)) else "-"]
-                for r in regions[:16]]
+        rows = [
+            [
+                str(r.get("name")),
+                str(r.get("voxels", "")),
+                f"{r['t2_mean_ms']:.1f}" if isinstance(r.get("t2_mean_ms"), (int, float)) else "-",
+            ]
+            for r in regions[:16]
+        ]
         tables.append(("region  |  voxels  |  T2 mean ms", rows))
     return tables
 
 
-def write_report(out: Path, image: Volume, labels: Volume, maps: dict[str, np.ndarray], results: Results,
-                 t2: Volume | None = None) -> Path:
+def write_report(
+    out: Path, image: Volume, labels: Volume, maps: dict[str, np.ndarray], results: Results, t2: Volume | None = None
+) -> Path:
     """Write ``report.png`` and ``report.html`` into the output folder ``out``.
 
     ``image`` is the 3D image the model segmented; ``t2`` the T2 map in ms (0 = not fitted) when
@@ -161,8 +167,10 @@ def write_report(out: Path, image: Volume, labels: Volume, maps: dict[str, np.nd
 
 
 def _write_html(path: Path, results: Results) -> None:
-    parts = ["<!doctype html><meta charset='utf-8'><title>KneeSeg report</title>",
-             "<h1>KneeSeg report</h1><img src='{REPORT_IMAGE}' style='max-width:100%'>"]
+    parts = [
+        "<!doctype html><meta charset='utf-8'><title>KneeSeg report</title>",
+        "<h1>KneeSeg report</h1><img src='{REPORT_IMAGE}' style='max-width:100%'>",
+    ]
     for header, rows in _tables(results):
         columns = [html.escape(c.strip()) for c in header.split("|")]
         parts.append("<table border='1' cellpadding='3'><tr>" + "".join(f"<th>{c}</th>" for c in columns) + "</tr>")

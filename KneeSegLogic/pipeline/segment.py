@@ -40,7 +40,6 @@ from KneeSegLogic.tissues import BY_LABEL
 # for qDESS: echo 2 alone is too noisy.
 DEFAULT_ECHO_INDEX = 1
 
-
 # T2 needs at least three echoes after echo 1 is skipped.
 MIN_ECHOES_FOR_T2 = 4
 
@@ -58,8 +57,16 @@ def segmentation_image(volume: Volume, echo_index: int | None) -> Volume:
     return volume.echo(index)
 
 
-def segment_volume(volume: Volume, package, device, results: Results, progress: Progress,
-                   batch_size: int = 16, flip_tta: bool = False, closing_radius_mm: float | None = None):
+def segment_volume(
+    volume: Volume,
+    package,
+    device,
+    results: Results,
+    progress: Progress,
+    batch_size: int = 16,
+    flip_tta: bool = False,
+    closing_radius_mm: float | None = None,
+):
     """Run every member, fuse on the input grid, post-process; return (labels, probabilities, maps).
 
     ``maps`` holds the uncertainty volumes (``uncertainty``, ``uncertainty_foreground`` and, for
@@ -73,8 +80,9 @@ def segment_volume(volume: Volume, package, device, results: Results, progress: 
     with results.stage("inference", progress):
         for index, member in enumerate(package.members):
             image = segmentation_image(volume, member.echo_index)
-            probabilities = inference.member_probabilities(package, index, image, device, log, batch_size,
-                                                           flip_tta, progress)
+            probabilities = inference.member_probabilities(
+                package, index, image, device, log, batch_size, flip_tta, progress
+            )
             member_maps.append((probabilities, member.weight))
     with results.stage("fusion", progress):
         fused, mean_member_entropy = inference.fuse_on_grid(member_maps, reference)
@@ -109,8 +117,11 @@ def segment_volume(volume: Volume, package, device, results: Results, progress: 
 def structure_volumes(labels: Volume) -> dict[str, float]:
     """Volume of each structure present, in mm^3."""
     counts = np.bincount(labels.array.ravel(), minlength=max(BY_LABEL) + 1)
-    return {BY_LABEL[v].key: round(float(counts[v]) * labels.voxel_volume_mm3, 2)
-            for v in BY_LABEL if v < counts.size and counts[v] > 0}
+    return {
+        BY_LABEL[v].key: round(float(counts[v]) * labels.voxel_volume_mm3, 2)
+        for v in BY_LABEL
+        if v < counts.size and counts[v] > 0
+    }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,8 +143,15 @@ class SegmentOptions:
     overwrite: bool = False
 
 
-def segment_scan(volume: Volume, out: Path, options: SegmentOptions, *, scan_path: Path | None = None,
-                 results: Results | None = None, progress: Progress | None = None) -> Results:
+def segment_scan(
+    volume: Volume,
+    out: Path,
+    options: SegmentOptions,
+    *,
+    scan_path: Path | None = None,
+    results: Results | None = None,
+    progress: Progress | None = None,
+) -> Results:
     """Segment ``volume`` and write the whole output folder ``out`` atomically.
 
     ``scan_path`` (the file or DICOM folder the volume was read from) is recorded with its sha256
@@ -151,13 +169,20 @@ def segment_scan(volume: Volume, out: Path, options: SegmentOptions, *, scan_pat
     if options.members < 0 or options.members > len(package.members):
         raise KneeSegError(f"--members {options.members}: the model has {len(package.members)} ensemble members")
     if options.members:
-        package = dataclasses.replace(package, members=package.members[:options.members])
+        package = dataclasses.replace(package, members=package.members[: options.members])
     device = select_device(options.device)
     results["device"] = describe_device(device)
     results["model"] = {**package_summary(package), "sha256": package.sha256}
     with output_folder(out, results, options.overwrite) as folder:
-        labels, _, maps = segment_volume(volume, package, device, results, progress, flip_tta=options.flip_tta,
-                                         closing_radius_mm=options.closing_radius_mm)
+        labels, _, maps = segment_volume(
+            volume,
+            package,
+            device,
+            results,
+            progress,
+            flip_tta=options.flip_tta,
+            closing_radius_mm=options.closing_radius_mm,
+        )
         with results.stage("write", progress):
             provenance = {"KneeSeg.model": f"{package.id} {package.version}", "KneeSeg.model_sha256": package.sha256}
             write_segmentation(labels, folder / SEGMENTATION_FILE, extra=provenance)
@@ -166,8 +191,9 @@ def segment_scan(volume: Volume, out: Path, options: SegmentOptions, *, scan_pat
         results["volumes_mm3"] = structure_volumes(labels)
         results["uncertainty"] = {
             "per_structure": per_structure(maps["uncertainty"], labels.array),
-            "most_uncertain_slices": most_uncertain_slices(maps["uncertainty"], labels.array,
-                                                           labels.index_to_physical()),
+            "most_uncertain_slices": most_uncertain_slices(
+                maps["uncertainty"], labels.array, labels.index_to_physical()
+            ),
         }
         t2_map = None
         if options.surfaces:
@@ -176,14 +202,17 @@ def segment_scan(volume: Volume, out: Path, options: SegmentOptions, *, scan_pat
             with results.stage("surfaces", progress):
                 results["surfaces"] = build_surfaces(labels, folder, progress=progress)
         if volume.is_multi_echo and volume.array.shape[3] < MIN_ECHOES_FOR_T2:
-            results.warn(f"T2 not fitted: {volume.array.shape[3]} echoes; a multi-echo spin-echo train of at least "
-                         f"{MIN_ECHOES_FOR_T2} echoes is needed (two-echo DESS T2 needs an EPG model)")
+            results.warn(
+                f"T2 not fitted: {volume.array.shape[3]} echoes; a multi-echo spin-echo train of at least "
+                f"{MIN_ECHOES_FOR_T2} echoes is needed (two-echo DESS T2 needs an EPG model)"
+            )
         elif volume.is_multi_echo:
             from KneeSegLogic.quantification.t2maps import t2_with_regions
 
             with results.stage("t2", progress):
-                t2 = t2_with_regions(volume, labels, folder, results, device=str(device), progress=progress,
-                                     variant=options.regions)
+                t2 = t2_with_regions(
+                    volume, labels, folder, results, device=str(device), progress=progress, variant=options.regions
+                )
             results["t2"] = t2.section
             t2_map = t2.maps["t2"]
         with results.stage("report", progress):

@@ -41,15 +41,11 @@ from KneeSegLogic.tissues import tissue
 
 KNEE_SIDES = ("left", "right")
 
-
 _MEDIAL = (tissue("medial_tibial_cartilage").label, tissue("medial_meniscus").label)
-
 
 _LATERAL = (tissue("lateral_tibial_cartilage").label, tissue("lateral_meniscus").label)
 
-
 _FIBULA = tissue("fibula").label
-
 
 _FIBULA_REFERENCES = (tissue("tibia").label, tissue("femur").label, tissue("femoral_cartilage").label)
 
@@ -173,6 +169,8 @@ def label_centroids(labels: Volume) -> dict[int, np.ndarray]:
     counts = np.bincount(values)
     k, j, i = np.unravel_index(flat, labels.array.shape)
     present = np.flatnonzero(counts)
-    mean_index = np.stack([np.bincount(values, weights=axis)[present] for axis in (i, j, k)], axis=1) / counts[present, None]
+    mean_index = (
+        np.stack([np.bincount(values, weights=axis)[present] for axis in (i, j, k)], axis=1) / counts[present, None]
+    )
     lps = np.asarray(labels.origin) + (mean_index * np.asarray(labels.spacing)) @ labels.direction.T
     return {int(value): point for value, point in zip(present, lps)}

@@ -94,26 +94,17 @@ from KneeSegLogic.tissues import tissue
 
 SEGMENTATION_FILES = (SEGMENTATION_FILE, LABELS_FILE)
 
-
-
-
 EROSION_RADIUS_PX = 4
-
 
 SIGMA_MULTIPLE = 1.0
 
-
 AREA_FRACTION = 0.01
-
 
 DISTANCE_CLAMP_MM = 10.0
 
-
 METRIC_MARGIN_MM = 15.0
 
-
 WORK_SPACING_MM = 1.0
-
 
 FEMUR = tissue("femur").label
 
@@ -198,8 +189,12 @@ def _distance_image(labels: Volume, structures: tuple[int, ...]) -> sitk.Image:
     upper = np.minimum([axis.max() + 1 for axis in inside] + margin, labels.array.shape)
     box = tuple(slice(lo, hi) for lo, hi in zip(lower, upper))
     origin = np.asarray(labels.origin) + labels.direction @ (np.asarray(labels.spacing) * lower[::-1])
-    mask = Volume(np.isin(labels.array[box], structures).astype(np.uint8), labels.spacing, tuple(origin), labels.direction)
-    distance = sitk.SignedMaurerDistanceMap(mask.to_sitk(), insideIsPositive=False, squaredDistance=False, useImageSpacing=True)
+    mask = Volume(
+        np.isin(labels.array[box], structures).astype(np.uint8), labels.spacing, tuple(origin), labels.direction
+    )
+    distance = sitk.SignedMaurerDistanceMap(
+        mask.to_sitk(), insideIsPositive=False, squaredDistance=False, useImageSpacing=True
+    )
     distance = sitk.Clamp(distance, sitk.sitkFloat32, -DISTANCE_CLAMP_MM, DISTANCE_CLAMP_MM)
     extent = (upper - lower)[::-1] * np.asarray(labels.spacing)  # (x, y, z) mm
     grid = sitk.Image([int(n) for n in np.maximum(np.ceil(extent / WORK_SPACING_MM), 1)], sitk.sitkFloat32)
@@ -223,7 +218,11 @@ def register_followup(baseline: TimePoint, followup: TimePoint) -> tuple[sitk.Tr
     Returns the transform (for ``sitk.Resample`` of the follow-up onto the baseline grid) and a
     summary (metric value, iterations, rotation in degrees, translation in mm).
     """
-    structures = (FEMORAL, FEMUR) if np.any(baseline.labels.array == FEMUR) and np.any(followup.labels.array == FEMUR) else (FEMORAL,)
+    structures = (
+        (FEMORAL, FEMUR)
+        if np.any(baseline.labels.array == FEMUR) and np.any(followup.labels.array == FEMUR)
+        else (FEMORAL,)
+    )
     fixed = _distance_image(baseline.labels, structures)
     moving = _distance_image(followup.labels, structures)
     # Start from the femoral cartilage centroids aligned, rotating about the baseline's.
@@ -258,7 +257,9 @@ def register_followup(baseline: TimePoint, followup: TimePoint) -> tuple[sitk.Tr
     return euler, summary
 
 
-def _resample(array: np.ndarray, source: Volume, reference: Volume, transform: sitk.Transform, interpolator: int) -> np.ndarray:
+def _resample(
+    array: np.ndarray, source: Volume, reference: Volume, transform: sitk.Transform, interpolator: int
+) -> np.ndarray:
     image = source.with_array(array).to_sitk()
     grid = sitk.Image([int(s) for s in reference.size], sitk.sitkUInt8)
     grid.SetSpacing(reference.spacing)
@@ -272,12 +273,19 @@ def resample_followup(followup: TimePoint, reference: Volume, transform: sitk.Tr
     labels = _resample(followup.labels.array, followup.labels, reference, transform, sitk.sitkNearestNeighbor)
     t2 = followup.t2.array
     valid = (np.isin(followup.labels.array, PLATES) & np.isfinite(t2) & (t2 > 0) & (t2 <= T2_MAX_MS)).astype(np.float32)
-    weighted = _resample(np.where(valid > 0, t2, 0).astype(np.float32), followup.t2, reference, transform, sitk.sitkLinear)
+    weighted = _resample(
+        np.where(valid > 0, t2, 0).astype(np.float32), followup.t2, reference, transform, sitk.sitkLinear
+    )
     weight = _resample(valid, followup.t2, reference, transform, sitk.sitkLinear)
     # Cartilage voxels with little valid T2 around them (a fit failed there) stay invalid (0).
     t2_registered = np.divide(weighted, weight, out=np.zeros_like(weighted), where=weight > 0.25)
-    return TimePoint(followup.folder, reference.with_array(t2_registered), reference.with_array(labels.astype(np.uint8)),
-                     followup.variant, followup.segmentation)
+    return TimePoint(
+        followup.folder,
+        reference.with_array(t2_registered),
+        reference.with_array(labels.astype(np.uint8)),
+        followup.variant,
+        followup.segmentation,
+    )
 
 
 @dataclass(frozen=True)
@@ -352,21 +360,33 @@ def focal_change(
         cluster_labels[member] = new_label
         rows, columns = np.nonzero(member)
         arc_mm = (columns.mean() + 0.5) * pixel_arc_mm
-        clusters.append(Cluster(
-            label=new_label,
-            area_mm2=float(member.sum()),
-            mean_change_ms=float(difference[member].mean()),
-            max_change_ms=float(difference[member].max()),
-            centroid_lr_mm=float((rows.mean() + 0.5) * pixel_lr_mm),
-            centroid_arc_mm=float(arc_mm),
-            centroid_angle_deg=float(projection.ANGLE_START_DEG + np.degrees(arc_mm / grid.radius_mm)),
-        ))
+        clusters.append(
+            Cluster(
+                label=new_label,
+                area_mm2=float(member.sum()),
+                mean_change_ms=float(difference[member].mean()),
+                max_change_ms=float(difference[member].max()),
+                centroid_lr_mm=float((rows.mean() + 0.5) * pixel_lr_mm),
+                centroid_arc_mm=float(arc_mm),
+                centroid_angle_deg=float(projection.ANGLE_START_DEG + np.degrees(arc_mm / grid.radius_mm)),
+            )
+        )
     return FocalChange(base, follow, difference, plate, cluster_labels, clusters, threshold, mean, sd)
 
 
-CHANGE_COLUMNS = ("label_value", "name", "voxels_baseline", "voxels_followup",
-                  "t2_mean_baseline_ms", "t2_mean_followup_ms", "t2_mean_change_ms",
-                  "t2_median_change_ms", "thickness_baseline_mm", "thickness_followup_mm", "thickness_change_mm")
+CHANGE_COLUMNS = (
+    "label_value",
+    "name",
+    "voxels_baseline",
+    "voxels_followup",
+    "t2_mean_baseline_ms",
+    "t2_mean_followup_ms",
+    "t2_mean_change_ms",
+    "t2_median_change_ms",
+    "thickness_baseline_mm",
+    "thickness_followup_mm",
+    "thickness_change_mm",
+)
 
 
 def region_changes(baseline_rows: list[dict[str, Any]], followup_rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -377,29 +397,41 @@ def region_changes(baseline_rows: list[dict[str, Any]], followup_rows: list[dict
 
     rows = []
     for before, after in zip(baseline_rows, followup_rows):
-        rows.append({
-            "label_value": before["label_value"],
-            "name": before["name"],
-            "voxels_baseline": before["voxels"],
-            "voxels_followup": after["voxels"],
-            "t2_mean_baseline_ms": before.get("t2_mean_ms"),
-            "t2_mean_followup_ms": after.get("t2_mean_ms"),
-            "t2_mean_change_ms": change(after.get("t2_mean_ms"), before.get("t2_mean_ms")),
-            "t2_median_change_ms": change(after.get("t2_median_ms"), before.get("t2_median_ms")),
-            "thickness_baseline_mm": before["thickness_mean_mm"],
-            "thickness_followup_mm": after["thickness_mean_mm"],
-            "thickness_change_mm": change(after["thickness_mean_mm"], before["thickness_mean_mm"]),
-        })
+        rows.append(
+            {
+                "label_value": before["label_value"],
+                "name": before["name"],
+                "voxels_baseline": before["voxels"],
+                "voxels_followup": after["voxels"],
+                "t2_mean_baseline_ms": before.get("t2_mean_ms"),
+                "t2_mean_followup_ms": after.get("t2_mean_ms"),
+                "t2_mean_change_ms": change(after.get("t2_mean_ms"), before.get("t2_mean_ms")),
+                "t2_median_change_ms": change(after.get("t2_median_ms"), before.get("t2_median_ms")),
+                "thickness_baseline_mm": before["thickness_mean_mm"],
+                "thickness_followup_mm": after["thickness_mean_mm"],
+                "thickness_change_mm": change(after["thickness_mean_mm"], before["thickness_mean_mm"]),
+            }
+        )
     return rows
 
 
 def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    write_csv(path, CHANGE_COLUMNS, (
-        {k: ("" if row[k] is None else round(row[k], 4) if isinstance(row[k], float) else row[k]) for k in CHANGE_COLUMNS}
-        for row in rows))
+    write_csv(
+        path,
+        CHANGE_COLUMNS,
+        (
+            {
+                k: ("" if row[k] is None else round(row[k], 4) if isinstance(row[k], float) else row[k])
+                for k in CHANGE_COLUMNS
+            }
+            for row in rows
+        ),
+    )
 
 
-def t2_change(baseline: TimePoint, followup: TimePoint, out_dir: Path, results: Results, progress: Progress | None = None) -> dict[str, Any]:
+def t2_change(
+    baseline: TimePoint, followup: TimePoint, out_dir: Path, results: Results, progress: Progress | None = None
+) -> dict[str, Any]:
     """Register, compare and write every ``t2-change`` output into ``out_dir``; the results section."""
     with results.stage("registration", progress):
         transform, registration = register_followup(baseline, followup)
@@ -424,18 +456,41 @@ def t2_change(baseline: TimePoint, followup: TimePoint, out_dir: Path, results: 
         sitk.WriteTransform(transform, str(out_dir / "followup_to_baseline.tfm"))
         _write_csv(out_dir / T2_CHANGE_TABLE, changes)
         square = {"row_spacing_mm": 1.0, "column_spacing": 1.0, "column_unit": "mm"}
-        projection.write_projection(out_dir / "projection_t2_baseline", focal.baseline * focal.plate, title="Femoral T2, baseline", value_unit="ms", **square)
-        projection.write_projection(out_dir / "projection_t2_followup", focal.followup * focal.plate, title="Femoral T2, follow-up", value_unit="ms", **square)
         projection.write_projection(
-            out_dir / "projection_t2_difference", focal.difference,
-            title=f"T2 change, follow-up minus baseline; clusters: {focal.lesion_percent:.1f} % of plate",
-            value_unit="ms", diverging=True, outline=focal.cluster_labels > 0, **square,
+            out_dir / "projection_t2_baseline",
+            focal.baseline * focal.plate,
+            title="Femoral T2, baseline",
+            value_unit="ms",
+            **square,
         )
-        projection.write_projection(out_dir / "clusters", focal.cluster_labels.astype(float),
-                                    title="Focal T2-increase clusters", value_unit="cluster", **square)
+        projection.write_projection(
+            out_dir / "projection_t2_followup",
+            focal.followup * focal.plate,
+            title="Femoral T2, follow-up",
+            value_unit="ms",
+            **square,
+        )
+        projection.write_projection(
+            out_dir / "projection_t2_difference",
+            focal.difference,
+            title=f"T2 change, follow-up minus baseline; clusters: {focal.lesion_percent:.1f} % of plate",
+            value_unit="ms",
+            diverging=True,
+            outline=focal.cluster_labels > 0,
+            **square,
+        )
+        projection.write_projection(
+            out_dir / "clusters",
+            focal.cluster_labels.astype(float),
+            title="Focal T2-increase clusters",
+            value_unit="cluster",
+            **square,
+        )
     femoral_dice = _dice(baseline.labels.array == FEMORAL, registered.labels.array == FEMORAL)
     if femoral_dice < 0.5:
-        results.warn(f"femoral cartilage overlaps poorly after registration (Dice {femoral_dice:.2f}); check both segmentations")
+        results.warn(
+            f"femoral cartilage overlaps poorly after registration (Dice {femoral_dice:.2f}); check both segmentations"
+        )
     return {
         "method": {
             "difference": "follow-up minus baseline (T2 increases positive)",
@@ -464,8 +519,14 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float:
     return 2.0 * float(np.logical_and(a, b).sum()) / total if total else 1.0
 
 
-def t2_change_folders(baseline: str | Path, followup: str | Path, out: str | Path, *, overwrite: bool = False,
-                      progress: Progress | None = None) -> Results:
+def t2_change_folders(
+    baseline: str | Path,
+    followup: str | Path,
+    out: str | Path,
+    *,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+) -> Results:
     """``kneeseg t2-change``: compare two ``t2``/``segment`` output folders into ``out`` (atomic)."""
     progress = progress or Progress()
     results = Results("t2-change")

@@ -26,9 +26,7 @@ from KneeSegLogic.io.outputs import atomic_file
 
 ANGLE_BIN_DEG = 5.0
 
-
 ANGLE_START_DEG = -180.0
-
 
 N_ANGLE_BINS = int(360 / ANGLE_BIN_DEG)
 
@@ -73,7 +71,9 @@ class ProjectionGrid:
         )
 
 
-def project_mean(grid: ProjectionGrid, rows: np.ndarray, columns: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def project_mean(
+    grid: ProjectionGrid, rows: np.ndarray, columns: np.ndarray, values: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """Mean of ``values`` per cell and the number of voxels per cell (mean 0 where empty)."""
     cell = rows * N_ANGLE_BINS + columns
     size = grid.n_rows * N_ANGLE_BINS
@@ -126,7 +126,10 @@ def write_projection(
         "content": title,
         # NRRD lists per-axis fields fastest axis first: columns, then rows.
         "kinds": ["domain", "domain"],
-        "labels": ["angle from inferior, + posterior" if column_unit == "deg" else "arc length, + posterior", "lateral to medial"],
+        "labels": [
+            "angle from inferior, + posterior" if column_unit == "deg" else "arc length, + posterior",
+            "lateral to medial",
+        ],
         "units": [column_unit, "mm"],
         "spacings": [float(column_spacing), float(row_spacing_mm)],
         "axis mins": [ANGLE_START_DEG if column_unit == "deg" else 0.0, 0.0],

@@ -69,18 +69,13 @@ from KneeSegLogic.tissues import tissue
 
 FEMORAL = tissue("femoral_cartilage").label
 
-
 MEDIAL_TIBIAL = tissue("medial_tibial_cartilage").label
-
 
 LATERAL_TIBIAL = tissue("lateral_tibial_cartilage").label
 
-
 PATELLAR = tissue("patellar_cartilage").label
 
-
 PLATES = (FEMORAL, MEDIAL_TIBIAL, LATERAL_TIBIAL, PATELLAR)
-
 
 BONE_OF_PLATE = {
     FEMORAL: tissue("femur").label,
@@ -89,15 +84,11 @@ BONE_OF_PLATE = {
     PATELLAR: tissue("patella").label,
 }
 
-
 T2_MAX_MS = 100.0
-
 
 SIDES = ("medial", "lateral")
 
-
 THIRDS = ("anterior", "central", "posterior")
-
 
 LAYERS = ("deep", "superficial")
 
@@ -117,7 +108,6 @@ def _region_table() -> dict[int, str]:
 #: Label value -> name of every built-in subregion.
 REGION_NAMES: dict[int, str] = _region_table()
 
-
 REGION_VALUES: dict[str, int] = {name: value for value, name in REGION_NAMES.items()}
 
 
@@ -133,18 +123,21 @@ class FemoralVariant:
 
 VARIANTS: dict[str, FemoralVariant] = {
     "dosma": FemoralVariant(
-        "dosma", (-15.0, 15.0), "centre_of_mass",
+        "dosma",
+        (-15.0, 15.0),
+        "centre_of_mass",
         "DOSMA split_regions: central arc 30 deg centred on inferior [-15, 15); "
         "medial/lateral at the femoral cartilage centre of mass along LR",
     ),
     "thomas": FemoralVariant(
-        "thomas", (-35.0, 25.0), "thomas",
+        "thomas",
+        (-35.0, 25.0),
+        "thomas",
         "Thomas et al. 2021 projection.py: central arc 60 deg [-35, 25) from inferior; medial/lateral "
         "at the median LR of cartilage slices in the bin at -35 deg (anterior regions) and at the "
         "centre of the field of view along LR (central and posterior regions)",
     ),
 }
-
 
 DEFAULT_VARIANT = "dosma"
 
@@ -208,10 +201,12 @@ class DivisionGeometry:
             "knee_side_evidence": frame.side_evidence,
             "lr_image_axis": "kji"[frame.lr_axis],
             "lr_obliquity_deg": round(frame.lr_obliquity_deg, 3),
-            "femoral_circle_mm": None if self.circle is None else {
-                "inferior": self.circle.inferior, "posterior": self.circle.posterior, "radius": self.circle.radius},
-            "femoral_split_lr_mm": None if self.femoral_split_lr is None else {
-                "anterior": self.femoral_split_lr[0], "central_posterior": self.femoral_split_lr[1]},
+            "femoral_circle_mm": None
+            if self.circle is None
+            else {"inferior": self.circle.inferior, "posterior": self.circle.posterior, "radius": self.circle.radius},
+            "femoral_split_lr_mm": None
+            if self.femoral_split_lr is None
+            else {"anterior": self.femoral_split_lr[0], "central_posterior": self.femoral_split_lr[1]},
             "tibial_posterior_limits_mm": {tissue(k).key: list(v) for k, v in self.tibial_ap_limits.items()},
             "patellar_split_lr_mm": self.patellar_split_lr,
         }
@@ -284,7 +279,9 @@ def divide_cartilage(
             continue
         coordinates = frame.coordinates(labels, index)
         if label == FEMORAL:
-            plate, fitted["circle"], fitted["femoral_split_lr"] = _femoral(labels, frame, VARIANTS[variant], index, coordinates, geometry)
+            plate, fitted["circle"], fitted["femoral_split_lr"] = _femoral(
+                labels, frame, VARIANTS[variant], index, coordinates, geometry
+            )
         elif label == PATELLAR:
             plate, fitted["patellar_split_lr"] = _patellar(labels, frame, index, coordinates, geometry)
         else:
@@ -294,8 +291,12 @@ def divide_cartilage(
         plates[label] = plate
     if geometry is None:
         geometry = DivisionGeometry(
-            variant, frame, fitted.get("circle"), fitted.get("femoral_split_lr"),
-            fitted.get("tibial_ap_limits", {}), fitted.get("patellar_split_lr"),
+            variant,
+            frame,
+            fitted.get("circle"),
+            fitted.get("femoral_split_lr"),
+            fitted.get("tibial_ap_limits", {}),
+            fitted.get("patellar_split_lr"),
         )
     return CartilageDivision(labels.with_array(region_array), geometry, plates)
 
@@ -325,7 +326,11 @@ Index = tuple[np.ndarray, np.ndarray, np.ndarray]
 
 
 def _femoral(
-    labels: Volume, frame: KneeFrame, variant: FemoralVariant, index: Index, coordinates: np.ndarray,
+    labels: Volume,
+    frame: KneeFrame,
+    variant: FemoralVariant,
+    index: Index,
+    coordinates: np.ndarray,
     geometry: DivisionGeometry | None,
 ) -> tuple[Plate, Circle, tuple[float, float]]:
     """The 12 femoral subregions; returns the plate, its circle and its medial/lateral splits."""
@@ -372,7 +377,11 @@ def _field_of_view_centre_lr(labels: Volume, frame: KneeFrame) -> float:
 
 
 def _tibial(
-    label: int, frame: KneeFrame, index: Index, coordinates: np.ndarray, geometry: DivisionGeometry | None,
+    label: int,
+    frame: KneeFrame,
+    index: Index,
+    coordinates: np.ndarray,
+    geometry: DivisionGeometry | None,
 ) -> tuple[Plate, tuple[float, float]]:
     """Anterior/central/posterior thirds of one tibial plate; returns the plate and its AP limits."""
     posterior = coordinates[:, 2]
@@ -388,11 +397,19 @@ def _tibial(
 
 
 def _patellar(
-    labels: Volume, frame: KneeFrame, index: Index, coordinates: np.ndarray, geometry: DivisionGeometry | None,
+    labels: Volume,
+    frame: KneeFrame,
+    index: Index,
+    coordinates: np.ndarray,
+    geometry: DivisionGeometry | None,
 ) -> tuple[Plate, float]:
     """Medial/lateral x deep/superficial patellar regions; returns the plate and its LR split."""
     lr, inferior, posterior = coordinates.T
-    split = geometry.patellar_split_lr if geometry is not None and geometry.patellar_split_lr is not None else float(lr.mean())
+    split = (
+        geometry.patellar_split_lr
+        if geometry is not None and geometry.patellar_split_lr is not None
+        else float(lr.mean())
+    )
     medial = _medial(lr, split, frame)
     in_plane_spacing = min(np.linalg.norm(frame.axis_vector(labels, a)) for a in range(3) if a != frame.lr_axis)
     rows = np.floor(inferior / in_plane_spacing + 0.5).astype(np.int64)
@@ -407,8 +424,13 @@ def division_thickness(labels: Volume, division: CartilageDivision) -> dict[int,
     bones = {bone: bool(np.any(labels.array == bone)) for bone in set(BONE_OF_PLATE.values())}
     return {
         label: plate_thickness(
-            labels, division.geometry.frame, label, BONE_OF_PLATE[label] if bones[BONE_OF_PLATE[label]] else None,
-            plate.index, plate.coordinates, plate.bone_direction,
+            labels,
+            division.geometry.frame,
+            label,
+            BONE_OF_PLATE[label] if bones[BONE_OF_PLATE[label]] else None,
+            plate.index,
+            plate.coordinates,
+            plate.bone_direction,
         )
         for label, plate in division.plates.items()
     }
@@ -481,7 +503,9 @@ def region_statistics(
     return rows
 
 
-def plate_statistics(division: CartilageDivision, thickness: dict[int, PlateThickness], t2: Volume | None) -> list[dict[str, Any]]:
+def plate_statistics(
+    division: CartilageDivision, thickness: dict[int, PlateThickness], t2: Volume | None
+) -> list[dict[str, Any]]:
     """One row per cartilage plate present: the same columns as :func:`region_statistics`."""
     rows = []
     for label, plate in division.plates.items():
@@ -500,14 +524,31 @@ def plate_statistics(division: CartilageDivision, thickness: dict[int, PlateThic
     return rows
 
 
-CSV_COLUMNS = ("level", "label_value", "name", "voxels", "volume_mm3", "thickness_mean_mm",
-               "t2_mean_ms", "t2_median_ms", "t2_sd_ms", "t2_voxels")
+CSV_COLUMNS = (
+    "level",
+    "label_value",
+    "name",
+    "voxels",
+    "volume_mm3",
+    "thickness_mean_mm",
+    "t2_mean_ms",
+    "t2_median_ms",
+    "t2_sd_ms",
+    "t2_voxels",
+)
 
 
 def write_region_csv(path: Path, plates: list[dict[str, Any]], regions: list[dict[str, Any]]) -> Path:
     """``regions.csv``: plate rows (level "plate") then subregion rows (level "region")."""
-    return write_csv(path, CSV_COLUMNS, ({"level": level, **{k: _csv_value(v) for k, v in row.items()}}
-                                         for level, rows in (("plate", plates), ("region", regions)) for row in rows))
+    return write_csv(
+        path,
+        CSV_COLUMNS,
+        (
+            {"level": level, **{k: _csv_value(v) for k, v in row.items()}}
+            for level, rows in (("plate", plates), ("region", regions))
+            for row in rows
+        ),
+    )
 
 
 def _csv_value(value: Any) -> Any:
@@ -516,7 +557,9 @@ def _csv_value(value: Any) -> Any:
     return round(value, 4) if isinstance(value, float) else value
 
 
-def femoral_cells(labels: Volume, division: CartilageDivision) -> tuple[projection.ProjectionGrid, np.ndarray, np.ndarray]:
+def femoral_cells(
+    labels: Volume, division: CartilageDivision
+) -> tuple[projection.ProjectionGrid, np.ndarray, np.ndarray]:
     """Projection grid and the (row, column) cell of every femoral cartilage voxel of ``division``.
 
     Rows are positions along the LR image axis, lateral first; columns are 5 degree angle bins.
@@ -558,14 +601,14 @@ def femoral_projection_maps(
 
 METHOD_NOTES = {
     "frame": "Knee frame from the volume geometry: LR = image axis closest to patient left-right; "
-             "inferior and posterior = LPS -z and +y orthogonalised to it (KneeSegLogic.knee_frame).",
+    "inferior and posterior = LPS -z and +y orthogonalised to it (KneeSegLogic.knee_frame).",
     "medial_side": "Medial = toward the body midline; knee side from medial vs lateral tibial cartilage/menisci, "
-                   "else the fibula (lateral), else patient coordinates (LPS x < 0 = right knee).",
+    "else the fibula (lateral), else patient coordinates (LPS x < 0 = right knee).",
     "thickness": "Nearest-neighbour distance (mm) from each bone-side surface point (voxel-face centres) to the "
-                 "articular surface; region means count each column once (KneeSegLogic.thickness).",
+    "articular surface; region means count each column once (KneeSegLogic.thickness).",
     "t2": f"T2 statistics over voxels with a finite T2 in (0, {T2_MAX_MS:g}] ms; SD with ddof=1.",
     "projection": "Femoral cartilage unrolled about the fitted circle: rows = slices along LR, lateral to medial; "
-                  "columns = 5 deg bins from -180 to 180 deg, 0 = inferior, + posterior; cell = mean; 0 = empty.",
+    "columns = 5 deg bins from -180 to 180 deg, 0 = inferior, + posterior; cell = mean; 0 = empty.",
 }
 
 
@@ -630,15 +673,26 @@ def analyse_cartilage(
     region_rows = region_statistics(regions, names, division, thickness, t2)
     plate_rows = plate_statistics(division, thickness, t2)
 
-    files = [write_volume(regions, out_dir / REGIONS_FILE), write_region_csv(out_dir / REGIONS_TABLE, plate_rows, region_rows)]
+    files = [
+        write_volume(regions, out_dir / REGIONS_FILE),
+        write_region_csv(out_dir / REGIONS_TABLE, plate_rows, region_rows),
+    ]
     maps = femoral_projection_maps(labels, division, thickness, t2)
     if maps is not None:
         grid, mean_maps = maps
-        for key, title, unit in (("thickness", "Femoral cartilage thickness", "mm"), ("t2", "Femoral cartilage T2", "ms")):
+        for key, title, unit in (
+            ("thickness", "Femoral cartilage thickness", "mm"),
+            ("t2", "Femoral cartilage T2", "ms"),
+        ):
             if key in mean_maps:
                 files += projection.write_projection(
-                    out_dir / f"projection_{key}", mean_maps[key][0], grid.row_spacing_mm,
-                    projection.ANGLE_BIN_DEG, "deg", title, unit,
+                    out_dir / f"projection_{key}",
+                    mean_maps[key][0],
+                    grid.row_spacing_mm,
+                    projection.ANGLE_BIN_DEG,
+                    "deg",
+                    title,
+                    unit,
                 )
     return {
         "variant": division.geometry.variant,

@@ -64,36 +64,26 @@ from KneeSegLogic.io.volume import Volume
 
 MODELS = ("loglinear", "mono", "mono-offset", "ncexp")
 
-
 DEFAULT_MODEL = "ncexp"
 
-
 DEFAULT_T2_BOUNDS_MS = (0.0, 100.0)
-
 
 #: The solver's own box for T2 (ms): wide enough that any voxel outside the reporting bounds is
 #: seen there, not stuck on them. A voxel ending on this box is flagged out of bounds.
 FIT_T2_LIMITS_MS = (0.1, 1.0e5)
 
-
 #: Bit values of the flag map (:attr:`T2Fit.flags`, ``t2_flags.nrrd``).
 FLAG_FITTED = 1
 
-
 FLAG_CONVERGED = 2
-
 
 FLAG_OUT_OF_BOUNDS = 4
 
-
 FLAG_LOW_R2 = 8
-
 
 DEFAULT_CHUNK_VOXELS = 1 << 18
 
-
 DEFAULT_MAX_ITERATIONS = 50
-
 
 # Levenberg-Marquardt settings. Convergence: the Gauss-Newton step changes every parameter by
 # less than XTOL of its value plus its typical size (amplitudes are in units of the voxel's
@@ -101,18 +91,13 @@ DEFAULT_MAX_ITERATIONS = 50
 # leaves the step at about sqrt(eps) relative, so float32 stops at 1.7e-4 (0.007 ms at 40 ms).
 XTOL = 1e-6
 
-
 FTOL = 1e-10
-
 
 LAMBDA_START = 1e-3
 
-
 LAMBDA_DOWN = 0.2
 
-
 LAMBDA_UP = 10.0
-
 
 LAMBDA_MAX = 1e8
 
@@ -280,7 +265,6 @@ def estimate_noise_sigma(signal: np.ndarray, channels: int = 1) -> float:
 # the function evaluated.
 _TABLE_INTERVALS = 4096
 
-
 _T_SCALE = 4.0
 
 
@@ -296,7 +280,9 @@ def _noise_floor_table(channels: int) -> np.ndarray:
     return np.stack([q, np.append(np.diff(q), 0.0)])
 
 
-def expected_magnitude(amplitude: torch.Tensor, sigma: torch.Tensor, table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def expected_magnitude(
+    amplitude: torch.Tensor, sigma: torch.Tensor, table: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``E[S]`` and ``dE[S]/dA`` for true amplitude ``A`` and noise ``sigma`` (same units).
 
     ``table`` is :func:`_noise_floor_table` as a tensor on the device of ``amplitude``.
@@ -319,17 +305,23 @@ def expected_magnitude(amplitude: torch.Tensor, sigma: torch.Tensor, table: torc
 
 # Each model maps its parameters (rows: amplitude at time 0, rate[, offset]) to the fitted signal
 # and its partial derivatives; times, rates and noise come in the solver's units (_ChunkSolver).
-ModelFunction = Callable[[list[torch.Tensor], torch.Tensor, torch.Tensor | None], tuple[torch.Tensor, list[torch.Tensor]]]
+ModelFunction = Callable[
+    [list[torch.Tensor], torch.Tensor, torch.Tensor | None], tuple[torch.Tensor, list[torch.Tensor]]
+]
 
 
-def _mono(params: list[torch.Tensor], te: torch.Tensor, _: torch.Tensor | None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def _mono(
+    params: list[torch.Tensor], te: torch.Tensor, _: torch.Tensor | None
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
     amplitude, rate = params
     decay = torch.exp(te * -rate)
     value = decay * amplitude
     return value, [decay, value * -te]
 
 
-def _mono_offset(params: list[torch.Tensor], te: torch.Tensor, _: torch.Tensor | None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def _mono_offset(
+    params: list[torch.Tensor], te: torch.Tensor, _: torch.Tensor | None
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
     amplitude, rate, offset = params
     decay = torch.exp(te * -rate)
     signal = decay * amplitude
@@ -337,7 +329,9 @@ def _mono_offset(params: list[torch.Tensor], te: torch.Tensor, _: torch.Tensor |
 
 
 def _make_ncexp(table: torch.Tensor) -> ModelFunction:
-    def ncexp(params: list[torch.Tensor], te: torch.Tensor, sigma: torch.Tensor | None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def ncexp(
+        params: list[torch.Tensor], te: torch.Tensor, sigma: torch.Tensor | None
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         amplitude, rate = params
         decay = torch.exp(te * -rate)
         signal = decay * amplitude
@@ -347,7 +341,9 @@ def _make_ncexp(table: torch.Tensor) -> ModelFunction:
     return ncexp
 
 
-def _solve_damped(hessian: list[list[torch.Tensor]], gradient: list[torch.Tensor], damping: torch.Tensor) -> list[torch.Tensor]:
+def _solve_damped(
+    hessian: list[list[torch.Tensor]], gradient: list[torch.Tensor], damping: torch.Tensor
+) -> list[torch.Tensor]:
     """Solve ``(H + damping diag(H)) x = g`` per voxel by Gaussian elimination on P x P systems.
 
     ``H`` is symmetric positive semi-definite; a tiny floor on the diagonal keeps voxels whose
@@ -373,18 +369,25 @@ def _solve_damped(hessian: list[list[torch.Tensor]], gradient: list[torch.Tensor
     return x
 
 
-def _hold(hessian: list[list[torch.Tensor]], gradient: list[torch.Tensor], held: torch.Tensor) -> tuple[list[list[torch.Tensor]], list[torch.Tensor]]:
+def _hold(
+    hessian: list[list[torch.Tensor]], gradient: list[torch.Tensor], held: torch.Tensor
+) -> tuple[list[list[torch.Tensor]], list[torch.Tensor]]:
     """Normal equations in which the ``held`` (parameters, voxels) parameters get a zero step."""
     size = len(gradient)
     hessian = [
-        [torch.where(held[r] | held[c], torch.full_like(hessian[r][c], float(r == c)), hessian[r][c]) for c in range(size)]
+        [
+            torch.where(held[r] | held[c], torch.full_like(hessian[r][c], float(r == c)), hessian[r][c])
+            for c in range(size)
+        ]
         for r in range(size)
     ]
     gradient = [torch.where(held[r], torch.zeros_like(gradient[r]), gradient[r]) for r in range(size)]
     return hessian, gradient
 
 
-def _normal_equations(jacobian: list[torch.Tensor], residual: torch.Tensor) -> tuple[list[list[torch.Tensor]], list[torch.Tensor], torch.Tensor]:
+def _normal_equations(
+    jacobian: list[torch.Tensor], residual: torch.Tensor
+) -> tuple[list[list[torch.Tensor]], list[torch.Tensor], torch.Tensor]:
     size = len(jacobian)
     hessian = [[torch.empty(0)] * size for _ in range(size)]
     for r in range(size):
@@ -498,11 +501,15 @@ class _ChunkSolver:
     runs straight to the T2 limit instead of creeping along a curved valley in (S0, T2).
     """
 
-    def __init__(self, model: str, echo_times_ms: np.ndarray, channels: int, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(
+        self, model: str, echo_times_ms: np.ndarray, channels: int, device: torch.device, dtype: torch.dtype
+    ) -> None:
         self.model, self.device, self.dtype = model, device, dtype
         self.first_echo_ms = float(echo_times_ms[0])
         self.span_ms = float(echo_times_ms[-1] - echo_times_ms[0])
-        self.te = torch.as_tensor((echo_times_ms - self.first_echo_ms) / self.span_ms, dtype=dtype, device=device)[:, None]
+        self.te = torch.as_tensor((echo_times_ms - self.first_echo_ms) / self.span_ms, dtype=dtype, device=device)[
+            :, None
+        ]
         self.rate_limits = (self.span_ms / FIT_T2_LIMITS_MS[1], self.span_ms / FIT_T2_LIMITS_MS[0])
         if model == "ncexp":
             table = torch.as_tensor(_noise_floor_table(channels), dtype=dtype, device=device)
@@ -510,8 +517,12 @@ class _ChunkSolver:
         else:
             self.function = {"mono": _mono, "mono-offset": _mono_offset}.get(model)
         # Box and convergence scale per parameter: (lower, upper, typical size).
-        box = [(0.0, math.inf, 1.0), (*self.rate_limits, 0.0)] + ([(0.0, math.inf, 1.0)] if model == "mono-offset" else [])
-        self.lower, self.upper, self.typical = (torch.tensor(column, dtype=dtype, device=device)[:, None] for column in zip(*box))
+        box = [(0.0, math.inf, 1.0), (*self.rate_limits, 0.0)] + (
+            [(0.0, math.inf, 1.0)] if model == "mono-offset" else []
+        )
+        self.lower, self.upper, self.typical = (
+            torch.tensor(column, dtype=dtype, device=device)[:, None] for column in zip(*box)
+        )
 
     def __call__(self, signal: np.ndarray, sigma: float | None, max_iterations: int):
         """T2 (ms), S0, R^2, converged, on a solver limit, iterations for ``signal`` (voxels, echoes)."""
@@ -534,7 +545,9 @@ class _ChunkSolver:
             value, _ = self.function(list(params), self.te, noise)
         residual = (y - value).square().sum(0)
         total = (y - y.mean(0, keepdim=True)).square().sum(0)
-        r2 = torch.where(total > 0, 1 - residual / total.clamp_min(torch.finfo(self.dtype).tiny), torch.zeros_like(total))
+        r2 = torch.where(
+            total > 0, 1 - residual / total.clamp_min(torch.finfo(self.dtype).tiny), torch.zeros_like(total)
+        )
         amplitude, rate = params[0].double(), params[1].double()
         at_limit = (rate <= self.rate_limits[0] * (1 + 1e-5)) | (rate >= self.rate_limits[1] * (1 - 1e-5))
         s0 = amplitude * scale[0].double() * torch.exp(rate * (self.first_echo_ms / self.span_ms))
@@ -612,7 +625,9 @@ def fit_t2(
     signal = np.asarray(signal)
     echo_times = np.asarray(echo_times_ms, dtype=float)
     if signal.ndim < 2 or signal.shape[-1] != echo_times.size:
-        raise InputError(None, f"signal of shape {signal.shape} does not hold {echo_times.size} echoes on its last axis")
+        raise InputError(
+            None, f"signal of shape {signal.shape} does not hold {echo_times.size} echoes on its last axis"
+        )
     check_echo_times(echo_times)
     echoes_used = tuple(range(1 if skip_first_echo else 0, echo_times.size))
     parameters = 3 if model == "mono-offset" else 2
@@ -662,7 +677,9 @@ def fit_t2(
     solver = _ChunkSolver(model, echo_times[list(echoes_used)], channels, torch_device, dtype)
     for begin in range(0, index.size, chunk_voxels):
         chunk = index[begin : begin + chunk_voxels]
-        t2[chunk], s0[chunk], r2[chunk], converged[chunk], at_limit[chunk], steps = solver(flat[chunk], sigma, max_iterations)
+        t2[chunk], s0[chunk], r2[chunk], converged[chunk], at_limit[chunk], steps = solver(
+            flat[chunk], sigma, max_iterations
+        )
         iterations = max(iterations, steps)
         if on_chunk is not None:
             on_chunk(begin + chunk.size, index.size)
@@ -717,10 +734,14 @@ def fit_t2_volume(volume: Volume, mask: Volume | np.ndarray | None = None, **opt
         Arrays indexed ``[k, j, i]`` on the grid of ``volume``; see :func:`t2_volumes`.
     """
     if not volume.is_multi_echo or volume.echo_times_ms is None:
-        raise InputError(None, f"a multi-echo scan with echo times is needed for T2; got a 3D volume of size {volume.size}")
+        raise InputError(
+            None, f"a multi-echo scan with echo times is needed for T2; got a 3D volume of size {volume.size}"
+        )
     if isinstance(mask, Volume):
         if not mask.same_grid(volume):
-            raise InputError(None, f"mask grid (size {mask.size}) differs from the scan grid (size {volume.size}); resample it first")
+            raise InputError(
+                None, f"mask grid (size {mask.size}) differs from the scan grid (size {volume.size}); resample it first"
+            )
         mask = mask.array != 0
     return fit_t2(volume.array, volume.echo_times_ms, mask=mask, **options)
 
@@ -731,6 +752,7 @@ def t2_volumes(fit: T2Fit, grid: Volume) -> dict[str, Volume]:
     Returns ``{"t2": T2 in ms (float32, 0 where no valid value), "t2_r2": R^2 (float32, 0 where
     not fitted), "t2_s0": S0 (float32, 0 where not fitted), "t2_flags": uint8 bit map}``.
     """
+
     def zero_filled(array: np.ndarray) -> np.ndarray:
         return np.nan_to_num(array, nan=0.0).astype(np.float32)
 

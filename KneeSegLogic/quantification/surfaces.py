@@ -67,23 +67,16 @@ from KneeSegLogic.tissues import TISSUES, Tissue, tissue
 
 SMOOTHING_METHODS = ("windowed-sinc", "laplacian-idw", "none")
 
-
-
-
 COORDINATE_SYSTEM = "LPS"
-
 
 # Slicer's tag (vtkMRMLModelStorageNode): "SPACE=LPS" in an STL header, field array "SPACE" in VTP.
 SPACE_TAG = "SPACE"
-
 
 # Windowed-sinc settings as Slicer uses them for closed surfaces at its default smoothing
 # factor 0.5: pass band 10^(-4 * 0.5), 20 iterations.
 WINDOWED_SINC_ITERATIONS = 20
 
-
 WINDOWED_SINC_PASS_BAND = 0.01
-
 
 # KneeBones3Dify smoothPatch settings.
 IDW_ITERATIONS = 20
@@ -477,8 +470,9 @@ def _structures(text: str | None) -> tuple[Tissue, ...]:
         raise KneeSegError(f"--structures: {error.args[0]}") from None
 
 
-def surfaces_from_segmentation(segmentation: str | Path, out: str | Path, options: SurfaceOptions,
-                               progress: Progress | None = None) -> Results:
+def surfaces_from_segmentation(
+    segmentation: str | Path, out: str | Path, options: SurfaceOptions, progress: Progress | None = None
+) -> Results:
     """Surface models of a segmentation file and their mesh check, into the output folder ``out``.
 
     Writes ``OUT/surfaces/<key>.stl|.vtp`` and ``OUT/results.json`` (section ``surfaces`` as
@@ -501,8 +495,14 @@ def surfaces_from_segmentation(segmentation: str | Path, out: str | Path, option
     results.add_input("segmentation", segmentation)
     with output_folder(out, results, overwrite=options.overwrite) as folder:
         with results.stage("surfaces", progress):
-            section = build_surfaces(labels, folder, smoothing=options.smoothing, decimate=options.decimate,
-                                     tissues=tissues, progress=progress)
+            section = build_surfaces(
+                labels,
+                folder,
+                smoothing=options.smoothing,
+                decimate=options.decimate,
+                tissues=tissues,
+                progress=progress,
+            )
         if not section["structures"]:
             raise KneeSegError(f"{segmentation}: none of the requested structures is in the segmentation")
         if options.structures:
@@ -510,8 +510,10 @@ def surfaces_from_segmentation(segmentation: str | Path, out: str | Path, option
                 results.warn(f"structure {key} requested but not in the segmentation")
         for key, entry in section["structures"].items():
             if not (entry["closed"] and entry["manifold"]):
-                results.warn(f"surface {key}: {entry['boundary_edges']} boundary and "
-                             f"{entry['non_manifold_edges']} non-manifold edges")
+                results.warn(
+                    f"surface {key}: {entry['boundary_edges']} boundary and "
+                    f"{entry['non_manifold_edges']} non-manifold edges"
+                )
         results["surfaces"] = section
         results["volumes_mm3"] = {key: entry["voxel_volume_mm3"] for key, entry in section["structures"].items()}
     return results

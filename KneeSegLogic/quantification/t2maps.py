@@ -183,9 +183,16 @@ def _read_mask(path: Path, volume: Volume) -> Volume:
     return read_labels(path, reference=volume.echo(0))
 
 
-def t2_scan(volume: Volume, out: Path, options: T2Options, *, scan_path: Path | None = None,
-            mask_path: Path | None = None, results: Results | None = None,
-            progress: Progress | None = None) -> Results:
+def t2_scan(
+    volume: Volume,
+    out: Path,
+    options: T2Options,
+    *,
+    scan_path: Path | None = None,
+    mask_path: Path | None = None,
+    results: Results | None = None,
+    progress: Progress | None = None,
+) -> Results:
     """Fit T2 maps of a multi-echo ``volume`` into the output folder ``out`` (written atomically).
 
     With ``mask_path`` (a segmentation or label map) the fit is limited to its structures, the
@@ -210,9 +217,18 @@ def t2_scan(volume: Volume, out: Path, options: T2Options, *, scan_path: Path | 
         if labels is not None:
             write_segmentation(labels, folder / SEGMENTATION_FILE)
         results["t2"] = t2_with_regions(
-            volume, labels, folder, results, device=str(device), model=options.model,
-            skip_first_echo=options.skip_first_echo, sigma=options.sigma, channels=options.channels,
-            min_r2=options.min_r2, variant=options.regions, progress=progress,
+            volume,
+            labels,
+            folder,
+            results,
+            device=str(device),
+            model=options.model,
+            skip_first_echo=options.skip_first_echo,
+            sigma=options.sigma,
+            channels=options.channels,
+            min_r2=options.min_r2,
+            variant=options.regions,
+            progress=progress,
         ).section
     progress("done", 1.0, f"results in {out}")
     return results

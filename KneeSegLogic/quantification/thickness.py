@@ -41,7 +41,6 @@ _ARTICULAR_NEIGHBOURS = np.array(
     [t.label for t in tissues_in_group("cartilage") + tissues_in_group("meniscus")], dtype=np.int64
 )
 
-
 _TANGENTIAL = 1e-6
 
 

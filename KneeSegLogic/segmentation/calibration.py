@@ -58,7 +58,7 @@ class _CalibrationCase:
         self.channels = channels
         log_p = np.log(np.maximum(probabilities.reshape(channels, -1), 1e-12)).astype(np.float32)
         truth = truth.reshape(-1).astype(np.int64)
-        top2 = np.partition(log_p, channels - 2, axis=0)[channels - 2:]
+        top2 = np.partition(log_p, channels - 2, axis=0)[channels - 2 :]
         uncertain = (top2[1] - top2[0]) <= max_gap
         fixed_decision = log_p[:, ~uncertain].argmax(0)
         fixed_truth = truth[~uncertain]
@@ -71,7 +71,9 @@ class _CalibrationCase:
     def dice(self, offsets: np.ndarray) -> np.ndarray:
         """Dice per foreground channel (NaN where a structure is absent from truth and decision)."""
         decision = (self.log_p + offsets).argmax(1)
-        true_positive = self.fixed_true_positive + np.bincount(self.truth[decision == self.truth], minlength=self.channels)
+        true_positive = self.fixed_true_positive + np.bincount(
+            self.truth[decision == self.truth], minlength=self.channels
+        )
         predicted = self.fixed_predicted + np.bincount(decision, minlength=self.channels)
         total = (predicted + self.truth_count)[1:].astype(float)
         with np.errstate(invalid="ignore", divide="ignore"):
@@ -83,8 +85,9 @@ def _score(cases: Sequence[_CalibrationCase], offsets: np.ndarray) -> float:
     return float(np.mean([np.nanmean(case.dice(offsets)) for case in cases]))
 
 
-def fit_decision_offsets(scans: Sequence[tuple[np.ndarray, np.ndarray]], grid: np.ndarray = OFFSET_GRID,
-                         sweeps: int = 2) -> tuple[np.ndarray, float, float]:
+def fit_decision_offsets(
+    scans: Sequence[tuple[np.ndarray, np.ndarray]], grid: np.ndarray = OFFSET_GRID, sweeps: int = 2
+) -> tuple[np.ndarray, float, float]:
     """Offsets maximising the mean Dice over calibration scans.
 
     Parameters

@@ -33,14 +33,11 @@ from KneeSegLogic.segmentation.package import MemberSpec, ModelPackage
 
 ProgressCallback = Callable[[str, float, str], None]
 
-
 # Array axis (of the canonical (k, j, i) = (R, I, P) array) that is the slice axis of each plane.
 PLANE_AXIS = {"sagittal": 0, "axial": 1, "coronal": 2}
 
-
 # Foreground for the knee crop: normalised intensity above this, with a margin in mm.
 CROP_THRESHOLD = 0.1
-
 
 CROP_MARGIN_MM = 12.0
 
@@ -106,8 +103,15 @@ def _pad_to_multiple(x: torch.Tensor, multiple: int) -> tuple[torch.Tensor, tupl
     return F.pad(x, (0, pw, 0, ph)), (h, w)
 
 
-def predict_slices(network: torch.nn.Module, image: torch.Tensor, context: int, batch_size: int,
-                   device: torch.device, progress: ProgressCallback | None = None, label: str = "") -> torch.Tensor:
+def predict_slices(
+    network: torch.nn.Module,
+    image: torch.Tensor,
+    context: int,
+    batch_size: int,
+    device: torch.device,
+    progress: ProgressCallback | None = None,
+    label: str = "",
+) -> torch.Tensor:
     """Softmax of a 2D/2.5D network over every slice of ``image`` (D, H, W) -> (C, D, H, W).
 
     Slice ``d`` sees slices ``d-k .. d+k`` as channels (edge slices repeat the outermost one);
@@ -128,23 +132,40 @@ def predict_slices(network: torch.nn.Module, image: torch.Tensor, context: int, 
             output = torch.empty((probabilities.shape[1], depth, h, w), dtype=torch.float32)
         output[:, centres] = probabilities.movedim(0, 1)
         if progress is not None:
-            progress("inference", centres[-1].item() / max(depth - 1, 1), f"{label} slice {centres[-1].item() + 1}/{depth}")
+            progress(
+                "inference", centres[-1].item() / max(depth - 1, 1), f"{label} slice {centres[-1].item() + 1}/{depth}"
+            )
     assert output is not None
     return output
 
 
-def predict_volume(network: torch.nn.Module, image: torch.Tensor, patch_size: tuple[int, int, int], batch_size: int,
-                   device: torch.device, overlap: float = 0.5) -> torch.Tensor:
+def predict_volume(
+    network: torch.nn.Module,
+    image: torch.Tensor,
+    patch_size: tuple[int, int, int],
+    batch_size: int,
+    device: torch.device,
+    overlap: float = 0.5,
+) -> torch.Tensor:
     """Softmax of a 3D network by MONAI sliding windows: batched patches, Gaussian blending."""
     inputs = image[None, None]
     with torch.autocast(device.type, enabled=device.type == "cuda"):
-        logits = sliding_window_inference(inputs, roi_size=patch_size, sw_batch_size=batch_size, predictor=network,
-                                          overlap=overlap, mode="gaussian", sw_device=device, device=torch.device("cpu"))
+        logits = sliding_window_inference(
+            inputs,
+            roi_size=patch_size,
+            sw_batch_size=batch_size,
+            predictor=network,
+            overlap=overlap,
+            mode="gaussian",
+            sw_device=device,
+            device=torch.device("cpu"),
+        )
     return logits.float().softmax(1)[0]
 
 
-def with_memory_fallback(run: Callable[[int, torch.device], torch.Tensor], batch_size: int, device: torch.device,
-                         log: RunLog) -> torch.Tensor:
+def with_memory_fallback(
+    run: Callable[[int, torch.device], torch.Tensor], batch_size: int, device: torch.device, log: RunLog
+) -> torch.Tensor:
     """Call ``run(batch_size, device)``; on out-of-memory halve the batch, then fall back to CPU."""
     while True:
         try:
@@ -153,18 +174,29 @@ def with_memory_fallback(run: Callable[[int, torch.device], torch.Tensor], batch
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             if batch_size > 1:
-                log.events.append(f"out of memory on {device.type} with batch {batch_size}; retrying with {batch_size // 2}")
+                log.events.append(
+                    f"out of memory on {device.type} with batch {batch_size}; retrying with {batch_size // 2}"
+                )
                 batch_size //= 2
             elif device.type != "cpu":
                 log.events.append(f"out of memory on {device.type} with batch 1; continuing on cpu")
                 device = torch.device("cpu")
             else:
-                raise KneeSegError("out of memory on the CPU even with batch 1; crop the scan or use a machine with more memory") from None
+                raise KneeSegError(
+                    "out of memory on the CPU even with batch 1; crop the scan or use a machine with more memory"
+                ) from None
 
 
-def member_probabilities(package: ModelPackage, index: int, volume: Volume, device: torch.device, log: RunLog,
-                         batch_size: int = 16, flip_tta: bool = False,
-                         progress: ProgressCallback | None = None) -> Volume:
+def member_probabilities(
+    package: ModelPackage,
+    index: int,
+    volume: Volume,
+    device: torch.device,
+    log: RunLog,
+    batch_size: int = 16,
+    flip_tta: bool = False,
+    progress: ProgressCallback | None = None,
+) -> Volume:
     """Softmax of member ``index`` on its working grid, as a multi-channel Volume (channels last).
 
     The returned volume's array is (k, j, i, C) on the member's working grid; map it to the input
@@ -189,8 +221,15 @@ def member_probabilities(package: ModelPackage, index: int, volume: Volume, devi
         result = predict_slices(network, stacked, member.context_slices, batch, run_device, progress, member.name)
         if flip_tta:
             # Mirror left-right (the training saw mirrored knees); average both passes.
-            flipped = predict_slices(network, stacked.flip(0 if axis == 0 else 1), member.context_slices, batch,
-                                     run_device, progress, member.name + " (flipped)")
+            flipped = predict_slices(
+                network,
+                stacked.flip(0 if axis == 0 else 1),
+                member.context_slices,
+                batch,
+                run_device,
+                progress,
+                member.name + " (flipped)",
+            )
             result = (result + flipped.flip(1 if axis == 0 else 2)) / 2
         return result.movedim(1, axis + 1)
 
@@ -209,8 +248,12 @@ def _channels_on_grid(probabilities: Volume, reference: Volume) -> np.ndarray:
     classes = probabilities.array.shape[-1]
     result = np.empty((classes, *reference.array.shape[:3]), np.float32)
     for c in range(classes):
-        channel = Volume(np.ascontiguousarray(probabilities.array[..., c]), probabilities.spacing,
-                         probabilities.origin, probabilities.direction)
+        channel = Volume(
+            np.ascontiguousarray(probabilities.array[..., c]),
+            probabilities.spacing,
+            probabilities.origin,
+            probabilities.direction,
+        )
         result[c] = resample_to_grid(channel, reference, interpolation="linear", default=1.0 if c == 0 else 0.0).array
     return result
 
@@ -245,6 +288,7 @@ def fuse_on_grid(members: list[tuple[Volume, float]], reference: Volume) -> tupl
     del fused
     on_reference = _channels_on_grid(fused_volume, reference)
     if mean_entropy is not None:
-        mean_entropy = resample_to_grid(Volume(mean_entropy, finest.spacing, finest.origin, finest.direction),
-                                        reference, interpolation="linear").array
+        mean_entropy = resample_to_grid(
+            Volume(mean_entropy, finest.spacing, finest.origin, finest.direction), reference, interpolation="linear"
+        ).array
     return on_reference, mean_entropy

@@ -1,4 +1,8 @@
-"""TODO docstring (contrast_synthesis, inference)."""
+"""Intensity normalisation and the canonical frame, shared by training and inference.
+
+A network sees images in the canonical orientation (:data:`CANONICAL_ORIENTATION`) with
+intensities normalised as its package says; training uses the same functions so the two agree.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Model packages: the trained networks KneeSeg runs, with their contract, checksums and registry.
+"""Model packages: the trained networks KneeSeg runs, their contract (model.json) and checksums.
 
 A model package is a folder (or a zip of one) holding ``model.json``, one weights file per
 ensemble member (safetensors, or a torch state dict read with ``weights_only=True``) and
@@ -81,18 +81,13 @@ from KneeSegLogic.tissues import BY_KEY
 
 FORMAT_VERSION = 1
 
-
 MANIFEST = "model.json"
-
 
 MODEL_CARD = "MODEL_CARD.md"
 
-
 INPUT_KINDS = ("2d", "2.5d", "3d")
 
-
 PLANES = ("sagittal", "coronal", "axial")
-
 
 # Intensity normalisations and the parameters each accepts (name -> required parameters).
 NORMALISATIONS: dict[str, tuple[str, ...]] = {
@@ -101,25 +96,39 @@ NORMALISATIONS: dict[str, tuple[str, ...]] = {
     "percentile": ("low", "high"),  # percentiles (0-100) mapped to 0 and 1
 }
 
-
 WEIGHTS_SUFFIXES = (".safetensors", ".pt", ".pth")
 
-
-_TOP_KEYS = {"format_version", "id", "version", "description", "license", "default", "labels",
-             "members", "decision_offsets", "postprocessing", "training", "metrics"}
-
+_TOP_KEYS = {
+    "format_version",
+    "id",
+    "version",
+    "description",
+    "license",
+    "default",
+    "labels",
+    "members",
+    "decision_offsets",
+    "postprocessing",
+    "training",
+    "metrics",
+}
 
 _MEMBER_KEYS = {"name", "weights", "sha256", "architecture", "input", "weight"}
 
-
-_INPUT_KEYS = {"kind", "plane", "context_slices", "spacing_mm", "slice_spacing_mm", "patch_size", "normalisation", "echo_index"}
-
+_INPUT_KEYS = {
+    "kind",
+    "plane",
+    "context_slices",
+    "spacing_mm",
+    "slice_spacing_mm",
+    "patch_size",
+    "normalisation",
+    "echo_index",
+}
 
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
-
 _VERSION = re.compile(r"(\d+(?:\.\d+)*)(?:[-+][0-9A-Za-z.-]+)?")
-
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
@@ -280,8 +289,9 @@ class ModelPackage:
         try:
             network.load_state_dict(state, strict=True)
         except RuntimeError as error:
-            raise KneeSegError(f"{path}: weights do not fit {member.architecture} {member.architecture_args} "
-                               f"({one_line(error)})") from None
+            raise KneeSegError(
+                f"{path}: weights do not fit {member.architecture} {member.architecture_args} ({one_line(error)})"
+            ) from None
         return network.to(device).eval()
 
 
@@ -324,8 +334,10 @@ def _parse(raw: Any, folder: Path, source: Path, manifest: Path) -> ModelPackage
         fail("top level", "must be a JSON object")
     _only(raw, _TOP_KEYS, "top level", fail)
     if raw.get("format_version") != FORMAT_VERSION:
-        fail("format_version", f"must be {FORMAT_VERSION} (found {raw.get('format_version')!r}); "
-                               "this KneeSeg reads format 1 only")
+        fail(
+            "format_version",
+            f"must be {FORMAT_VERSION} (found {raw.get('format_version')!r}); this KneeSeg reads format 1 only",
+        )
     package_id = _get(raw, "id", str, "id", fail)
     if not _ID.fullmatch(package_id):
         fail("id", f"{package_id!r} must be letters, digits, '.', '_' or '-'")
@@ -345,7 +357,8 @@ def _parse(raw: Any, folder: Path, source: Path, manifest: Path) -> ModelPackage
         fail("members", f"member names must be unique, found {names}")
     offsets = _get(raw, "decision_offsets", list, "decision_offsets", fail, default=[0.0] * (len(labels) + 1))
     if len(offsets) != len(labels) + 1 or not all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in offsets):
+        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in offsets
+    ):
         fail("decision_offsets", f"must be {len(labels) + 1} finite numbers (background and each label)")
     postprocessing = _get(raw, "postprocessing", list, "postprocessing", fail, default=[])
     for i, step in enumerate(postprocessing):
@@ -446,14 +459,26 @@ def _parse_member(raw: Any, where: str, out_channels: int, fail: Any) -> MemberS
     shape = {"spatial_dims": 2 if planar else 3, "in_channels": 2 * context + 1, "out_channels": out_channels}
     architecture, args = _parse_architecture(raw, shape, f"{where}.architecture", fail)
     return MemberSpec(
-        name=name, weights=weights, sha256=sha256, architecture=architecture, architecture_args=args, kind=kind,
-        plane=plane, context_slices=context, spacing_mm=tuple(spacing), patch_size=None if patch is None else tuple(patch),
-        normalisation=dict(normalisation), echo_index=echo_index, weight=float(weight),
+        name=name,
+        weights=weights,
+        sha256=sha256,
+        architecture=architecture,
+        architecture_args=args,
+        kind=kind,
+        plane=plane,
+        context_slices=context,
+        spacing_mm=tuple(spacing),
+        patch_size=None if patch is None else tuple(patch),
+        normalisation=dict(normalisation),
+        echo_index=echo_index,
+        weight=float(weight),
         slice_spacing_mm=None if slice_spacing is None else float(slice_spacing),
     )
 
 
-def _parse_architecture(raw: dict[str, Any], shape: dict[str, int], where: str, fail: Any) -> tuple[str, dict[str, Any]]:
+def _parse_architecture(
+    raw: dict[str, Any], shape: dict[str, int], where: str, fail: Any
+) -> tuple[str, dict[str, Any]]:
     """Check the architecture exists, its arguments bind, and ``shape`` (dims, channels) matches them."""
     spec = _get(raw, "architecture", dict, where, fail)
     _only(spec, {"name", "args"}, where, fail)
@@ -469,13 +494,16 @@ def _parse_architecture(raw: dict[str, Any], shape: dict[str, int], where: str, 
     bound.apply_defaults()
     for argument, value in shape.items():
         if argument in bound.arguments and bound.arguments[argument] != value:
-            fail(f"{where}.args.{argument}", f"is {bound.arguments[argument]!r} but the member's input and the "
-                                             f"package's labels need {value}")
+            fail(
+                f"{where}.args.{argument}",
+                f"is {bound.arguments[argument]!r} but the member's input and the package's labels need {value}",
+            )
     return name, dict(args)
 
 
-def _get(obj: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str, fail: Any,
-         default: Any = ...) -> Any:
+def _get(
+    obj: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str, fail: Any, default: Any = ...
+) -> Any:
     """obj[key] checked against ``kind`` (bool is not accepted as a number)."""
     if key not in obj:
         if default is ...:
@@ -489,15 +517,23 @@ def _get(obj: dict[str, Any], key: str, kind: type | tuple[type, ...], where: st
     return value
 
 
-_JSON_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true/false",
-               dict: "an object", list: "a list"}
+_JSON_NAMES = {
+    str: "a string",
+    int: "an integer",
+    float: "a number",
+    bool: "true/false",
+    dict: "an object",
+    list: "a list",
+}
 
 
 def _numbers(obj: dict[str, Any], key: str, count: int, kind: type, where: str, fail: Any) -> list[Any]:
     values = _get(obj, key, list, where, fail)
     accepted = (int, float) if kind is float else (int,)
     if len(values) != count or not all(isinstance(v, accepted) and not isinstance(v, bool) and v > 0 for v in values):
-        fail(where, f"must be {count} positive {'numbers' if kind is float else 'integers'}, found {json.dumps(values)}")
+        fail(
+            where, f"must be {count} positive {'numbers' if kind is float else 'integers'}, found {json.dumps(values)}"
+        )
     return [kind(v) for v in values]
 
 
@@ -519,8 +555,13 @@ def _read_verified(path: Path, expected: str) -> bytes:
     return data
 
 
-def save_package(folder: str | Path, spec: dict[str, Any], state_dicts: list[dict[str, torch.Tensor]],
-                 model_card: str | None = None, overwrite: bool = False) -> ModelPackage:
+def save_package(
+    folder: str | Path,
+    spec: dict[str, Any],
+    state_dicts: list[dict[str, torch.Tensor]],
+    model_card: str | None = None,
+    overwrite: bool = False,
+) -> ModelPackage:
     """Write a model package: safetensors weights, ``model.json`` with their sha256, model card.
 
     Parameters
@@ -549,15 +590,19 @@ def save_package(folder: str | Path, spec: dict[str, Any], state_dicts: list[dic
     spec = copy.deepcopy({"format_version": FORMAT_VERSION, **spec})
     members = spec.get("members")
     if not isinstance(members, list) or len(members) != len(state_dicts):
-        raise KneeSegError(f"save_package: {len(state_dicts)} state dicts for "
-                           f"{len(members) if isinstance(members, list) else 'no'} members")
+        raise KneeSegError(
+            f"save_package: {len(state_dicts)} state dicts for "
+            f"{len(members) if isinstance(members, list) else 'no'} members"
+        )
     with atomic_folder(folder) as partial:
         for index, (member, state) in enumerate(zip(members, state_dicts)):
             if not isinstance(member, dict):
                 raise KneeSegError(f"save_package: members[{index}] must be a dict")
             name = member.setdefault("weights", f"member{index}.safetensors")
             if not str(name).endswith(".safetensors"):
-                raise KneeSegError(f"save_package: members[{index}].weights {name!r}: packages are written as .safetensors")
+                raise KneeSegError(
+                    f"save_package: members[{index}].weights {name!r}: packages are written as .safetensors"
+                )
             # Copies, because safetensors refuses tensors that share memory or are not contiguous.
             tensors = {key: value.detach().to("cpu").contiguous().clone() for key, value in state.items()}
             safetensors.torch.save_file(tensors, str(partial / name), metadata={"package": str(spec.get("id"))})
@@ -566,19 +611,30 @@ def save_package(folder: str | Path, spec: dict[str, Any], state_dicts: list[dic
         package = load_package(partial)
         for index in range(len(package.members)):
             package.load_member(index, "cpu")
-        (partial / MODEL_CARD).write_text(model_card if model_card is not None else default_model_card(package),
-                                          encoding="utf-8")
+        (partial / MODEL_CARD).write_text(
+            model_card if model_card is not None else default_model_card(package), encoding="utf-8"
+        )
     return load_package(folder)
 
 
 def default_model_card(package: ModelPackage) -> str:
     """A model card in Markdown from what ``model.json`` says."""
-    lines = [f"# {package.id} {package.version}", "", package.description or "(no description)", "",
-             f"Licence: {package.license}", "", "## Structures (output channel: structure)", ""]
+    lines = [
+        f"# {package.id} {package.version}",
+        "",
+        package.description or "(no description)",
+        "",
+        f"Licence: {package.license}",
+        "",
+        "## Structures (output channel: structure)",
+        "",
+    ]
     lines += [f"- {channel}: {BY_KEY[key].name}" for channel, key in sorted(package.labels.items())]
     lines += ["", "## Members", "", "| name | input | spacing (mm) | architecture | weight |", "|---|---|---|---|---|"]
     for m in package.members:
-        lines.append(f"| {m.name} | {describe_input(m)} | {' x '.join(f'{s:g}' for s in m.spacing_mm)} | {m.architecture} | {m.weight:g} |")
+        lines.append(
+            f"| {m.name} | {describe_input(m)} | {' x '.join(f'{s:g}' for s in m.spacing_mm)} | {m.architecture} | {m.weight:g} |"
+        )
     for title, section in (("Training", package.training), ("Metrics", package.metrics)):
         lines += ["", f"## {title}", "", "```json", json.dumps(section, indent=2), "```"]
     return "\n".join(lines) + "\n"
@@ -604,9 +660,18 @@ def package_summary(package: ModelPackage) -> dict[str, Any]:
         "location": str(package.source),
         "sha256": package.sha256,
         "labels": {str(channel): key for channel, key in sorted(package.labels.items())},
-        "members": [{"name": m.name, "kind": m.kind, "plane": m.plane, "context_slices": m.context_slices,
-                     "spacing_mm": list(m.spacing_mm), "architecture": m.architecture, "weight": m.weight}
-                    for m in package.members],
+        "members": [
+            {
+                "name": m.name,
+                "kind": m.kind,
+                "plane": m.plane,
+                "context_slices": m.context_slices,
+                "spacing_mm": list(m.spacing_mm),
+                "architecture": m.architecture,
+                "weight": m.weight,
+            }
+            for m in package.members
+        ],
         "decision_offsets": package.decision_offsets,
     }
 
@@ -638,5 +703,7 @@ def _unpack_zip(archive: Path) -> Path:
         return target
     inner = [p for p in target.iterdir() if (p / MANIFEST).is_file()]
     if len(inner) != 1:
-        raise InputError(archive, f"not a model package: no {MANIFEST} at the top of the zip or in one top-level folder")
+        raise InputError(
+            archive, f"not a model package: no {MANIFEST} at the top of the zip or in one top-level folder"
+        )
     return inner[0]

@@ -45,7 +45,6 @@ from KneeSegLogic.tissues import TISSUES
 # (for integer radii in voxels nothing changes: squared distances are integers).
 RADIUS_TOLERANCE = 1e-6
 
-
 # Which structure keeps a background voxel that the closings of two structures both fill: thin
 # tissues first, so a bone's closing cannot take the voxels that make a cartilage plate whole.
 CLOSING_PRIORITY: tuple[int, ...] = tuple(

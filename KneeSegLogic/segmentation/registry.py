@@ -1,4 +1,8 @@
-"""TODO docstring (models)."""
+"""Where model packages are found, imported and downloaded (see :mod:`.package` for the contract).
+
+Search order: the bundled ``Resources/Models/``, the folders in ``KNEESEG_MODELS_PATH``, then the
+user cache ``$KNEESEG_HOME/models``.
+"""
 
 from __future__ import annotations
 
@@ -62,8 +66,11 @@ def _candidates(root: Path) -> list[Path]:
         return [root]
     if not root.is_dir():
         return []
-    return [p for p in sorted(root.iterdir())
-            if not p.name.endswith(".partial") and ((p / MANIFEST).is_file() or (p.is_file() and p.suffix == ".zip"))]
+    return [
+        p
+        for p in sorted(root.iterdir())
+        if not p.name.endswith(".partial") and ((p / MANIFEST).is_file() or (p.is_file() and p.suffix == ".zip"))
+    ]
 
 
 def get_package(name: str | None = None) -> ModelPackage:
@@ -85,8 +92,10 @@ def get_package(name: str | None = None) -> ModelPackage:
     if name is None:
         preferred = [p for p in packages if p.default] or [p for p in packages if p.origin == "bundled"]
         if not preferred:
-            raise KneeSegError(f"no model package found (searched {searched}); import one with "
-                               "`kneeseg models --import PACKAGE.zip` or pass --model PATH")
+            raise KneeSegError(
+                f"no model package found (searched {searched}); import one with "
+                "`kneeseg models --import PACKAGE.zip` or pass --model PATH"
+            )
         name = preferred[0].id
     package_id, _, version = name.partition("@")
     matches = [p for p in packages if p.id == package_id and (not version or p.version == version)]
@@ -114,8 +123,10 @@ def import_package(source: str | Path) -> ModelPackage:
     if target.exists():
         existing = load_package(target)
         if existing.sha256 != package.sha256:
-            raise KneeSegError(f"{target}: a different {package.id} {package.version} is already installed; "
-                               "remove that folder first, or give the new package another version")
+            raise KneeSegError(
+                f"{target}: a different {package.id} {package.version} is already installed; "
+                "remove that folder first, or give the new package another version"
+            )
     else:
         with atomic_folder(target) as partial:
             shutil.copytree(package.path, partial, dirs_exist_ok=True)
@@ -155,7 +166,9 @@ def download_package(url: str, sha256: str, timeout_s: float = 60.0) -> ModelPac
     actual = digest.hexdigest()
     if actual != expected:
         partial.unlink()
-        raise KneeSegError(f"{url}: sha256 mismatch, download refused and deleted (expected {expected}, found {actual})")
+        raise KneeSegError(
+            f"{url}: sha256 mismatch, download refused and deleted (expected {expected}, found {actual})"
+        )
     archive = partial.with_suffix(".zip")
     partial.replace(archive)
     try:

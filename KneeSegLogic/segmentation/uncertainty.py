@@ -50,8 +50,9 @@ def per_structure(uncertainty: np.ndarray, labels: np.ndarray) -> dict[str, floa
     return summary
 
 
-def most_uncertain_slices(uncertainty: np.ndarray, labels: np.ndarray, index_to_physical: np.ndarray,
-                          count: int = 5, slice_axis: int = 0) -> list[dict]:
+def most_uncertain_slices(
+    uncertainty: np.ndarray, labels: np.ndarray, index_to_physical: np.ndarray, count: int = 5, slice_axis: int = 0
+) -> list[dict]:
     """The slices most worth a human look, for the correction workflow.
 
     Slices along array axis ``slice_axis`` (axis 0 = the scan's own slices) are ranked by the sum
@@ -74,12 +75,14 @@ def most_uncertain_slices(uncertainty: np.ndarray, labels: np.ndarray, index_to_
         centre_ijk = np.array([centre_kji[2], centre_kji[1], centre_kji[0], 1.0])
         position = index_to_physical @ centre_ijk
         nonzero = masked[tuple(selector)]
-        entries.append({
-            "slice_index": index,
-            "axis": "k" if slice_axis == 0 else ("j" if slice_axis == 1 else "i"),
-            "score": round(float(scores[index]), 3),
-            "mean_uncertainty": round(float(nonzero[nonzero > 0].mean()), 4) if np.any(nonzero > 0) else 0.0,
-            "structures": present,
-            "position_lps_mm": [round(float(v), 3) for v in position[:3]],
-        })
+        entries.append(
+            {
+                "slice_index": index,
+                "axis": "k" if slice_axis == 0 else ("j" if slice_axis == 1 else "i"),
+                "score": round(float(scores[index]), 3),
+                "mean_uncertainty": round(float(nonzero[nonzero > 0].mean()), 4) if np.any(nonzero > 0) else 0.0,
+                "structures": present,
+                "position_lps_mm": [round(float(v), 3) for v in position[:3]],
+            }
+        )
     return entries

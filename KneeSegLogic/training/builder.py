@@ -35,9 +35,7 @@ from KneeSegLogic.training.trainer import DEFAULT_MEMBERS, MemberRecipe, train_m
 
 PACKAGE_ID = "kneeseg-knee-2p5d"
 
-
 PACKAGE_VERSION = "1.0.0"
-
 
 # Bones: cut off thin leaks into neighbouring tissue, keep the largest piece and fill marrow holes;
 # cartilage and menisci are thin and may be split by partial volume, so no component filtering
@@ -46,9 +44,7 @@ PACKAGE_VERSION = "1.0.0"
 # +0.003; the patella lost 0.002 (1.5 mm: no change), so it is not opened.
 BONE_LABELS = [t.label for t in TISSUES if t.group == "bone"]
 
-
 OPENED_BONES = [t.label for t in TISSUES if t.key in ("femur", "tibia", "fibula")]
-
 
 POSTPROCESSING = [
     {"name": "opening", "radius_mm": 2.0, "labels": OPENED_BONES},
@@ -56,23 +52,17 @@ POSTPROCESSING = [
     {"name": "fill_holes", "labels": BONE_LABELS},
 ]
 
-
 WEIGHT_GRID = (0.3, 0.5, 0.7)
 
-
 CALIBRATION_SEED = 80_000  # held-out scans use heldout_cases' default seed (90 000)
-
 
 # Scans per named acquisition: offsets fitted on one scan each followed that scan's noise (on the
 # first model, offsets that gained 0.012 mean Dice on 5 calibration scans gained nothing held out).
 CALIBRATION_REPEATS = 3
 
-
 HELDOUT_REPEATS = 2
 
-
 ENSEMBLE = "ensemble"
-
 
 FINAL = "ensemble + decision offsets"
 
@@ -93,19 +83,26 @@ def _notes(member_folder: Path) -> str:
     return path.read_text(encoding="utf-8").strip() if path.exists() else ""
 
 
-def _spec(members: Sequence[MemberRecipe], weights: Sequence[float], training: dict, metrics: dict,
-          decision_offsets: Sequence[float] | None = None) -> dict:
+def _spec(
+    members: Sequence[MemberRecipe],
+    weights: Sequence[float],
+    training: dict,
+    metrics: dict,
+    decision_offsets: Sequence[float] | None = None,
+) -> dict:
     return {
         "id": PACKAGE_ID,
         "version": PACKAGE_VERSION,
         "default": True,
         "description": "Ensemble of two 2.5D U-Nets (fine and coarse in-plane resolution) segmenting knee bones, "
-                       "cartilage and menisci in MRI of any contrast, trained on synthetic images from a real "
-                       "knee label map.",
+        "cartilage and menisci in MRI of any contrast, trained on synthetic images from a real "
+        "knee label map.",
         "license": "Apache-2.0",
         "labels": {str(t.label): t.key for t in TISSUES},
-        "members": [{"name": m.name, "architecture": m.architecture(), "input": m.input_contract(), "weight": w}
-                    for m, w in zip(members, weights)],
+        "members": [
+            {"name": m.name, "architecture": m.architecture(), "input": m.input_contract(), "weight": w}
+            for m, w in zip(members, weights)
+        ],
         "decision_offsets": list(decision_offsets) if decision_offsets is not None else [0.0] * (len(TISSUES) + 1),
         "postprocessing": POSTPROCESSING,
         "training": training,
@@ -113,24 +110,32 @@ def _spec(members: Sequence[MemberRecipe], weights: Sequence[float], training: d
     }
 
 
-def _case_scores(probabilities: np.ndarray, case_labels: Volume, channel_labels: np.ndarray,
-                 offsets: Sequence[float] | None) -> dict[str, dict[str, float]]:
+def _case_scores(
+    probabilities: np.ndarray, case_labels: Volume, channel_labels: np.ndarray, offsets: Sequence[float] | None
+) -> dict[str, dict[str, float]]:
     """Dice and predicted/true volume ratio per structure after the decision and post-processing."""
     decided = channel_labels[decide_labels(probabilities, offsets)]
     labels = apply_postprocessing(case_labels.with_array(decided), POSTPROCESSING)
     result = evaluate(labels, case_labels)
     present = {name: m for name, m in result["structures"].items() if not np.isnan(m["dice"])}
-    return {"dice": {name: round(float(m["dice"]), 4) for name, m in present.items()},
-            "volume_ratio": {name: round(float(m["prediction_volume_mm3"] / m["reference_volume_mm3"]), 3)
-                             for name, m in present.items() if m["reference_volume_mm3"] > 0}}
+    return {
+        "dice": {name: round(float(m["dice"]), 4) for name, m in present.items()},
+        "volume_ratio": {
+            name: round(float(m["prediction_volume_mm3"] / m["reference_volume_mm3"]), 3)
+            for name, m in present.items()
+            if m["reference_volume_mm3"] > 0
+        },
+    }
 
 
 def _member_maps(package: ModelPackage, cases: Sequence) -> list[list[np.ndarray]]:
     """Each member's probabilities on each case's own grid (cases x members)."""
     maps = []
     for case in cases:
-        per_member = [member_probabilities(package, i, case.image, torch.device("cpu"), RunLog())
-                      for i in range(len(package.members))]
+        per_member = [
+            member_probabilities(package, i, case.image, torch.device("cpu"), RunLog())
+            for i in range(len(package.members))
+        ]
         maps.append([fuse_on_grid([(m, 1.0)], case.image)[0] for m in per_member])
     return maps
 
@@ -157,15 +162,19 @@ def calibrate(package: ModelPackage, anatomies) -> tuple[list[float], list[float
     maps = _member_maps(package, cases)
     channel_labels = np.asarray(package.tissue_labels, dtype=np.uint8)
     truths = [_channels(case.labels.array, channel_labels) for case in cases]
-    blend_scores = {w: fit_decision_offsets([(_blend(m, w), t) for m, t in zip(maps, truths)], sweeps=0)[1]
-                    for w in WEIGHT_GRID}
+    blend_scores = {
+        w: fit_decision_offsets([(_blend(m, w), t) for m, t in zip(maps, truths)], sweeps=0)[1] for w in WEIGHT_GRID
+    }
     weight = max(WEIGHT_GRID, key=blend_scores.get)
     offsets, before, after = fit_decision_offsets([(_blend(m, weight), t) for m, t in zip(maps, truths)])
-    summary = {"description": "Blending weight and decision offsets chosen on whole synthetic scans with seeds "
-                              f"unused in training and in the held-out evaluation ({CALIBRATION_REPEATS} per named "
-                              f"contrast/acquisition, seeds from {CALIBRATION_SEED}).",
-               "mean_dice_by_weight": {str(w): round(v, 4) for w, v in blend_scores.items()},
-               "mean_dice_before_offsets": round(before, 4), "mean_dice_after_offsets": round(after, 4)}
+    summary = {
+        "description": "Blending weight and decision offsets chosen on whole synthetic scans with seeds "
+        f"unused in training and in the held-out evaluation ({CALIBRATION_REPEATS} per named "
+        f"contrast/acquisition, seeds from {CALIBRATION_SEED}).",
+        "mean_dice_by_weight": {str(w): round(v, 4) for w, v in blend_scores.items()},
+        "mean_dice_before_offsets": round(before, 4),
+        "mean_dice_after_offsets": round(after, 4),
+    }
     return [weight, 1 - weight], [float(v) for v in offsets], summary
 
 
@@ -180,7 +189,9 @@ def evaluate_heldout(package: ModelPackage, anatomies, weights: Sequence[float],
         fused = _blend(maps, weights[0])
         variants[ENSEMBLE] = (fused, None)
         variants[FINAL] = (fused, offsets)
-        per_case[case.name] = {name: _case_scores(p, case.labels, channel_labels, o) for name, (p, o) in variants.items()}
+        per_case[case.name] = {
+            name: _case_scores(p, case.labels, channel_labels, o) for name, (p, o) in variants.items()
+        }
     return per_case
 
 
@@ -207,8 +218,11 @@ class TrainOptions:
 def describe_data(paths: Sequence[Path], anatomies: Sequence[Anatomy]) -> dict:
     """What the model was trained on, for the card: each data path and how many knees it gave."""
     pairs = sum(a.image is not None for a in anatomies)
-    return {"paths": [str(Path(p).resolve()) for p in paths], "label_maps": len(anatomies) - pairs,
-            "image_label_pairs": pairs}
+    return {
+        "paths": [str(Path(p).resolve()) for p in paths],
+        "label_maps": len(anatomies) - pairs,
+        "image_label_pairs": pairs,
+    }
 
 
 def _hardware(device: torch.device) -> str:
@@ -216,8 +230,9 @@ def _hardware(device: torch.device) -> str:
     return f"{_cpu_name()}, {torch.get_num_threads()} CPU threads, device {device} ({where})"
 
 
-def train_package(data: Sequence[Path], out: Path, options: TrainOptions,
-                  progress: Progress | None = None) -> ModelPackage | None:
+def train_package(
+    data: Sequence[Path], out: Path, options: TrainOptions, progress: Progress | None = None
+) -> ModelPackage | None:
     """Train every default member (resumable from the work folder), then build the package ``out``.
 
     With ``options.only_member`` only that member is trained and None is returned: several
@@ -240,22 +255,33 @@ def train_package(data: Sequence[Path], out: Path, options: TrainOptions,
     sources = describe_data(data, anatomies)
     progress("data", 0.0, f"{sources['label_maps']} label maps, {sources['image_label_pairs']} image/label pairs")
     budget = options.time_budget_min * 60
-    weights = [train_member(anatomies, spec, workdir, budget, progress, loss=options.loss, device=str(device))
-               for spec in members]
+    weights = [
+        train_member(anatomies, spec, workdir, budget, progress, loss=options.loss, device=str(device))
+        for spec in members
+    ]
     if options.only_member:
         progress("train", 1.0, f"member {options.only_member} trained; run again without --only-member to assemble")
         return None
-    command = (f"kneeseg train {' '.join(map(str, data))} -o {out} --workdir {workdir} --time-budget-min "
-               f"{options.time_budget_min} --loss {options.loss} --device {options.device} "
-               "(members may be trained in parallel with --only-member NAME --threads 1)")
+    command = (
+        f"kneeseg train {' '.join(map(str, data))} -o {out} --workdir {workdir} --time-budget-min "
+        f"{options.time_budget_min} --loss {options.loss} --device {options.device} "
+        "(members may be trained in parallel with --only-member NAME --threads 1)"
+    )
     training = {"data": sources, "loss": options.loss, "hardware": _hardware(device), "command": command}
     package = assemble_package(out, DEFAULT_MEMBERS, weights, workdir, anatomies, training, overwrite=options.overwrite)
     progress("package", 1.0, f"model package written to {out}")
     return package
 
 
-def assemble_package(out: Path, members: Sequence[MemberRecipe], weights_files: Sequence[Path], workdir: Path,
-                     anatomies: Sequence[Anatomy], run: dict, overwrite: bool = False) -> ModelPackage:
+def assemble_package(
+    out: Path,
+    members: Sequence[MemberRecipe],
+    weights_files: Sequence[Path],
+    workdir: Path,
+    anatomies: Sequence[Anatomy],
+    run: dict,
+    overwrite: bool = False,
+) -> ModelPackage:
     """Choose blending weights on calibration scans, measure on held-out scans, write the package.
 
     ``run`` says how the members were trained (data sources, loss, hardware, command) for the card.
@@ -265,26 +291,34 @@ def assemble_package(out: Path, members: Sequence[MemberRecipe], weights_files: 
     training = {
         **run,
         "method": "SynthSeg-style random contrasts from real anatomy (KneeSegLogic.training.synthesis)",
-        "members": [{**asdict(m), "iterations": h[-1]["iteration"] if h else 0,
-                     "elapsed_s": h[-1]["elapsed_s"] if h else 0.0,
-                     "best_val_dice_mean": max((e["val_dice_mean"] for e in h), default=None),
-                     "notes": _notes(Path(workdir) / m.name)}
-                    for m, h in zip(members, histories)],
+        "members": [
+            {
+                **asdict(m),
+                "iterations": h[-1]["iteration"] if h else 0,
+                "elapsed_s": h[-1]["elapsed_s"] if h else 0.0,
+                "best_val_dice_mean": max((e["val_dice_mean"] for e in h), default=None),
+                "notes": _notes(Path(workdir) / m.name),
+            }
+            for m, h in zip(members, histories)
+        ],
         "torch": torch.__version__,
     }
-    draft = save_package(Path(workdir) / "draft-package", _spec(members, [1.0] * len(members), training, {}), states,
-                         overwrite=True)
+    draft = save_package(
+        Path(workdir) / "draft-package", _spec(members, [1.0] * len(members), training, {}), states, overwrite=True
+    )
     weights, offsets, calibration = calibrate(draft, anatomies)
     per_case = evaluate_heldout(draft, anatomies, weights, offsets)
     metrics = {
         "calibration_synthetic": calibration,
         "heldout_synthetic": {
             "description": "Dice and predicted/true volume per structure on whole synthetic scans with seeds and "
-                           f"deformations unused in training and calibration, {HELDOUT_REPEATS} per named "
-                           "contrast/acquisition.",
+            f"deformations unused in training and calibration, {HELDOUT_REPEATS} per named "
+            "contrast/acquisition.",
             "acquisitions": [a[0] for a in HELDOUT_ACQUISITIONS],
             "chosen_weights": weights,
-            "mean_dice": {variant: round(_mean_dice(per_case, variant), 4) for variant in next(iter(per_case.values()))},
+            "mean_dice": {
+                variant: round(_mean_dice(per_case, variant), 4) for variant in next(iter(per_case.values()))
+            },
             "per_case": per_case,
         },
     }
@@ -297,58 +331,91 @@ def _described_data(data: dict | str) -> str:
     """The card's sentence on training data (older packages recorded it as one string)."""
     if isinstance(data, str):
         return data
-    return (f"{data['label_maps']} label map(s) and {data['image_label_pairs']} real image/label pair(s), "
-            f"from {', '.join(data['paths'])}")
+    return (
+        f"{data['label_maps']} label map(s) and {data['image_label_pairs']} real image/label pair(s), "
+        f"from {', '.join(data['paths'])}"
+    )
 
 
 def model_card(spec: dict) -> str:
     """Markdown model card: data, augmentations, measured accuracy, licence, how to reproduce."""
     training, metrics = spec["training"], spec["metrics"]["heldout_synthetic"]
     lines = [
-        f"# {spec['id']} {spec['version']}", "", spec["description"], "",
+        f"# {spec['id']} {spec['version']}",
+        "",
+        spec["description"],
+        "",
         "## Intended use",
         "Research segmentation of knee MRI (femur, tibia, patella, fibula, femoral / medial and lateral tibial / "
         "patellar cartilage, lateral and medial meniscus) as a starting point for review and manual correction "
-        "in 3D Slicer. Not a medical device; every result needs a human check (see uncertainty.nrrd).", "",
+        "in 3D Slicer. Not a medical device; every result needs a human check (see uncertainty.nrrd).",
+        "",
         "## Training data",
         f"{_described_data(training['data'])}. Label maps are shown as images synthesised from their anatomy with random per-tissue intensities (MESE echoes, DESS, PD with and "
         "without fat saturation, T1, low-field GRE, fully random), pseudo-tissues in the background, bias field, gamma, "
         "Gaussian/Rician noise, blur, thick slices along random axes (2D sagittal/coronal/axial acquisitions), random "
-        "rotation, scaling, elastic deformation, left/right mirroring and field-of-view crops.", "",
+        "rotation, scaling, elastic deformation, left/right mirroring and field-of-view crops.",
+        "",
         "## Architecture",
     ]
     for member in spec["members"]:
         args = member["architecture"]["args"]
-        lines.append(f"- {member['name']}: MONAI UNet 2D, {args['in_channels']} adjacent sagittal slices in, channels "
-                     f"{args['channels']}, input {member['input']['spacing_mm']} mm in-plane, slices "
-                     f"{member['input']['slice_spacing_mm']} mm, blending weight {member['weight']:g}")
+        lines.append(
+            f"- {member['name']}: MONAI UNet 2D, {args['in_channels']} adjacent sagittal slices in, channels "
+            f"{args['channels']}, input {member['input']['spacing_mm']} mm in-plane, slices "
+            f"{member['input']['slice_spacing_mm']} mm, blending weight {member['weight']:g}"
+        )
     calibration = spec["metrics"].get("calibration_synthetic")
     if calibration:
         offsets = spec["decision_offsets"]
         names = ["background"] + [spec["labels"][str(channel)] for channel in range(1, len(offsets))]
         shifted = ", ".join(f"{name} {value:+.1f}" for name, value in zip(names, offsets) if value)
-        lines += ["", "## Calibration (synthetic scans, other seeds)", calibration["description"],
-                  f"Mean Dice by blending weight of the first member: {calibration['mean_dice_by_weight']}; "
-                  f"decision offsets (log units, added before the argmax): {shifted or 'none'}; mean Dice "
-                  f"{calibration['mean_dice_before_offsets']:.3f} -> {calibration['mean_dice_after_offsets']:.3f}."]
-    lines += ["", "## Measured accuracy (held-out synthetic scans)", metrics["description"], "",
-              "| variant | mean Dice |", "|---|---|"]
+        lines += [
+            "",
+            "## Calibration (synthetic scans, other seeds)",
+            calibration["description"],
+            f"Mean Dice by blending weight of the first member: {calibration['mean_dice_by_weight']}; "
+            f"decision offsets (log units, added before the argmax): {shifted or 'none'}; mean Dice "
+            f"{calibration['mean_dice_before_offsets']:.3f} -> {calibration['mean_dice_after_offsets']:.3f}.",
+        ]
+    lines += [
+        "",
+        "## Measured accuracy (held-out synthetic scans)",
+        metrics["description"],
+        "",
+        "| variant | mean Dice |",
+        "|---|---|",
+    ]
     lines += [f"| {variant} | {value:.3f} |" for variant, value in metrics["mean_dice"].items()]
     final = FINAL if FINAL in next(iter(metrics["per_case"].values())) else ENSEMBLE
     structures = sorted({s for case in metrics["per_case"].values() for s in case[final]["dice"]})
     for key, title in (("dice", "Dice"), ("volume_ratio", "Predicted / true volume")):
-        lines += ["", f"{title} per structure ({final}):", "",
-                  "| acquisition | " + " | ".join(structures) + " |", "|---|" + "---|" * len(structures)]
+        lines += [
+            "",
+            f"{title} per structure ({final}):",
+            "",
+            "| acquisition | " + " | ".join(structures) + " |",
+            "|---|" + "---|" * len(structures),
+        ]
         for name, case in metrics["per_case"].items():
-            lines.append(f"| {name} | " + " | ".join(f"{case[final][key].get(s, float('nan')):.2f}" for s in structures)
-                         + " |")
-    lines += ["", "Accuracy on real scans has not been measured against expert labels here (none were available); "
-              "synthetic-to-real transfer is the main risk: check results visually and correct them.", "",
-              "## Training run", f"- command: `{training['command']}`", f"- hardware: {training['hardware']}",
-              f"- torch {training['torch']}"]
+            lines.append(
+                f"| {name} | " + " | ".join(f"{case[final][key].get(s, float('nan')):.2f}" for s in structures) + " |"
+            )
+    lines += [
+        "",
+        "Accuracy on real scans has not been measured against expert labels here (none were available); "
+        "synthetic-to-real transfer is the main risk: check results visually and correct them.",
+        "",
+        "## Training run",
+        f"- command: `{training['command']}`",
+        f"- hardware: {training['hardware']}",
+        f"- torch {training['torch']}",
+    ]
     for member in training["members"]:
-        lines.append(f"- {member['name']}: {member['iterations']} iterations in {member['elapsed_s'] / 60:.0f} min, "
-                     f"best validation Dice (synthetic) {member['best_val_dice_mean']}")
+        lines.append(
+            f"- {member['name']}: {member['iterations']} iterations in {member['elapsed_s'] / 60:.0f} min, "
+            f"best validation Dice (synthetic) {member['best_val_dice_mean']}"
+        )
         if member["notes"]:
             lines.append("  - note: " + " ".join(member["notes"].split()))
     lines += ["", "## Licence", f"{spec['license']} (weights and code). Training anatomy: pymskt, MIT licence.", ""]

@@ -1,4 +1,4 @@
-"""TODO docstring (training)."""
+"""Training data on disk: label maps and real (image, label) pairs turned into anatomies."""
 
 from __future__ import annotations
 
@@ -31,7 +31,9 @@ def _cases(folder: Path, allow_folders: bool) -> dict[str, Path]:
             continue
         name = _case_name(entry)
         if name in cases:
-            raise InputError(entry, f"case {name!r} has two files in {folder.name}/ ({cases[name].name} and {entry.name})")
+            raise InputError(
+                entry, f"case {name!r} has two files in {folder.name}/ ({cases[name].name} and {entry.name})"
+            )
         cases[name] = entry
     return cases
 
@@ -88,8 +90,11 @@ def load_anatomies(paths: Path | Sequence[Path]) -> list[Anatomy]:
         if path.is_file():
             label_maps, pairs = [path], []
         else:
-            label_maps = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")
-                                and p.name.lower().endswith(IMAGE_SUFFIXES))
+            label_maps = sorted(
+                p
+                for p in path.iterdir()
+                if p.is_file() and not p.name.startswith(".") and p.name.lower().endswith(IMAGE_SUFFIXES)
+            )
             pairs = find_training_pairs(path)
         if not label_maps and not pairs:
             raise InputError(path, "no label maps (NRRD, NIfTI, MHA) and no images/ + labels/ pairs found")

@@ -27,9 +27,7 @@ HELDOUT_ACQUISITIONS: tuple[tuple[str, str, int | None, float], ...] = (
     ("mese_echo2 sagittal 4 mm", "mese_echo2", 0, 4.0),
 )
 
-
 BOX_SHAPE = (64, 224, 224)
-
 
 BOX_SPACING_MM = (1.5, 0.6, 0.6)
 
@@ -43,7 +41,9 @@ class HeldoutCase:
 
 def canonical_direction() -> np.ndarray:
     """Direction matrix (columns i, j, k) of the canonical box frame (P, I, R axes)."""
-    return np.asarray(sitk.DICOMOrientImageFilter.GetDirectionCosinesFromOrientation(CANONICAL_ORIENTATION)).reshape(3, 3)
+    return np.asarray(sitk.DICOMOrientImageFilter.GetDirectionCosinesFromOrientation(CANONICAL_ORIENTATION)).reshape(
+        3, 3
+    )
 
 
 def heldout_cases(anatomies: list[Anatomy], seed: int = 90_000, repeats: int = 1) -> list[HeldoutCase]:
@@ -55,11 +55,18 @@ def heldout_cases(anatomies: list[Anatomy], seed: int = 90_000, repeats: int = 1
     cases = []
     for repeat in range(repeats):
         for number, (name, contrast, axis, thickness) in enumerate(HELDOUT_ACQUISITIONS):
-            settings = SynthesisSettings(rotation_deg=5.0, elastic_mm=2.0, random_contrast_probability=0.0,
-                                         contrast=contrast, thick_slice_probability=1.0 if axis is not None else 0.0,
-                                         thick_slice_mm=(thickness, thickness), thick_slice_axis=axis,
-                                         noise_range=(0.02, 0.04), fov_crop_probability=0.0,
-                                         real_image_probability=0.0)
+            settings = SynthesisSettings(
+                rotation_deg=5.0,
+                elastic_mm=2.0,
+                random_contrast_probability=0.0,
+                contrast=contrast,
+                thick_slice_probability=1.0 if axis is not None else 0.0,
+                thick_slice_mm=(thickness, thickness),
+                thick_slice_axis=axis,
+                noise_range=(0.02, 0.04),
+                fov_crop_probability=0.0,
+                real_image_probability=0.0,
+            )
             synthesizer = Synthesizer(anatomies, BOX_SHAPE, BOX_SPACING_MM, settings, seed=seed + 100 * repeat + number)
             # Centre the knee: the middle of the range training centres were drawn from.
             low, high = anatomies[0].centre_range
@@ -67,7 +74,11 @@ def heldout_cases(anatomies: list[Anatomy], seed: int = 90_000, repeats: int = 1
             spacing_ijk = BOX_SPACING_MM[::-1]
             direction = canonical_direction()
             geometry = dict(spacing=spacing_ijk, origin=(0.0, 0.0, 0.0), direction=direction)
-            cases.append(HeldoutCase(name if repeat == 0 else f"{name} #{repeat + 1}",
-                                     Volume(image.numpy().astype(np.float32) * 1000, **geometry),
-                                     Volume(labels.numpy().astype(np.uint8), **geometry)))
+            cases.append(
+                HeldoutCase(
+                    name if repeat == 0 else f"{name} #{repeat + 1}",
+                    Volume(image.numpy().astype(np.float32) * 1000, **geometry),
+                    Volume(labels.numpy().astype(np.uint8), **geometry),
+                )
+            )
     return cases

@@ -13,7 +13,9 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 
-def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, include_background: bool = False, eps: float = 1e-5) -> torch.Tensor:
+def soft_dice_loss(
+    logits: torch.Tensor, target: torch.Tensor, include_background: bool = False, eps: float = 1e-5
+) -> torch.Tensor:
     """1 - mean soft Dice over classes present in the batch (absent classes are skipped)."""
     probabilities = logits.softmax(1)
     one_hot = F.one_hot(target, logits.shape[1]).movedim(-1, 1).float()
@@ -81,8 +83,13 @@ class MixedLoss(torch.nn.Module):
     ``external_weights`` switches the CE term to the dual-level weighted CE.
     """
 
-    def __init__(self, tau_dice: float = 1.0, tau_ce: float = 1.0, tau_boundary: float = 0.0,
-                 external_weights: torch.Tensor | None = None) -> None:
+    def __init__(
+        self,
+        tau_dice: float = 1.0,
+        tau_ce: float = 1.0,
+        tau_boundary: float = 0.0,
+        external_weights: torch.Tensor | None = None,
+    ) -> None:
         super().__init__()
         self.tau_dice, self.tau_ce, self.tau_boundary = tau_dice, tau_ce, tau_boundary
         self.external_weights = external_weights

@@ -23,7 +23,6 @@ from KneeSegLogic.tissues import BY_KEY
 #: Default echo times (ms): an OAI-like 7-echo train at 10 ms steps (the first dropped by fits).
 DEFAULT_ECHO_TIMES_MS: tuple[float, ...] = (10.0, 20.0, 30.0, 40.0, 50.0, 60.0, 70.0)
 
-
 #: (proton density, T2 in ms) per structure key; ``soft_tissue`` fills the body around them,
 #: ``cortex`` the outer millimetre of each bone, ``fluid`` a thin layer in the joint space.
 TISSUE_PROPERTIES: dict[str, tuple[float, float]] = {
@@ -42,9 +41,7 @@ TISSUE_PROPERTIES: dict[str, tuple[float, float]] = {
     "fluid": (1.00, 300.0),
 }
 
-
 BODY_MARGIN_MM = 15.0
-
 
 CORTEX_MM = 1.0
 
@@ -71,7 +68,9 @@ class Phantom:
     sigma: float
 
 
-def tissue_maps(labels: Volume, properties: Mapping[str, tuple[float, float]] | None = None) -> tuple[np.ndarray, np.ndarray]:
+def tissue_maps(
+    labels: Volume, properties: Mapping[str, tuple[float, float]] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Proton-density and T2 (ms) maps for a knee label map (labels as in :mod:`tissues`)."""
     properties = {**TISSUE_PROPERTIES, **(properties or {})}
     label_array = labels.array

@@ -38,7 +38,6 @@ from KneeSegLogic.training.phantom import TISSUE_PROPERTIES
 # Tissue groups that share an intensity in realistic contrasts.
 GROUPS = ("cartilage", "marrow", "cortex", "meniscus", "fluid", "muscle", "fat")
 
-
 #: Relative intensities (cartilage, marrow, cortex, meniscus, fluid, muscle, fat) of the
 #: contrasts knee MRI users acquire; each sample jitters them.
 CONTRASTS: dict[str, tuple[float, ...]] = {
@@ -51,21 +50,24 @@ CONTRASTS: dict[str, tuple[float, ...]] = {
     "lowfield_gre": (0.60, 0.70, 0.05, 0.06, 0.70, 0.35, 0.80),
 }
 
-
 #: Name of the physically derived MESE contrast (echo augmentation), drawn like a preset.
 MESE_TRAIN = "mese_train"
 
-
 MESE_ECHO_PROBABILITIES = (0.2, 0.6, 0.2)
-
 
 #: (proton density, T2 ms) per group, from the phantom's tissue table (fat: as marrow fat).
 MESE_PROPERTIES: dict[str, tuple[float, float]] = {
-    group: TISSUE_PROPERTIES[key] for group, key in (
-        ("cartilage", "femoral_cartilage"), ("marrow", "femur"), ("cortex", "cortex"), ("meniscus", "lateral_meniscus"),
-        ("fluid", "fluid"), ("muscle", "soft_tissue"), ("fat", "femur"))
+    group: TISSUE_PROPERTIES[key]
+    for group, key in (
+        ("cartilage", "femoral_cartilage"),
+        ("marrow", "femur"),
+        ("cortex", "cortex"),
+        ("meniscus", "lateral_meniscus"),
+        ("fluid", "fluid"),
+        ("muscle", "soft_tissue"),
+        ("fat", "femur"),
+    )
 }
-
 
 _GROUP_OF_LABEL = {t.label: ("marrow" if t.group == "bone" else t.group) for t in TISSUES}
 
@@ -88,7 +90,7 @@ class Anatomy:
     image: torch.Tensor | None = None
 
     @classmethod
-    def from_volume(cls, labels: Volume) -> "Anatomy":
+    def from_volume(cls, labels: Volume) -> Anatomy:
         canonical = reorient(labels, CANONICAL_ORIENTATION)
         array = canonical.array.astype(np.uint8)
         spacing = np.asarray(canonical.spacing)[::-1]
@@ -108,7 +110,7 @@ class Anatomy:
         )
 
     @classmethod
-    def from_pair(cls, image: Volume, labels: Volume) -> "Anatomy":
+    def from_pair(cls, image: Volume, labels: Volume) -> Anatomy:
         """A real scan with its label map (both 3D, on the same grid; KneeSeg label values).
 
         The image is reoriented exactly as the labels (axis permutations and flips only) and
@@ -173,8 +175,14 @@ class Synthesizer:
         Output voxel size along (d, h, w).
     """
 
-    def __init__(self, anatomies: list[Anatomy], box_shape: tuple[int, int, int], spacing_mm: tuple[float, float, float],
-                 settings: SynthesisSettings = SynthesisSettings(), seed: int = 0) -> None:
+    def __init__(
+        self,
+        anatomies: list[Anatomy],
+        box_shape: tuple[int, int, int],
+        spacing_mm: tuple[float, float, float],
+        settings: SynthesisSettings = SynthesisSettings(),
+        seed: int = 0,
+    ) -> None:
         self.anatomies = anatomies
         self.box_shape = box_shape
         self.spacing = np.asarray(spacing_mm, dtype=float)
@@ -237,9 +245,15 @@ class Synthesizer:
         # (a blank band where bone stops abruptly taught over-long bones on real images).
         # A real scan cannot be extended, so its pairs keep the blank band instead.
         padding = "border" if anatomy.image is None else "zeros"
-        labels = F.grid_sample(anatomy.labels, grid, mode="nearest", align_corners=True, padding_mode=padding)[0, 0].long()
-        outside = F.grid_sample(anatomy.outside_mm, grid, mode="bilinear", align_corners=True, padding_mode="border")[0, 0]
-        depth = F.grid_sample(anatomy.bone_depth_mm, grid, mode="bilinear", align_corners=True, padding_mode=padding)[0, 0]
+        labels = F.grid_sample(anatomy.labels, grid, mode="nearest", align_corners=True, padding_mode=padding)[
+            0, 0
+        ].long()
+        outside = F.grid_sample(anatomy.outside_mm, grid, mode="bilinear", align_corners=True, padding_mode="border")[
+            0, 0
+        ]
+        depth = F.grid_sample(anatomy.bone_depth_mm, grid, mode="bilinear", align_corners=True, padding_mode=padding)[
+            0, 0
+        ]
         shape = tuple(labels.shape)
         if anatomy.image is not None and self.rng.random() < s.real_image_probability:
             # A real scan: its own intensities, moved by the same grid as its labels.
@@ -273,7 +287,9 @@ class Synthesizer:
         thresholds = np.sort(self.rng.uniform(-1, 1, int(self.rng.integers(1, 4))))
         classes = torch.bucketize(pseudo, torch.as_tensor(thresholds, dtype=torch.float32))
         palette = [values["muscle"], values["fat"], values["fluid"] * 0.8, float(self.rng.uniform(0, 1))]
-        palette_tensor = torch.as_tensor([palette[i % len(palette)] for i in range(len(thresholds) + 1)], dtype=torch.float32)
+        palette_tensor = torch.as_tensor(
+            [palette[i % len(palette)] for i in range(len(thresholds) + 1)], dtype=torch.float32
+        )
         image[body] = palette_tensor[classes[body]]
         fat_shell = body & (outside > edge - self.rng.uniform(2, 10))
         image[fat_shell] = values["fat"]

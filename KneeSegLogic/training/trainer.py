@@ -85,7 +85,9 @@ class TrainingState:
 def _synthesizer(anatomies: list[Anatomy], spec: MemberRecipe, seed: int) -> Synthesizer:
     depth = 2 * spec.context_slices + spec.slices_per_box
     settings = SynthesisSettings(noise_range=spec.noise_range)
-    return Synthesizer(anatomies, (depth, spec.crop, spec.crop), (spec.slice_mm, spec.pixel_mm, spec.pixel_mm), settings, seed)
+    return Synthesizer(
+        anatomies, (depth, spec.crop, spec.crop), (spec.slice_mm, spec.pixel_mm, spec.pixel_mm), settings, seed
+    )
 
 
 def stacks_from_box(image: torch.Tensor, labels: torch.Tensor, context: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -108,7 +110,9 @@ def dice_per_class(prediction: torch.Tensor, target: torch.Tensor, classes: int)
     return scores
 
 
-def _validation_set(anatomies: list[Anatomy], spec: MemberRecipe, boxes: int = 6) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _validation_set(
+    anatomies: list[Anatomy], spec: MemberRecipe, boxes: int = 6
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     synthesizer = _synthesizer(anatomies, spec, seed=10_000 + spec.seed)
     return [stacks_from_box(*synthesizer.sample(), spec.context_slices) for _ in range(boxes)]
 
@@ -154,7 +158,9 @@ def train_member(
     (folder / "spec.json").write_text(json.dumps(asdict(spec), indent=2))
     synthesizer = _synthesizer(anatomies, spec, seed=spec.seed + state.iteration)
     validation = _validation_set(anatomies, spec)
-    counts = sum(torch.bincount(a.labels.reshape(-1).long(), minlength=NUM_CLASSES)[:NUM_CLASSES].double() for a in anatomies)
+    counts = sum(
+        torch.bincount(a.labels.reshape(-1).long(), minlength=NUM_CLASSES)[:NUM_CLASSES].double() for a in anatomies
+    )
     loss_function = make_loss(loss, counts.tolist())
     best = folder / "best.safetensors"
     started = time.perf_counter() - state.elapsed_s
@@ -162,8 +168,11 @@ def train_member(
 
     def save() -> None:
         state.elapsed_s = time.perf_counter() - started
-        payload = {"network": network.state_dict(), "optimiser": optimiser.state_dict(),
-                   "state": json.dumps(asdict(state))}
+        payload = {
+            "network": network.state_dict(),
+            "optimiser": optimiser.state_dict(),
+            "state": json.dumps(asdict(state)),
+        }
         with atomic_file(checkpoint) as temporary:
             torch.save(payload, temporary)
         write_json(state.history, folder / "history.json")
@@ -184,9 +193,15 @@ def train_member(
         if state.iteration % validate_every == 0:
             dice = validate(network, validation)
             mean_dice = float(np.nanmean(dice))
-            state.history.append({"iteration": state.iteration, "elapsed_s": round(elapsed, 1),
-                                  "loss": round(float(np.mean(running)), 4), "val_dice_mean": round(mean_dice, 4),
-                                  "val_dice": [None if np.isnan(d) else round(float(d), 4) for d in dice]})
+            state.history.append(
+                {
+                    "iteration": state.iteration,
+                    "elapsed_s": round(elapsed, 1),
+                    "loss": round(float(np.mean(running)), 4),
+                    "val_dice_mean": round(mean_dice, 4),
+                    "val_dice": [None if np.isnan(d) else round(float(d), 4) for d in dice],
+                }
+            )
             running = []
             if mean_dice > state.best_dice:
                 state.best_dice = mean_dice
