@@ -99,7 +99,12 @@ def _rgb(r: int, g: int, b: int) -> tuple[float, float, float]:
 
 
 # Label values follow the pymskt / OAI knee label maps shipped in Resources/SampleData, so the
-# real anatomy there is already in KneeSeg's labelling.
+# real anatomy there is already in KneeSeg's labelling. Colours: Slicer's terminology colours
+# where they tell the structures apart (femoral cartilage, medial tibial cartilage, patellar
+# cartilage, femur, lateral meniscus); elsewhere Slicer gives neighbours the same hue (femur and
+# tibia both yellow, patella and tibial cartilage both salmon, medial meniscus and patellar
+# cartilage both green), so those take distinct hues. Every pair differs by CIEDE2000 > 20
+# (Testing/test_report.py checks it).
 TISSUES: tuple[Tissue, ...] = (
     Tissue(1, "femoral_cartilage", "Femoral cartilage", _rgb(111, 184, 210), "cartilage", TISSUE, CARTILAGE, FEMUR),
     Tissue(
@@ -117,7 +122,7 @@ TISSUES: tuple[Tissue, ...] = (
         3,
         "lateral_tibial_cartilage",
         "Lateral tibial cartilage",
-        _rgb(221, 130, 101),
+        _rgb(255, 140, 0),
         "cartilage",
         TISSUE,
         CARTILAGE,
@@ -126,11 +131,11 @@ TISSUES: tuple[Tissue, ...] = (
     ),
     Tissue(4, "patellar_cartilage", "Patellar cartilage", _rgb(144, 238, 144), "cartilage", TISSUE, CARTILAGE, PATELLA),
     Tissue(5, "femur", "Femur", _rgb(241, 214, 145), "bone", ANATOMICAL_STRUCTURE, FEMUR),
-    Tissue(6, "tibia", "Tibia", _rgb(230, 220, 70), "bone", ANATOMICAL_STRUCTURE, TIBIA),
-    Tissue(7, "patella", "Patella", _rgb(252, 181, 158), "bone", ANATOMICAL_STRUCTURE, PATELLA),
-    Tissue(8, "fibula", "Fibula", _rgb(177, 122, 101), "bone", ANATOMICAL_STRUCTURE, FIBULA),
+    Tissue(6, "tibia", "Tibia", _rgb(70, 100, 200), "bone", ANATOMICAL_STRUCTURE, TIBIA),
+    Tissue(7, "patella", "Patella", _rgb(220, 60, 170), "bone", ANATOMICAL_STRUCTURE, PATELLA),
+    Tissue(8, "fibula", "Fibula", _rgb(120, 80, 50), "bone", ANATOMICAL_STRUCTURE, FIBULA),
     Tissue(9, "lateral_meniscus", "Lateral meniscus", _rgb(183, 156, 220), "meniscus", TISSUE, MENISCUS, KNEE, LATERAL),
-    Tissue(10, "medial_meniscus", "Medial meniscus", _rgb(128, 174, 128), "meniscus", TISSUE, MENISCUS, KNEE, MEDIAL),
+    Tissue(10, "medial_meniscus", "Medial meniscus", _rgb(0, 140, 100), "meniscus", TISSUE, MENISCUS, KNEE, MEDIAL),
 )
 
 BY_LABEL: dict[int, Tissue] = {t.label: t for t in TISSUES}
@@ -140,11 +145,15 @@ BY_KEY: dict[str, Tissue] = {t.key: t for t in TISSUES}
 
 def tissue(label_or_key: int | str) -> Tissue:
     """Look a structure up by label value or key; raises ``KeyError`` naming the valid ones."""
-    table = BY_LABEL if isinstance(label_or_key, int) else BY_KEY
-    try:
-        return table[label_or_key]
-    except KeyError:
-        raise KeyError(f"unknown structure {label_or_key!r}; known: {sorted(table)}") from None
+    if isinstance(label_or_key, int):
+        found = BY_LABEL.get(label_or_key)
+        known: list[int] | list[str] = sorted(BY_LABEL)
+    else:
+        found = BY_KEY.get(label_or_key)
+        known = sorted(BY_KEY)
+    if found is None:
+        raise KeyError(f"unknown structure {label_or_key!r}; known: {known}")
+    return found
 
 
 def tissues_in_group(group: str) -> tuple[Tissue, ...]:

@@ -43,9 +43,11 @@ class Agreement:
         return data
 
 
-def _paired(reference: Sequence[float], measured: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
-    reference = np.asarray(reference, dtype=float).ravel()
-    measured = np.asarray(measured, dtype=float).ravel()
+def _paired(
+    reference_values: Sequence[float] | np.ndarray, measured_values: Sequence[float] | np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    reference = np.asarray(reference_values, dtype=float).ravel()
+    measured = np.asarray(measured_values, dtype=float).ravel()
     if reference.shape != measured.shape:
         raise ValueError(f"paired measurements differ in number: {reference.size} vs {measured.size}")
     finite = np.isfinite(reference) & np.isfinite(measured)
@@ -54,12 +56,14 @@ def _paired(reference: Sequence[float], measured: Sequence[float]) -> tuple[np.n
     return reference[finite], measured[finite]
 
 
-def mean_absolute_error(reference: Sequence[float], measured: Sequence[float]) -> float:
+def mean_absolute_error(reference: Sequence[float] | np.ndarray, measured: Sequence[float] | np.ndarray) -> float:
     reference, measured = _paired(reference, measured)
     return float(np.mean(np.abs(measured - reference)))
 
 
-def bland_altman(reference: Sequence[float], measured: Sequence[float]) -> tuple[float, float, tuple[float, float]]:
+def bland_altman(
+    reference: Sequence[float] | np.ndarray, measured: Sequence[float] | np.ndarray
+) -> tuple[float, float, tuple[float, float]]:
     """Bias, SD of the differences and the 95 % limits of agreement (measured minus reference)."""
     reference, measured = _paired(reference, measured)
     difference = measured - reference
@@ -68,7 +72,7 @@ def bland_altman(reference: Sequence[float], measured: Sequence[float]) -> tuple
     return bias, sd, (bias - LIMITS_Z * sd, bias + LIMITS_Z * sd)
 
 
-def rms_cv_percent(reference: Sequence[float], measured: Sequence[float]) -> float:
+def rms_cv_percent(reference: Sequence[float] | np.ndarray, measured: Sequence[float] | np.ndarray) -> float:
     """Root-mean-square of the per-pair coefficients of variation, in percent."""
     reference, measured = _paired(reference, measured)
     pair_mean = (reference + measured) / 2
@@ -78,7 +82,7 @@ def rms_cv_percent(reference: Sequence[float], measured: Sequence[float]) -> flo
     return float(100 * np.sqrt(np.mean((pair_sd / pair_mean) ** 2)))
 
 
-def agreement(reference: Sequence[float], measured: Sequence[float]) -> Agreement:
+def agreement(reference: Sequence[float] | np.ndarray, measured: Sequence[float] | np.ndarray) -> Agreement:
     """All agreement statistics of ``measured`` against ``reference`` (see the module docstring)."""
     reference, measured = _paired(reference, measured)
     rho, p = stats.spearmanr(reference, measured)

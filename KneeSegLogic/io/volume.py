@@ -25,6 +25,12 @@ import numpy as np
 import SimpleITK as sitk
 
 
+def as_triple(values: Sequence[float] | np.ndarray) -> tuple[float, float, float]:
+    """Three numbers as the (x, y, z) tuple a Volume's spacing and origin are."""
+    x, y, z = (float(v) for v in values)
+    return (x, y, z)
+
+
 @dataclass(frozen=True)
 class Volume:
     """A voxel array with its patient-space geometry.
@@ -116,7 +122,7 @@ class Volume:
             spacing=image.GetSpacing(),
             origin=image.GetOrigin(),
             direction=np.array(image.GetDirection()).reshape(3, 3),
-            echo_times_ms=echo_times_ms,
+            echo_times_ms=None if echo_times_ms is None else tuple(echo_times_ms),
         )
 
 
@@ -154,13 +160,13 @@ def resample_to_spacing(volume: Volume, spacing: Sequence[float], is_label: bool
     The new grid keeps the direction and the outer corner of the field of view (so the extent is
     preserved to within one new voxel). Labels use nearest neighbour; images use B-spline.
     """
-    spacing = np.asarray(spacing, dtype=float)
+    new_spacing = np.asarray(spacing, dtype=float)
     extent = np.asarray(volume.size) * np.asarray(volume.spacing)
-    size = np.maximum(1, np.round(extent / spacing)).astype(int)
+    size = np.maximum(1, np.round(extent / new_spacing)).astype(int)
     # Keep the corner of the field of view: origin moves by half the change of voxel size.
-    corner_offset = (spacing - np.asarray(volume.spacing)) / 2
+    corner_offset = (new_spacing - np.asarray(volume.spacing)) / 2
     origin = np.asarray(volume.origin) + volume.direction @ corner_offset
-    target = Volume(np.zeros(size[::-1], np.uint8), tuple(spacing), tuple(origin), volume.direction)
+    target = Volume(np.zeros(size[::-1], np.uint8), as_triple(new_spacing), as_triple(origin), volume.direction)
     return resample_to_grid(volume, target, is_label=is_label)
 
 

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from KneeSegLogic.io.volume import Volume
+from KneeSegLogic.io.volume import Volume, as_triple
 from KneeSegLogic.tissues import tissue
 
 KNEE_SIDES = ("left", "right")
@@ -147,7 +147,9 @@ def infer_knee_side(labels: Volume, left: np.ndarray) -> tuple[str, str]:
     """
     # Every second voxel along each axis: the same geometry, an eighth of the work (the bones
     # are millions of voxels), centroids good to a fraction of a millimetre.
-    sparse = Volume(labels.array[::2, ::2, ::2], tuple(2 * s for s in labels.spacing), labels.origin, labels.direction)
+    sparse = Volume(
+        labels.array[::2, ::2, ::2], as_triple([2 * s for s in labels.spacing]), labels.origin, labels.direction
+    )
     centroids = label_centroids(sparse)
     medial = [centroids[v] for v in _MEDIAL if v in centroids]
     lateral = [centroids[v] for v in _LATERAL if v in centroids]

@@ -60,7 +60,7 @@ from scipy import ndimage
 from skimage.measure import label as connected_components
 from skimage.morphology import disk
 
-from KneeSegLogic.errors import InputError
+from KneeSegLogic.errors import InputError, KneeSegError
 from KneeSegLogic.io.outputs import (
     FOLLOWUP_LABELS_FILE,
     FOLLOWUP_T2_FILE,
@@ -350,7 +350,7 @@ def focal_change(
     areas = np.bincount(candidates.ravel())
     min_area = area_fraction * plate.sum()
     cluster_labels = np.zeros(plate.shape, np.int32)
-    clusters = []
+    clusters: list[Cluster] = []
     # Pixel size after resampling: 1 mm up to the rounding of the map's extent.
     pixel_lr_mm = grid.n_rows * grid.row_spacing_mm / plate.shape[0]
     pixel_arc_mm = projection.N_ANGLE_BINS * grid.column_width_mm / plate.shape[1]
@@ -446,8 +446,12 @@ def t2_change(
             region_statistics(follow_division.regions, REGION_NAMES, follow_division, follow_thickness, registered.t2),
         )
     with results.stage("focal_change", progress):
-        grid, base_maps = femoral_projection_maps(baseline.labels, base_division, base_thickness, baseline.t2)
-        _, follow_maps = femoral_projection_maps(registered.labels, follow_division, follow_thickness, registered.t2)
+        base_projection = femoral_projection_maps(baseline.labels, base_division, base_thickness, baseline.t2)
+        follow_projection = femoral_projection_maps(registered.labels, follow_division, follow_thickness, registered.t2)
+        if base_projection is None or follow_projection is None:
+            raise KneeSegError("no femoral cartilage at one time point: the focal T2 change needs it at both")
+        grid, base_maps = base_projection
+        follow_maps = follow_projection[1]
         focal = focal_change(grid, base_maps["t2"], follow_maps["t2"])
     with results.stage("write", progress):
         write_volume(base_division.regions, out_dir / REGIONS_FILE)
@@ -455,7 +459,7 @@ def t2_change(
         write_volume(registered.labels, out_dir / FOLLOWUP_LABELS_FILE)
         sitk.WriteTransform(transform, str(out_dir / "followup_to_baseline.tfm"))
         _write_csv(out_dir / T2_CHANGE_TABLE, changes)
-        square = {"row_spacing_mm": 1.0, "column_spacing": 1.0, "column_unit": "mm"}
+        square: dict[str, Any] = {"row_spacing_mm": 1.0, "column_spacing": 1.0, "column_unit": "mm"}
         projection.write_projection(
             out_dir / "projection_t2_baseline",
             focal.baseline * focal.plate,
@@ -534,7 +538,8 @@ def t2_change_folders(
     follow = read_time_point(followup)
     for role, time_point in (("baseline", base), ("followup", follow)):
         results.add_input(f"{role}_t2", time_point.folder / T2_FILE)
-        results.add_input(f"{role}_segmentation", time_point.segmentation)
+        if time_point.segmentation is not None:
+            results.add_input(f"{role}_segmentation", time_point.segmentation)
     with output_folder(out, results, overwrite) as folder:
         results["t2_change"] = t2_change(base, follow, folder, results, progress)
     return results

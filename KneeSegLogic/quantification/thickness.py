@@ -125,13 +125,13 @@ def plate_thickness(
             points = coordinates + 0.5 * sign * step
             bone_points.append(points[bone_side])
             articular_points.append(points[articular])
-    bone_points = np.concatenate(bone_points)
-    articular_points = np.concatenate(articular_points)
-    if len(bone_points) == 0 or len(articular_points) == 0:
+    bone = np.concatenate(bone_points)
+    articular = np.concatenate(articular_points)
+    if len(bone) == 0 or len(articular) == 0:
         return PlateThickness(np.zeros(0), np.full(len(coordinates), -1, np.int64))
     radius = max(labels.spacing)
-    column_thickness, _ = cKDTree(_smoothed(articular_points, radius)).query(_smoothed(bone_points, radius))
-    _, voxel_column = cKDTree(bone_points).query(coordinates)
+    column_thickness, _ = cKDTree(_smoothed(articular, radius)).query(_smoothed(bone, radius))
+    _, voxel_column = cKDTree(bone).query(coordinates)
     return PlateThickness(column_thickness, voxel_column.astype(np.int64))
 
 

@@ -6,6 +6,8 @@ intensities normalised as its package says; training uses the same functions so 
 
 from __future__ import annotations
 
+from typing import overload
+
 import numpy as np
 import torch
 
@@ -15,13 +17,19 @@ from KneeSegLogic.errors import KneeSegError
 CANONICAL_ORIENTATION = "PIR"
 
 
-def normalise_intensity(image: torch.Tensor | np.ndarray, low: float = 1.0, high: float = 99.0):
+@overload
+def normalise_intensity(image: np.ndarray, low: float = ..., high: float = ...) -> np.ndarray: ...
+@overload
+def normalise_intensity(image: torch.Tensor, low: float = ..., high: float = ...) -> torch.Tensor: ...
+def normalise_intensity(
+    image: torch.Tensor | np.ndarray, low: float = 1.0, high: float = 99.0
+) -> torch.Tensor | np.ndarray:
     """Map the ``low``-``high`` percentile range to [0, 1] (clipped to [-0.2, 1.5]).
 
     Used identically in training and inference; robust to scanner units and to outliers.
     """
     as_numpy = isinstance(image, np.ndarray)
-    tensor = torch.from_numpy(image) if as_numpy else image
+    tensor = torch.from_numpy(image) if isinstance(image, np.ndarray) else image
     flat = tensor.reshape(-1).float()
     if flat.numel() > 2_000_000:  # a strided subsample is enough for percentiles
         flat = flat[:: flat.numel() // 1_000_000]
