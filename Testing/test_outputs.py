@@ -63,18 +63,16 @@ def test_existing_output_refused_without_overwrite(tmp_path):
 
 def test_error_removes_partial_and_keeps_previous_output(tmp_path):
     out = tmp_path / "OUT"
-    with pytest.raises(RuntimeError, match="boom"):
-        with output_folder(out, Results("segment")) as folder:
-            (folder / "half.nrrd").write_text("half")
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"), output_folder(out, Results("segment")) as folder:
+        (folder / "half.nrrd").write_text("half")
+        raise RuntimeError("boom")
     assert list(tmp_path.iterdir()) == []
 
     out.mkdir()
     (out / "old.txt").write_text("old")
-    with pytest.raises(CancelledError):
-        with output_folder(out, Results("segment"), overwrite=True) as folder:
-            (folder / "half.nrrd").write_text("half")
-            raise CancelledError("cancelled during inference")
+    with pytest.raises(CancelledError), output_folder(out, Results("segment"), overwrite=True) as folder:
+        (folder / "half.nrrd").write_text("half")
+        raise CancelledError("cancelled during inference")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["OUT"]
     assert [p.name for p in out.iterdir()] == ["old.txt"]
 

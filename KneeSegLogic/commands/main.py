@@ -3,13 +3,25 @@
 Exit codes: 0 success; 1 bad input or a failed run (one line on stderr naming the file and the
 problem); 2 usage errors; 3 an unexpected internal error (the traceback is shown with
 ``--debug``); 130 cancelled.
+
+Signals: SIGTERM (what schedulers and process managers send) is a cancellation like Ctrl-C: the
+partial output folder is removed and the exit code is 130. Only the first signal interrupts the
+run (a second one, while the first is being cleaned up, is ignored). Python runs signal handlers
+only between bytecodes, so a run blocked inside a C library would never see them: a watchdog
+thread woken by the signal removes this process's partial output folders and exits with 130 when
+the run has not stopped :data:`SIGNAL_GRACE_S` seconds later.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
+import threading
+import time
+import traceback
+from pathlib import Path
 from types import ModuleType
 from typing import Callable, NamedTuple, Sequence
 
@@ -24,7 +36,7 @@ from KneeSegLogic.commands import (
     t2,
     train,
 )
-from KneeSegLogic.errors import CancelledError, KneeSegError
+from KneeSegLogic.errors import CancelledError, KneeSegError, one_line
 
 
 class Command(NamedTuple):
@@ -65,15 +77,97 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _input_paths(args: argparse.Namespace) -> list[Path]:
+    """The paths a command reads: every path argument but its output folder."""
+    paths: list[Path] = []
+    for name, value in vars(args).items():
+        if name in ("output", "batch_output"):
+            continue
+        values = value if isinstance(value, (list, tuple)) else [value]
+        paths += [v for v in values if isinstance(v, Path)]
+    return paths
+
+
 def check_output_free(args: argparse.Namespace) -> None:
-    """Refuse an existing output folder before any scan is read (``--overwrite`` allows it)."""
+    """Before any scan is read: refuse an existing output folder (``--overwrite`` allows it) and,
+    always, an output folder that is, contains or lies inside an input."""
     output = getattr(args, "output", None)
-    if output is not None and output.exists() and not getattr(args, "overwrite", False):
-        raise KneeSegError(f"{output}: output folder exists; choose another or pass --overwrite")
+    if output is not None:
+        from KneeSegLogic.io.outputs import check_output_location
+
+        check_output_location(output, _input_paths(args), getattr(args, "overwrite", False))
+
+
+#: Seconds a run may take to stop after SIGTERM/SIGINT before the watchdog ends it.
+SIGNAL_GRACE_S = 10.0
+
+_signalled = threading.Event()
 
 
 def _terminate(signum: int, frame: object) -> None:
-    raise CancelledError("terminated (SIGTERM)")
+    # Only the first SIGTERM interrupts: a second one must not break the clean-up of the first
+    # (nor surface as a traceback from whatever finaliser it happens to land in).
+    if not _signalled.is_set():
+        _signalled.set()
+        raise CancelledError("terminated (SIGTERM)")
+
+
+def _watchdog(wakeup: int, command: str) -> None:
+    while True:
+        try:
+            received = os.read(wakeup, 64)
+        except OSError:
+            return
+        if not received or not ({signal.SIGTERM, signal.SIGINT} & set(received)):
+            continue
+        time.sleep(SIGNAL_GRACE_S)
+        from KneeSegLogic.io.outputs import remove_partials
+
+        remove_partials()
+        sys.stderr.write(f"kneeseg {command}: cancelled ({SIGNAL_GRACE_S:g} s after the signal, still busy)\n")
+        sys.stderr.flush()
+        os._exit(130)
+
+
+_watchdog_started = False
+
+
+def _install_signal_handlers(command: str) -> None:
+    """SIGTERM as cancellation, and the watchdog for runs blocked in C code (once per process)."""
+    global _watchdog_started
+    _signalled.clear()
+    signal.signal(signal.SIGTERM, _terminate)
+    if _watchdog_started or threading.current_thread() is not threading.main_thread():
+        return
+    read_end, write_end = os.pipe()
+    os.set_blocking(write_end, False)
+    try:
+        signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
+    except (ValueError, OSError):  # not the main thread of the main interpreter
+        os.close(read_end)
+        os.close(write_end)
+        return
+    threading.Thread(target=_watchdog, args=(read_end, command), daemon=True, name="kneeseg-signal-watchdog").start()
+    _watchdog_started = True
+
+
+def _finished_anyway(args: argparse.Namespace) -> bool:
+    """Whether the command's output folder was published before the cancellation arrived."""
+    output = getattr(args, "output", None)
+    if output is None:
+        return False
+    from KneeSegLogic.io.outputs import PUBLISHED
+
+    return Path(output).resolve() in PUBLISHED
+
+
+def _cancelled(args: argparse.Namespace, error: BaseException) -> int:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the clean-up is done: do not interrupt the exit
+    if _finished_anyway(args):
+        print(f"kneeseg {args.command}: interrupted after {args.output} was complete; it is kept", file=sys.stderr)
+        return 0
+    print(f"kneeseg {args.command}: {error or 'cancelled'}", file=sys.stderr)
+    return 130
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -84,19 +178,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     # Schedulers and process managers stop jobs with SIGTERM: turn it into a cancellation so the
     # partial output folder is removed like on any other error.
-    signal.signal(signal.SIGTERM, _terminate)
+    _install_signal_handlers(args.command)
     try:
         check_output_free(args)
         return int(COMMANDS[args.command].run(args) or 0)
+    except CancelledError as error:
+        return _cancelled(args, error)
     except KneeSegError as error:
-        print(f"kneeseg {args.command}: error: {error}", file=sys.stderr)
+        print(f"kneeseg {args.command}: error: {one_line(error)}", file=sys.stderr)
         return error.exit_code
-    except KeyboardInterrupt:
-        print(f"kneeseg {args.command}: cancelled", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as error:
+        return _cancelled(args, CancelledError("cancelled") if not str(error) else error)
     except Exception as error:  # a bug, not bad input: say so in one line, traceback on --debug
         if args.debug:
-            raise
+            traceback.print_exc()
+            return 3
         print(
             f"kneeseg {args.command}: internal error: {type(error).__name__}: {error} (rerun with --debug for the traceback)",
             file=sys.stderr,

@@ -76,12 +76,28 @@ def check_memory(path: str | Path, size: Sequence[int], components: int = 1, pix
         )
 
 
+# Voxel sizes and fields of view an MR scan can have, in mm: preclinical scanners reach ~0.02 mm
+# voxels and whole-body scanners a 500 mm field of view. Outside these the header is wrong, and
+# the resampling to the network's working grid would need absurd memory (a 400 mm "slice"
+# resampled at 0.6 mm) or crash.
+MIN_SPACING_MM = 0.01
+MAX_FIELD_OF_VIEW_MM = 600.0
+
+# Fewest voxels along any axis of a scan: a smaller grid cannot hold a knee and breaks the
+# network's pooling.
+MIN_VOXELS_PER_AXIS = 4
+
+
 def validate_volume(volume: Volume, path: str | Path | None = None) -> None:
     """Raise :class:`InputError` for volumes that cannot be a real scan."""
     if volume.array.ndim not in (3, 4):
         raise InputError(path, f"array has {volume.array.ndim} dimensions; 3D or 4D expected")
     if min(volume.array.shape[:3]) < 2:
         raise InputError(path, f"is a 2D image (size {volume.size}); a 3D scan is needed")
+    if min(volume.array.shape[:3]) < MIN_VOXELS_PER_AXIS:
+        raise InputError(
+            path, f"size {volume.size} is too small for a scan (at least {MIN_VOXELS_PER_AXIS} voxels along every axis)"
+        )
     if volume.array.size == 0:
         raise InputError(path, "volume is empty (no voxels)")
     if np.issubdtype(volume.array.dtype, np.floating) and not np.all(np.isfinite(volume.array)):
@@ -91,6 +107,19 @@ def validate_volume(volume: Volume, path: str | Path | None = None) -> None:
         raise InputError(path, "volume is empty (every voxel is zero)")
     if any(s <= 0 or not np.isfinite(s) for s in volume.spacing):
         raise InputError(path, f"spacing {volume.spacing} is not positive")
+    if min(volume.spacing) < MIN_SPACING_MM:
+        raise InputError(
+            path, f"spacing {volume.spacing} mm is finer than any MR scan's ({MIN_SPACING_MM} mm); the header is wrong"
+        )
+    field_of_view = [round(n * s, 1) for n, s in zip(volume.size, volume.spacing)]
+    if max(field_of_view) > MAX_FIELD_OF_VIEW_MM:
+        raise InputError(
+            path,
+            f"field of view {field_of_view} mm (size x spacing) is larger than an MR scanner's "
+            f"({MAX_FIELD_OF_VIEW_MM:g} mm); the spacing in the header is wrong",
+        )
+    if not np.all(np.isfinite(volume.direction)) or not np.all(np.isfinite(volume.origin)):
+        raise InputError(path, "direction or origin holds NaN or infinite values")
     if abs(abs(np.linalg.det(volume.direction)) - 1) > 1e-3:
         raise InputError(path, "direction matrix is not orthonormal")
     if volume.echo_times_ms is not None:

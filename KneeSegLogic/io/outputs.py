@@ -2,7 +2,11 @@
 
 A command writes everything into ``OUT.partial/`` and renames it to ``OUT/`` only when complete,
 so a reader never sees a half-written folder. An existing ``OUT`` is refused unless
-``overwrite=True``; on any error the partial folder is removed. ``results.json`` records what was
+``overwrite=True``; an ``OUT`` that contains an input or lies inside one is always refused (so
+``--overwrite`` can never delete an input); on any error the partial folder is removed. The
+writing run holds an exclusive lock on ``OUT.partial`` (``flock`` on the folder), so a second run
+to the same ``OUT`` is refused instead of deleting the first one's work; an unlocked
+``OUT.partial`` was left by a dead process and is cleaned. ``results.json`` records what was
 done (schema version, inputs with sha256, package versions, device, timings per stage,
 warnings) so a result can be traced and reproduced.
 
@@ -14,11 +18,14 @@ Progress goes to stdout as one JSON object per line::
 from __future__ import annotations
 
 import csv
+import errno
 import hashlib
 import json
+import math
 import os
 import platform
 import shutil
+import signal
 import sys
 import time
 from contextlib import contextmanager
@@ -27,13 +34,20 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, TextIO
 
 from KneeSegLogic import __version__
-from KneeSegLogic.errors import CancelledError, KneeSegError
+from KneeSegLogic.errors import CancelledError, KneeSegError, one_line
+
+try:  # POSIX; on Windows folders are not locked (Slicer there runs one engine process at a time)
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
 
 SCHEMA_VERSION = "1.0"
 
 # The files of an output folder: the one table every writer and reader uses.
 RESULTS_FILE = "results.json"
 SEGMENTATION_FILE = "segmentation.seg.nrrd"
+NIFTI_LABELS_FILE = "segmentation.nii.gz"  # --format nifti
+DICOM_SEG_FILE = "segmentation.dcm"  # --format dicom-seg
 LABELS_FILE = "labels.nrrd"  # a plain label map (a folder may hold one instead of SEGMENTATION_FILE)
 T2_FILE = "t2.nrrd"
 REGIONS_FILE = "regions.nrrd"
@@ -57,8 +71,11 @@ PACKAGES = ("numpy", "torch", "monai", "SimpleITK", "vtk", "scikit-image", "scip
 
 
 def sha256_of(path: str | Path) -> str:
-    """sha256 of a file, or of a folder's files (sorted relative paths and contents)."""
-    path = Path(path)
+    """sha256 of a file, or of a folder's files (sorted relative paths and contents).
+
+    A DICOM series chosen as ``FOLDER::SeriesInstanceUID`` is hashed as its folder.
+    """
+    path = input_location(path)
     digest = hashlib.sha256()
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
     for file in files:
@@ -68,6 +85,16 @@ def sha256_of(path: str | Path) -> str:
             for block in iter(lambda: stream.read(1 << 20), b""):
                 digest.update(block)
     return digest.hexdigest()
+
+
+#: Separator of a DICOM folder and the SeriesInstanceUID chosen in it (``FOLDER::UID``).
+SERIES_SEPARATOR = "::"
+
+
+def input_location(path: str | Path) -> Path:
+    """The file or folder an input names on disk: ``FOLDER::UID`` is ``FOLDER``."""
+    text = str(path)
+    return Path(text.split(SERIES_SEPARATOR, 1)[0]) if SERIES_SEPARATOR in text else Path(text)
 
 
 def package_versions() -> dict[str, str | None]:
@@ -123,8 +150,10 @@ class Results:
         }
 
     def add_input(self, role: str, path: str | Path) -> None:
-        path = Path(path)
-        self.data["inputs"].append({"role": role, "path": str(path.resolve()), "sha256": sha256_of(path)})
+        text = str(path)
+        series = text.split(SERIES_SEPARATOR, 1)[1] if SERIES_SEPARATOR in text else ""
+        resolved = str(input_location(path).resolve()) + (SERIES_SEPARATOR + series if series else "")
+        self.data["inputs"].append({"role": role, "path": resolved, "sha256": sha256_of(path)})
 
     def warn(self, message: str) -> None:
         self.data["warnings"].append(message)
@@ -159,17 +188,55 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
     suffix = ".nii.gz" if path.name.lower().endswith(".nii.gz") else path.suffix
     temporary = path.with_name(f".{path.name}.tmp{suffix}")
     try:
-        yield temporary
-        os.replace(temporary, path)
+        try:
+            yield temporary
+            # Writers that report failure only on stderr (VTK prints "ERR|" and goes on) leave a
+            # short file on a full disk: a file system with no block left is a failed write.
+            if _disk_full(path.parent):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+            os.replace(temporary, path)
+        except OSError as error:
+            raise write_error(path, error) from None
     finally:
         if temporary.exists():
             temporary.unlink()
 
 
+def _disk_full(folder: Path) -> bool:
+    try:
+        return os.statvfs(folder).f_bavail == 0
+    except (OSError, AttributeError):  # no statvfs on Windows
+        return False
+
+
+# Errors of the file system a user can act on (full disk, no permission, a path under a file).
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EEXIST}
+
+
+def write_error(path: str | Path, error: OSError) -> Exception:
+    """A one-line :class:`KneeSegError` for a failed write the user can fix, else ``error`` itself."""
+    if error.errno in _WRITE_ERRNOS:
+        return KneeSegError(f"{path}: cannot be written ({error.strerror or one_line(error)})")
+    return error
+
+
 def write_json(data: Any, path: str | Path) -> None:
     """Write JSON atomically."""
     with atomic_file(path) as temporary:
-        temporary.write_text(json.dumps(data, indent=2, default=_json_default) + "\n")
+        temporary.write_text(json.dumps(_finite(data), indent=2, default=_json_default, allow_nan=False) + "\n")
+
+
+def _finite(value: Any) -> Any:
+    """``value`` with NaN and infinities as None: JSON has no NaN, and readers reject it."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    if hasattr(value, "tolist") and not isinstance(value, (str, bytes)):
+        return _finite(value.tolist())
+    return value
 
 
 def write_csv(path: str | Path, columns: Sequence[str], rows: Iterable[Mapping[str, Any]]) -> Path:
@@ -185,28 +252,154 @@ def write_csv(path: str | Path, columns: Sequence[str], rows: Iterable[Mapping[s
 def atomic_folder(folder: str | Path) -> Iterator[Path]:
     """Yield ``FOLDER.partial`` to fill; it becomes ``folder`` only when the block succeeds.
 
-    A stale ``.partial`` (left by a crashed run) is removed first; on any error the partial folder
-    is removed and ``folder`` is untouched. An existing ``folder`` is replaced at the end: whether
-    that is allowed is the caller's decision, taken before the work starts.
+    The partial folder is locked (``flock``) while it is filled: a second run to the same folder
+    is refused, and a stale, unlocked ``.partial`` (left by a killed run) is removed first. On any
+    error the partial folder is removed, with SIGINT/SIGTERM held back meanwhile so that a second
+    signal cannot interrupt the clean-up, and ``folder`` is untouched. An existing ``folder`` is
+    replaced at the end: whether that is allowed is the caller's decision, taken before the work
+    starts.
+
+    Raises
+    ------
+    KneeSegError
+        Another run holds ``FOLDER.partial``; ``FOLDER.partial`` is a file; the folder cannot be
+        created (read-only, under a file, disk full).
     """
     folder = Path(folder)
     partial = folder.with_name(folder.name + ".partial")
-    if partial.exists():
-        shutil.rmtree(partial)
-    partial.mkdir(parents=True)
+    lock = _claim_partial(partial)
+    ACTIVE.add(partial)
     try:
-        yield partial
-    except BaseException:
+        try:
+            yield partial
+        except BaseException:
+            with _signals_held():
+                shutil.rmtree(partial, ignore_errors=True)
+            raise
+        try:
+            if folder.exists():
+                previous = folder.with_name(folder.name + ".previous")
+                shutil.rmtree(previous, ignore_errors=True)
+                folder.rename(previous)
+                partial.rename(folder)
+                shutil.rmtree(previous, ignore_errors=True)
+            else:
+                partial.rename(folder)
+        except OSError as error:
+            with _signals_held():
+                shutil.rmtree(partial, ignore_errors=True)
+            raise write_error(folder, error) from None
+        PUBLISHED.add(folder.resolve())
+    finally:
+        ACTIVE.discard(partial)
+        if lock is not None:
+            os.close(lock)
+
+
+#: Folders published by this process (so the CLI knows a late Ctrl-C came after a complete run).
+PUBLISHED: set[Path] = set()
+
+#: Partial folders this process is filling now.
+ACTIVE: set[Path] = set()
+
+
+def remove_partials() -> None:
+    """Remove the partial folders this process is filling (the CLI's last act on a late signal)."""
+    for partial in list(ACTIVE):
         shutil.rmtree(partial, ignore_errors=True)
-        raise
-    if folder.exists():
-        previous = folder.with_name(folder.name + ".previous")
-        shutil.rmtree(previous, ignore_errors=True)
-        folder.rename(previous)
-        partial.rename(folder)
-        shutil.rmtree(previous, ignore_errors=True)
-    else:
-        partial.rename(folder)
+
+
+def _claim_partial(partial: Path) -> int | None:
+    """Create ``partial`` and lock it; returns the locked descriptor (None where locks are absent)."""
+    for _attempt in range(2):
+        if partial.is_symlink() or (partial.exists() and not partial.is_dir()):
+            raise KneeSegError(f"{partial}: exists and is not a folder; remove it or choose another output folder")
+        if partial.exists():
+            stale = _lock(partial)
+            if stale is False:
+                raise KneeSegError(
+                    f"{partial}: another kneeseg run is writing this output folder; "
+                    "wait for it to finish or choose another output folder"
+                )
+            # Unlocked: its run died. Remove it while holding its lock, so no other run takes it meanwhile.
+            shutil.rmtree(partial, ignore_errors=True)
+            if isinstance(stale, int):
+                os.close(stale)
+        try:
+            partial.mkdir(parents=True)
+        except FileExistsError:
+            continue  # another run created it just now: look again (its lock decides)
+        except OSError as error:
+            raise write_error(partial, error) from None
+        lock = _lock(partial)
+        if lock is False:
+            raise KneeSegError(f"{partial}: another kneeseg run is writing this output folder; choose another")
+        if isinstance(lock, int) and (not partial.is_dir() or os.stat(partial).st_ino != os.fstat(lock).st_ino):
+            # Another run took our new folder for a stale one and replaced it before we locked it.
+            os.close(lock)
+            raise KneeSegError(f"{partial}: another kneeseg run is writing this output folder; choose another")
+        return lock if isinstance(lock, int) else None
+    raise KneeSegError(f"{partial}: another kneeseg run is writing this output folder; choose another")
+
+
+def _lock(folder: Path) -> int | bool:
+    """An exclusive, non-blocking ``flock`` on ``folder``: its descriptor, False when another
+    process holds it, True where folders cannot be locked (no fcntl, or a file system without locks).
+    """
+    if fcntl is None:
+        return True
+    try:
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return True
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(descriptor)
+        return False
+    except OSError:  # e.g. a network file system without flock: run unlocked, as before
+        os.close(descriptor)
+        return True
+    return descriptor
+
+
+@contextmanager
+def _signals_held() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM back (delivered after the block) where the platform allows it."""
+    held = {signal.SIGINT, signal.SIGTERM}
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def check_output_location(out: str | Path, inputs: Iterable[str | Path], overwrite: bool = False) -> None:
+    """Refuse an output folder that would lose data, before any work starts.
+
+    Raises
+    ------
+    KneeSegError
+        ``out`` is (or contains, or lies inside) one of ``inputs``: publishing or ``--overwrite``
+        would delete or change the input; ``out`` exists and ``overwrite`` is False; ``out`` is a file.
+    """
+    out = Path(out)
+    target = out.resolve()
+    for given in inputs:
+        source = input_location(given).resolve()
+        if target == source or target in source.parents or source in target.parents:
+            where = "is" if target == source else "contains" if target in source.parents else "lies inside"
+            raise KneeSegError(
+                f"{out}: output folder {where} the input {given}; writing there could delete or change "
+                "the input, choose another output folder"
+            )
+    if out.exists() and not out.is_dir():
+        raise KneeSegError(f"{out}: exists and is not a folder")
+    if out.exists() and not overwrite:
+        raise KneeSegError(f"{out}: output folder exists; choose another or pass --overwrite")
 
 
 def _json_default(value: Any) -> Any:
@@ -224,13 +417,12 @@ def output_folder(out: str | Path, results: Results, overwrite: bool = False) ->
     Raises
     ------
     KneeSegError
-        ``OUT`` exists and ``overwrite`` is False (nothing is touched), or OUT is a file.
+        ``OUT`` exists and ``overwrite`` is False (nothing is touched), OUT is a file, OUT is,
+        contains or lies inside an input recorded in ``results`` (see :func:`check_output_location`),
+        another run is writing OUT, or OUT cannot be written.
     """
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise KneeSegError(f"{out}: output folder exists; choose another or pass --overwrite")
-    if out.exists() and not out.is_dir():
-        raise KneeSegError(f"{out}: exists and is not a folder")
+    check_output_location(out, [entry["path"] for entry in results.data["inputs"]], overwrite)
     started = time.perf_counter()
     with atomic_folder(out) as partial:
         yield partial

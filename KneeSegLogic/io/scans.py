@@ -6,20 +6,22 @@ atomically, with its geometry and, for multi-echo volumes, its echo times in the
 
 from __future__ import annotations
 
+import stat
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import SimpleITK as sitk
 
-from KneeSegLogic.errors import InputError
+from KneeSegLogic.errors import InputError, one_line
 from KneeSegLogic.io.checks import (
     _first_line,
     check_echo_times,
     check_memory,
     validate_volume,
 )
-from KneeSegLogic.io.outputs import atomic_file
+from KneeSegLogic.io.headers import check_image_header
+from KneeSegLogic.io.outputs import SERIES_SEPARATOR, atomic_file
 from KneeSegLogic.io.volume import Volume
 
 IMAGE_SUFFIXES = (".nrrd", ".nhdr", ".nii", ".nii.gz", ".mha", ".mhd")
@@ -36,29 +38,49 @@ def read_volume(path: str | Path, echo_times_ms: Sequence[float] | None = None) 
     ----------
     path : str or Path
         NIfTI, NRRD or MHA file, or a folder of DICOM files (one series; multi-echo series are
-        split by echo, see :func:`KneeSegLogic.dicom.read_dicom_folder`).
+        split by echo, see :func:`KneeSegLogic.io.dicom.read_dicom_folder`). A folder holding
+        several series is read as ``FOLDER::SeriesInstanceUID``, naming the one to take.
     echo_times_ms : sequence of float, optional
-        Echo times for a 4D NIfTI/NRRD file, whose headers do not hold them.
+        Echo times for a 4D NIfTI/NRRD file whose header does not hold them. Where the header
+        (or DICOM) holds echo times too, they must agree.
 
     Raises
     ------
     InputError
-        Missing or unreadable file, 2D image, empty volume, NaN/inf voxels, echo times missing or
-        not increasing, a folder mixing series, a volume too large for memory.
+        Missing, unreadable, truncated or not a regular file; a 2D, complex or colour image; an
+        empty volume, NaN/inf voxels, spacing that is zero, NaN or not a scanner's; echo times
+        missing, not increasing or contradicting the header; a folder mixing series; a volume too
+        large for memory.
     """
-    path = Path(path)
+    text = str(path)
+    series = None
+    if SERIES_SEPARATOR in text:
+        text, series = text.split(SERIES_SEPARATOR, 1)
+    path = Path(text)
     if not path.exists():
         raise InputError(path, "no such file or folder")
     if path.is_dir():
         from KneeSegLogic.io.dicom import read_dicom_folder
 
-        volume = read_dicom_folder(path)
+        volume = read_dicom_folder(path, series)
         headers = volume.echo_times_ms
-        if echo_times_ms is not None and headers is not None and not np.allclose(echo_times_ms, headers, atol=1e-3):
+        given = None if echo_times_ms is None else list(echo_times_ms)
+        if given is not None and (
+            len(given) != (len(headers) if headers is not None else 1)
+            or (headers is not None and not np.allclose(given, headers, atol=1e-3))
+        ):
             raise InputError(
-                path, f"echo times given ({list(echo_times_ms)} ms) differ from the DICOM headers ({list(headers)} ms)"
+                path,
+                f"echo times given ({given} ms) differ from the DICOM headers "
+                + (f"({list(headers)} ms)" if headers is not None else "(a single-echo series)"),
             )
+    elif series is not None:
+        raise InputError(path, f"is a file; {SERIES_SEPARATOR}{series} chooses a series in a DICOM folder")
     else:
+        mode = path.stat().st_mode
+        if not stat.S_ISREG(mode):
+            # A FIFO or device would block the reader in C code, out of reach of signals.
+            raise InputError(path, "is not a regular file (a pipe, device or socket); give an image file")
         volume = _read_image_file(path, echo_times_ms)
     validate_volume(volume, path)
     return volume
@@ -67,14 +89,19 @@ def read_volume(path: str | Path, echo_times_ms: Sequence[float] | None = None) 
 def _read_image_file(path: Path, echo_times_ms: Sequence[float] | None) -> Volume:
     if not _is_image_file(path):
         raise InputError(path, f"unsupported file type; expected one of {', '.join(IMAGE_SUFFIXES)} or a DICOM folder")
+    # What ITK would repair or misread silently (zero or NaN spacing read as 1 mm, truncated
+    # NIfTI zero-filled, colour or complex pixels) is refused from the header first.
+    check_image_header(path)
     try:
         reader = sitk.ImageFileReader()
         reader.SetFileName(str(path))
         reader.ReadImageInformation()
         check_memory(path, reader.GetSize(), reader.GetNumberOfComponents(), reader.GetPixelID())
+        if reader.GetPixelID() in _COMPLEX_PIXELS:
+            raise InputError(path, "holds complex-valued voxels; a magnitude image is needed")
         image = reader.Execute()
     except RuntimeError as error:
-        raise InputError(path, f"cannot be read as an image ({_first_line(error)})") from None
+        raise InputError(path, f"cannot be read as an image ({one_line(_first_line(error), 200)})") from None
     if path.name.lower().endswith((".nii", ".nii.gz")):
         non_finite = _nifti_non_finite_count(path)
         if non_finite:
@@ -94,12 +121,25 @@ def _read_image_file(path: Path, echo_times_ms: Sequence[float] | None) -> Volum
         raise InputError(path, f"has {dimension} dimensions; 3D or 4D (multi-echo) expected")
     components = image.GetNumberOfComponentsPerPixel()
     if components > 1 or dimension == 4:
+        stored = _header_echo_times(reader)
+        if echo_times_ms is not None and stored is not None and (
+            len(stored) != len(echo_times_ms) or not np.allclose(echo_times_ms, stored, atol=1e-3)
+        ):
+            raise InputError(
+                path, f"echo times given ({list(echo_times_ms)} ms) differ from the file's header ({stored} ms)"
+            )
         if echo_times_ms is None:
-            echo_times_ms = _header_echo_times(reader)
+            echo_times_ms = stored
         if echo_times_ms is None:
             raise InputError(
                 path,
-                f"holds {components} echoes but no echo times; give them with --echo-times (ms, comma-separated)",
+                (
+                    f"holds {components} echoes but no echo times; "
+                    if not (image.GetPixelID() == sitk.sitkVectorUInt8 and components in (3, 4))
+                    else f"holds {components} values per voxel (echoes, or the channels of a colour image) but "
+                    "no echo times; for a multi-echo scan "
+                )
+                + "give them with --echo-times (ms, comma-separated)",
             )
         if len(echo_times_ms) != components:
             raise InputError(path, f"holds {components} echoes but {len(echo_times_ms)} echo times were given")
@@ -118,10 +158,16 @@ def _nifti_non_finite_count(path: Path) -> int:
     """
     import nibabel
 
-    image = nibabel.load(str(path))
-    if image.get_data_dtype().kind not in "fc":
-        return 0
-    return int(np.count_nonzero(~np.isfinite(np.asanyarray(image.dataobj))))
+    try:
+        image = nibabel.load(str(path))
+        if image.get_data_dtype().kind not in "fc":
+            return 0
+        return int(np.count_nonzero(~np.isfinite(np.asanyarray(image.dataobj))))
+    except (OSError, EOFError, ValueError) as error:  # nibabel's words for a truncated or corrupt file
+        raise InputError(path, f"cannot be read as an image (NIfTI: {one_line(error, 200)})") from None
+
+
+_COMPLEX_PIXELS = {sitk.sitkComplexFloat32, sitk.sitkComplexFloat64}
 
 
 # Header keys holding echo times: ours, and Slicer's MultiVolume convention (frame labels with

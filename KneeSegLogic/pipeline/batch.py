@@ -28,8 +28,10 @@ process.
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import csv
+import io
 import json
 import time
 from collections.abc import Callable, Iterator
@@ -37,7 +39,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from KneeSegLogic.errors import InputError, KneeSegError, one_line
+from KneeSegLogic.errors import CancelledError, InputError, KneeSegError, one_line
 from KneeSegLogic.io.checks import parse_echo_times
 from KneeSegLogic.io.outputs import (
     BATCH_FILE,
@@ -150,9 +152,34 @@ def _cases_in_folder(folder: Path, exclude: Path | None) -> list[Case]:
     return cases
 
 
+def _csv_text(table: Path) -> str:
+    """The text of a CSV as spreadsheets save it: UTF-8 (with or without BOM), UTF-16 with BOM
+    ("Unicode text"), else Windows-1252 (Excel's "CSV" on Western-European Windows)."""
+    data = table.read_bytes()
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        try:
+            return data.decode("utf-16")
+        except UnicodeDecodeError:
+            raise InputError(table, "is not valid UTF-16 text although it starts with a UTF-16 mark") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        pass
+    try:
+        return data.decode("cp1252")
+    except UnicodeDecodeError:
+        raise InputError(table, "is neither UTF-8, UTF-16 nor Windows-1252 text; save the CSV as UTF-8") from None
+
+
 def _cases_in_csv(table: Path) -> list[Case]:
-    with open(table, newline="", encoding="utf-8-sig") as stream:  # utf-8-sig: spreadsheets write a BOM
-        reader = csv.DictReader(stream)
+    text = _csv_text(table)
+    if "\x00" in text:
+        raise InputError(table, "holds NUL characters; save the CSV as UTF-8 text")
+    # Excel writes ";" between cells where "," is the decimal separator: take the header's.
+    header = text.splitlines()[0] if text.strip() else ""
+    delimiter = ";" if header.count(";") > header.count(",") else ","
+    with io.StringIO(text, newline="") as stream:
+        reader = csv.DictReader(stream, delimiter=delimiter)
         columns = [c.strip() for c in reader.fieldnames or []]
         missing = [c for c in CSV_COLUMNS if c not in columns]
         if missing:
@@ -248,6 +275,8 @@ def run_case(case: Case, out_root: str, options: BatchOptions) -> CaseOutcome:
             segment_scan(
                 volume, out_root_path / case.case_id, segment_options, scan_path=Path(case.path), results=results
             )
+        except CancelledError:
+            raise  # SIGTERM/Ctrl-C stops the batch, it is not a failure of this case
         except KneeSegError as failure:
             error = str(failure)
         except Exception as failure:
