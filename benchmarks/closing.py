@@ -6,7 +6,7 @@ Closing: KneeSeg's EDT closing (``postprocess.ball_closing``) against
 ``scipy.ndimage.binary_closing`` with ``ball(9)`` (its border rule differs: it erodes from the
 volume edge, so its disagreement with the reference is reported, not asserted). Two masks:
 the femur (label 5) of ``Resources/SampleData/knee_labels.nrrd`` and random blobs filling the
-volume. Budget (DESIGN.md, Performance): >= 30x faster than scikit-image.
+volume. Budget: >= 30x faster than scikit-image.
 
 Surfaces: ``surfaces.build_surfaces`` on every structure of the same label map (budget: a
 second or two), wall and CPU seconds (VTK runs on one thread here, so CPU seconds are what the

@@ -13,7 +13,7 @@ once, sigma estimated from the air (included in the time). Both on one CPU threa
 
 Rows: the default model (``ncexp``, echo 1 skipped), ``ncexp`` on all echoes (the baseline's
 echoes: the headline comparison), ``mono`` (the baseline's own model, vectorised) and
-``loglinear``. Budget (DESIGN.md, Performance): >= 50x faster, equal or lower error.
+``loglinear``. Budget: >= 50x faster, equal or lower error.
 
 Run from the repository root: ``python benchmarks/t2_fit.py``. Prints a table and, as the last
 line, one JSON object with the speed ratio and both errors.

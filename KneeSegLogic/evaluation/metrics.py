@@ -100,7 +100,7 @@ def surface_distances(a: np.ndarray, b: np.ndarray, spacing: Sequence[float]) ->
     a, b : ndarray of bool, same 3D shape
         Masks, both non-empty.
     spacing : sequence of 3 floats
-        Voxel size in mm along the array axes, in array order (``Volume.spacing[::-1]`` for a
+        Voxel size in mm along the array axes, in array order (``Volume.spacing_kji`` for a
         ``Volume`` array indexed ``[k, j, i]``).
 
     Returns
@@ -251,7 +251,7 @@ def evaluate(
     predicted_boxes = ndimage.find_objects(predicted)
     referenced_boxes = ndimage.find_objects(referenced)
 
-    spacing_kji = reference.spacing[::-1]
+    spacing_kji = reference.spacing_kji
     structures: dict[str, dict[str, float | int]] = {}
     for label, name in labels.items():
         inside = 0 < label < classes

@@ -75,6 +75,13 @@ class Volume:
         return (i, j, k)
 
     @property
+    def spacing_kji(self) -> tuple[float, float, float]:
+        """Voxel size in mm along the array axes (k, j, i): what array functions (scipy,
+        scikit-image, distance transforms) need."""
+        i, j, k = self.spacing
+        return (k, j, i)
+
+    @property
     def voxel_volume_mm3(self) -> float:
         return float(np.prod(self.spacing))
 

@@ -183,7 +183,7 @@ def _distance_image(labels: Volume, structures: tuple[int, ...]) -> sitk.Image:
     computed on that native grid, then sampled on a 1 mm grid (registration cost follows the
     joint's size, not the field of view)."""
     inside = np.nonzero(labels.array == FEMORAL)
-    spacing = np.asarray(labels.spacing)[::-1]  # array axis order (k, j, i)
+    spacing = np.asarray(labels.spacing_kji)
     margin = np.ceil(METRIC_MARGIN_MM / spacing).astype(int)
     lower = np.maximum([axis.min() for axis in inside] - margin, 0)
     upper = np.minimum([axis.max() + 1 for axis in inside] + margin, labels.array.shape)

@@ -74,7 +74,7 @@ def tissue_maps(
     """Proton-density and T2 (ms) maps for a knee label map (labels as in :mod:`tissues`)."""
     properties = {**TISSUE_PROPERTIES, **(properties or {})}
     label_array = labels.array
-    spacing = np.asarray(labels.spacing)[::-1]  # array axis order (k, j, i)
+    spacing = np.asarray(labels.spacing_kji)
     proton_density = np.zeros(label_array.shape, np.float32)
     t2 = np.zeros(label_array.shape, np.float32)
 
