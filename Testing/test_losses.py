@@ -160,3 +160,22 @@ def test_mixed_loss_trains_towards_the_target() -> None:
         optimiser.step()
     assert loss.item() < 0.2 * first
     assert torch.equal(logits.argmax(1), target)
+
+
+def test_selectable_losses_are_the_mixed_loss_variants() -> None:
+    from KneeSegLogic.commands.train import LOSSES as CLI_LOSSES
+    from KneeSegLogic.training.losses import LOSSES, make_loss
+
+    assert tuple(LOSSES) == CLI_LOSSES  # the CLI offers exactly what the trainer can build
+    logits = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(5))
+    target = torch.cat([two_squares(), two_squares().flip(-1)])
+    counts = [200.0, 30.0, 40.0]
+    dice = soft_dice_loss(logits, target)
+    ce = F.cross_entropy(logits, target)
+    torch.testing.assert_close(make_loss("dice-ce", counts)(logits, target), dice + ce)
+    weighted = dice + dual_level_weighted_ce(logits, target, area_ratio_weights(counts))
+    torch.testing.assert_close(make_loss("dice-wce", counts)(logits, target), weighted)
+    boundary = boundary_loss(logits, signed_distance_maps(target, 3))
+    torch.testing.assert_close(make_loss("dice-ce-boundary", counts)(logits, target), dice + ce + 0.1 * boundary)
+    with pytest.raises(ValueError, match="unknown loss 'focal'"):
+        make_loss("focal", counts)
