@@ -44,7 +44,9 @@ def test_oblique_multi_echo_series(tmp_path, stacking):
     expected = pixels if stacking == 1 else pixels[::-1]
     np.testing.assert_array_equal(volume.array, expected.astype(np.float32))
     first_slice = 0 if stacking == 1 else pixels.shape[0] - 1
-    np.testing.assert_allclose(volume.origin, np.asarray(ORIGIN) + orientation[:, 2] * SPACING[2] * first_slice, atol=1e-5)
+    np.testing.assert_allclose(
+        volume.origin, np.asarray(ORIGIN) + orientation[:, 2] * SPACING[2] * first_slice, atol=1e-5
+    )
 
 
 def test_single_echo_series_is_3d(tmp_path):
@@ -65,13 +67,19 @@ def test_echoes_stored_as_separate_series_are_one_scan(tmp_path):
 
 
 def _mixed_orientation(folder):
-    write_dicom_series(folder / "a", random_pixels((4, 8, 8, 1)), (10.0,))
-    write_dicom_series(folder / "b", random_pixels((4, 8, 8, 1)), (10.0,), orientation=rotation((1, 0, 0), 90))
+    write_dicom_series(folder, random_pixels((4, 8, 8, 1)), (10.0,), names=[f"a{k}.dcm" for k in range(4)])
+    write_dicom_series(
+        folder,
+        random_pixels((4, 8, 8, 1)),
+        (10.0,),
+        orientation=rotation((1, 0, 0), 90),
+        names=[f"b{k}.dcm" for k in range(4)],
+    )
 
 
 def _repeated_series(folder):
-    write_dicom_series(folder / "a", random_pixels((4, 8, 8, 1)), (10.0,))
-    write_dicom_series(folder / "b", random_pixels((4, 8, 8, 1), seed=3), (10.0,))
+    write_dicom_series(folder, random_pixels((4, 8, 8, 1)), (10.0,), names=[f"a{k}.dcm" for k in range(4)])
+    write_dicom_series(folder, random_pixels((4, 8, 8, 1), seed=3), (10.0,), names=[f"b{k}.dcm" for k in range(4)])
 
 
 def _echo_time_missing(folder):
@@ -121,9 +129,15 @@ def test_bad_folders_name_the_folder_and_problem(tmp_path, make, problem):
 # --- the real MESE knee (../shared/data) -------------------------------------------------------
 
 README_DIRECTION = (
-    -0.02183430508768329, -0.14477205880584315, -0.9892240970126311,
-    0.9995105915952667, 0.019010007721790664, -0.02484344773371071,
-    0.022401794799036173, -0.9892824018426362, 0.14428613583517622,
+    -0.02183430508768329,
+    -0.14477205880584315,
+    -0.9892240970126311,
+    0.9995105915952667,
+    0.019010007721790664,
+    -0.02484344773371071,
+    0.022401794799036173,
+    -0.9892824018426362,
+    0.14428613583517622,
 )
 
 
@@ -138,7 +152,9 @@ def test_real_mese_matches_published_values(mese):
     _, volume = mese
     assert volume.array.shape == (24, 256, 256, 8)
     assert volume.size == (256, 256, 24)
-    assert volume.echo_times_ms == pytest.approx((6.312, 12.624, 18.936, 25.248, 31.56, 37.872, 44.184, 50.496), abs=1e-9)
+    assert volume.echo_times_ms == pytest.approx(
+        (6.312, 12.624, 18.936, 25.248, 31.56, 37.872, 44.184, 50.496), abs=1e-9
+    )
     np.testing.assert_allclose(volume.spacing, (0.625, 0.625, 4.0), atol=1e-5)
     np.testing.assert_allclose(volume.origin, (-29.0364, -103.429, 56.2757), atol=1e-9)
     np.testing.assert_allclose(volume.direction.ravel(), README_DIRECTION, atol=1e-12)

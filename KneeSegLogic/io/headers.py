@@ -96,7 +96,9 @@ def _check_nrrd(path: Path) -> None:
         raise InputError(path, "is not a NRRD file (no NRRD magic at its start)")
     # The header ends at the first blank line; a detached header (.nhdr) may have none.
     found = _text_header(path, b"\n\n")
-    lines, offset = found if found is not None else (open(path, encoding="latin-1").read().splitlines(), -1)
+    if found is None:
+        found = (Path(path).read_text(encoding="latin-1").splitlines(), -1)
+    lines, offset = found
     fields = {}
     for line in lines[1:]:
         if line.startswith("#") or ":" not in line:

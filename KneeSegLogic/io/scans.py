@@ -122,8 +122,10 @@ def _read_image_file(path: Path, echo_times_ms: Sequence[float] | None) -> Volum
     components = image.GetNumberOfComponentsPerPixel()
     if components > 1 or dimension == 4:
         stored = _header_echo_times(reader)
-        if echo_times_ms is not None and stored is not None and (
-            len(stored) != len(echo_times_ms) or not np.allclose(echo_times_ms, stored, atol=1e-3)
+        if (
+            echo_times_ms is not None
+            and stored is not None
+            and (len(stored) != len(echo_times_ms) or not np.allclose(echo_times_ms, stored, atol=1e-3))
         ):
             raise InputError(
                 path, f"echo times given ({list(echo_times_ms)} ms) differ from the file's header ({stored} ms)"

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import re
 import warnings
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping
@@ -34,7 +35,7 @@ import numpy as np
 import slicerio
 from slicerio.segmentation import terminology_entry_to_string
 
-from KneeSegLogic.errors import InputError
+from KneeSegLogic.errors import InputError, one_line
 from KneeSegLogic.io.outputs import atomic_file
 from KneeSegLogic.io.scans import read_volume
 from KneeSegLogic.io.volume import Volume, resample_to_grid
@@ -216,15 +217,26 @@ def read_segmentation(path: str | Path) -> tuple[Volume, list[SegmentInfo]]:
     Raises
     ------
     InputError
-        Missing or unreadable file, or a NRRD file that is not 3D/4D.
+        Missing, empty, truncated or unreadable file, a NRRD file that is not 3D/4D, or a zero or
+        NaN voxel size.
     """
     path = Path(path)
     if not path.is_file():
         raise InputError(path, "no such file")
+    if path.stat().st_size == 0:
+        raise InputError(path, "is empty (0 bytes)")
     try:
         segmentation = slicerio.read_segmentation(str(path))
-    except (OSError, nrrd.NRRDError, ValueError, KeyError, IndexError) as error:
-        raise InputError(path, f"cannot be read as a Slicer segmentation ({error})") from None
+    # pynrrd raises StopIteration on a header cut short, EOFError/zlib errors on cut data.
+    except (OSError, EOFError, StopIteration, nrrd.NRRDError, ValueError, KeyError, IndexError, zlib.error) as error:
+        raise InputError(
+            path, f"cannot be read as a Slicer segmentation ({one_line(error, 200) or type(error).__name__})"
+        ) from None
+    spacing = np.linalg.norm(np.asarray(segmentation["ijkToLPS"], dtype=float)[:3, :3], axis=0)
+    if not np.all(np.isfinite(spacing)) or np.any(spacing <= 0):
+        raise InputError(
+            path, f"space directions have lengths {spacing.round(6).tolist()} mm; a zero or NaN voxel size is unusable"
+        )
     voxels = segmentation["voxels"]
     if voxels.ndim == 3:
         array = np.ascontiguousarray(np.transpose(voxels))
