@@ -46,10 +46,10 @@ def test_info_json_has_exactly_the_contract_keys(capsys):
     code, out, err = run(capsys, "info", SAMPLE_SCAN, "--json")
     assert code == 0 and err == ""
     info = json.loads(out)
-    assert set(info) == {"size", "spacing", "origin", "direction", "echo_times_ms", "dtype"}
+    assert set(info) == {"size", "spacing_mm", "origin_mm", "direction", "echo_times_ms", "dtype"}
     volume = read_volume(SAMPLE_SCAN)
     assert info["size"] == [128, 128, 24]
-    assert info["spacing"] == list(volume.spacing) and info["origin"] == list(volume.origin)
+    assert info["spacing_mm"] == list(volume.spacing) and info["origin_mm"] == list(volume.origin)
     assert info["direction"] == volume.direction.ravel().tolist()  # row-major: row r is LPS axis r
     assert info["echo_times_ms"] == pytest.approx([6.312, 12.624, 18.936, 25.248, 31.56, 37.872, 44.184, 50.496])
     assert info["dtype"] == "int16"
@@ -86,8 +86,10 @@ def bad_inputs(tmp_path_factory) -> dict[str, tuple[list[str], str]]:
     (root / "corrupt.nrrd").write_bytes(b"NRRD0004\ntype: what\n\n")
     (root / "empty_folder").mkdir()
     pixels = np.random.default_rng(0).integers(0, 1000, (4, 6, 6, 1)).astype(np.int16)
-    write_dicom_series(root / "mixed" / "a", pixels, (10.0,))
-    write_dicom_series(root / "mixed" / "b", pixels, (10.0,), orientation=rotation((0, 1, 0), 90))
+    # Two series in one folder (sub-folders are not searched: that is a different message).
+    write_dicom_series(root / "mixed", pixels, (10.0,), names=[f"a{k}.dcm" for k in range(4)])
+    write_dicom_series(root / "mixed", pixels, (10.0,), orientation=rotation((0, 1, 0), 90),
+                       names=[f"b{k}.dcm" for k in range(4)])
     write_dicom_series(root / "no_echo_time", np.concatenate([pixels, pixels], axis=-1), (10.0, None))
     return {
         "missing": ([root / "absent.nii.gz"], "absent.nii.gz: no such file or folder"),

@@ -17,9 +17,6 @@ if TYPE_CHECKING:
     from KneeSegLogic.io.outputs import Progress, Results
     from KneeSegLogic.io.volume import Volume
 
-#: Devices as the commands accept them (see :func:`KneeSegLogic.device.select_device`).
-DEVICES = ("auto", "cpu", "cuda")
-
 
 def echo_times_argument(text: str) -> list[float]:
     """``--echo-times 10,20,30`` -> ``[10.0, 20.0, 30.0]`` (ms), or a usage error."""
@@ -46,8 +43,63 @@ def add_output(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
 
 
-def add_device(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--device", default="auto", choices=DEVICES, help="compute device (auto: CUDA when present)")
+def device_argument(text: str) -> str:
+    """``--device`` spelled as users do (``gpu``, ``cuda:1``, ``MPS``) -> the normalised name, or a usage error."""
+    from KneeSegLogic.device import parse_device
+
+    try:
+        return parse_device(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def add_device(parser: argparse.ArgumentParser, threads: bool = True) -> None:
+    """``--device`` and (``threads``) ``--threads``: torch's CPU threads (default: torch's choice, the cores)."""
+    from KneeSegLogic.device import DEVICE_SPELLINGS
+
+    parser.add_argument(
+        "--device",
+        default="auto",
+        type=device_argument,
+        metavar="DEVICE",
+        help=f"compute device: {DEVICE_SPELLINGS} (default auto: a GPU when present, else the CPU)",
+    )
+    if threads:
+        parser.add_argument("--threads", type=positive_int, metavar="N", help="CPU threads for inference and fitting")
+
+
+def positive_int(text: str) -> int:
+    """An argument that must be a whole number >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
+
+
+def prepare_device(args: argparse.Namespace) -> list[str]:
+    """Check ``--device`` and apply ``--threads`` before any scan is read; the notices to show.
+
+    A missing GPU fails here, before minutes of reading; ``auto`` falling back to the CPU gives
+    a one-line notice, which the command shows after the scan was read (bad input must print
+    nothing on stdout).
+    """
+    from KneeSegLogic.device import select_device
+
+    notices: list[str] = []
+    select_device(args.device, notice=notices.append)
+    apply_threads(args)
+    return notices
+
+
+def apply_threads(args: argparse.Namespace) -> None:
+    """``--threads N``: torch's CPU threads for inference and fitting (default: torch's own choice)."""
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(args.threads)
 
 
 def read_scan(path: Path, echo_times_ms: Sequence[float] | None, results: Results, progress: Progress) -> Volume:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from KneeSegLogic.commands import add_device
+from KneeSegLogic.commands import add_device, apply_threads
 
 HELP = "run `segment` over many cases, resumable"
 
@@ -38,6 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from KneeSegLogic.pipeline.batch import BatchOptions, run_batch
+
+    apply_threads(args)
 
     options = BatchOptions(
         model=args.model,

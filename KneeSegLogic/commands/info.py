@@ -26,8 +26,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     print(f"{args.path}")
     print(f"  size (i, j, k)   {info['size']}")
-    print(f"  spacing (mm)     {[round(s, 6) for s in info['spacing']]}")
-    print(f"  origin (LPS mm)  {[round(o, 4) for o in info['origin']]}")
+    print(f"  spacing (mm)     {[round(s, 6) for s in info['spacing_mm']]}")
+    print(f"  origin (LPS mm)  {[round(o, 4) for o in info['origin_mm']]}")
     print(f"  orientation      {orientation_code(volume)}")
     print(f"  echo times (ms)  {info['echo_times_ms']}")
     print(f"  voxel type       {info['dtype']}")

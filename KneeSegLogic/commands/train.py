@@ -21,7 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "folders of real pairs images/<case>.nrrd + labels/<case>.seg.nrrd",
     )
     add_output(parser)
-    add_device(parser)
+    add_device(parser, threads=False)  # train has its own --threads (a TrainOptions field)
     parser.add_argument(
         "--workdir", type=Path, help="checkpoints and curves (default: OUT.work); training resumes from it"
     )

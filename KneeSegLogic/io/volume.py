@@ -143,8 +143,8 @@ def describe(volume: Volume) -> dict[str, Any]:
     voxel type, as plain JSON-ready values (``kneeseg info --json``)."""
     return {
         "size": list(volume.size),
-        "spacing": list(volume.spacing),
-        "origin": list(volume.origin),
+        "spacing_mm": list(volume.spacing),
+        "origin_mm": list(volume.origin),
         "direction": [float(v) for v in volume.direction.ravel()],
         "echo_times_ms": None if volume.echo_times_ms is None else list(volume.echo_times_ms),
         "dtype": str(volume.array.dtype),

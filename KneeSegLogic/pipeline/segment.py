@@ -9,14 +9,19 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
 from KneeSegLogic.errors import KneeSegError
+from KneeSegLogic.io.export import write_dicom_seg, write_nifti_labels
 from KneeSegLogic.io.outputs import (
+    DICOM_SEG_FILE,
+    NIFTI_LABELS_FILE,
     SEGMENTATION_FILE,
     Progress,
     Results,
+    input_location,
     map_file,
     output_folder,
 )
@@ -24,15 +29,15 @@ from KneeSegLogic.io.scans import write_volume
 from KneeSegLogic.io.segfile import write_segmentation
 from KneeSegLogic.io.volume import Volume
 from KneeSegLogic.segmentation import inference
-from KneeSegLogic.segmentation.calibration import decide_labels
 from KneeSegLogic.segmentation.uncertainty import (
-    entropy,
+    UNCERTAINTY_STEP,
     foreground_masked,
     most_uncertain_slices,
     mutual_information,
     per_structure,
+    quantised,
 )
-from KneeSegLogic.tissues import BY_LABEL
+from KneeSegLogic.tissues import BY_KEY, BY_LABEL, TISSUES, Tissue
 
 # Without an echo named by the model, segment the second echo of a multi-echo train: Thomas et
 # al.'s MESE model reads echo 2 (echo 1 carries the stimulated-echo error, late echoes lack SNR).
@@ -69,8 +74,10 @@ def segment_volume(
 ):
     """Run every member, fuse on the input grid, post-process; return (labels, probabilities, maps).
 
-    ``maps`` holds the uncertainty volumes (``uncertainty``, ``uncertainty_foreground`` and, for
-    ensembles, ``mutual_information``) as arrays on the input grid.
+    ``probabilities[c]`` is fused channel ``c`` on the input grid, resampled when asked for (see
+    :class:`~KneeSegLogic.segmentation.inference.FusedProbabilities`): no C-channel full-size
+    array is kept. ``maps`` holds the uncertainty volumes (float32: ``uncertainty``,
+    ``uncertainty_foreground`` and, for ensembles, ``mutual_information``) on the input grid.
     """
     from KneeSegLogic.segmentation.postprocess import apply_postprocessing
 
@@ -78,40 +85,66 @@ def segment_volume(
     member_maps = []
     reference = segmentation_image(volume, None)
     with results.stage("inference", progress):
+        n_members = len(package.members)
         for index, member in enumerate(package.members):
             image = segmentation_image(volume, member.echo_index)
             probabilities = inference.member_probabilities(
-                package, index, image, device, log, batch_size, flip_tta, progress
+                package, index, image, device, log, batch_size, flip_tta, _member_share(progress, index, n_members)
             )
             member_maps.append((probabilities, member.weight))
     with results.stage("fusion", progress):
-        fused, mean_member_entropy = inference.fuse_on_grid(member_maps, reference)
+        fusion = inference.fuse_and_decide(member_maps, reference, package.decision_offsets, device)
         del member_maps
         channel_labels = np.asarray(package.tissue_labels, dtype=np.uint8)
-        labels = channel_labels[decide_labels(fused, package.decision_offsets)]
-        total = entropy(fused)
+        labels = channel_labels[fusion.channel_index]
+        total = fusion.entropy
         maps = {"uncertainty": total}
-        if mean_member_entropy is not None:
-            maps["mutual_information"] = mutual_information(total, mean_member_entropy)
+        if fusion.mean_member_entropy is not None:
+            maps["mutual_information"] = mutual_information(total, fusion.mean_member_entropy)
+        fusion.mean_member_entropy = None
     with results.stage("postprocessing", progress):
         steps = [dict(step) for step in package.postprocessing]
         if closing_radius_mm is not None:
             steps = [s for s in steps if s["name"] != "closing"]
             if closing_radius_mm > 0:
                 steps.append({"name": "closing", "radius_mm": closing_radius_mm})
-        # Post-processing reads probabilities indexed by label value (a copy only when the
-        # package's channels are not already in label order: it is a full-size array per class).
-        if np.array_equal(channel_labels, np.arange(channel_labels.size)):
-            by_label = fused
-        else:
-            by_label = np.zeros((int(channel_labels.max()) + 1, *fused.shape[1:]), np.float32)
-            by_label[channel_labels] = fused
+        # Post-processing reads probabilities indexed by label value, one channel at a time and
+        # only when a step needs it (resampled from the working grid then).
+        by_label = _ChannelsByLabel(fusion.probabilities, channel_labels, labels.shape)
         labels_volume = apply_postprocessing(reference.with_array(labels), steps, probabilities=by_label)
         maps["uncertainty_foreground"] = foreground_masked(total, labels_volume.array)
     results["inference_log"] = {"events": log.events, "postprocessing": steps}
     for event in log.events:
         results.warn(event)
-    return labels_volume, fused, maps
+    return labels_volume, fusion.probabilities, maps
+
+
+class _ChannelsByLabel:
+    """Fused probability maps indexed by label value (zeros for a label no channel predicts)."""
+
+    def __init__(self, probabilities, channel_labels: np.ndarray, shape: tuple[int, ...]) -> None:
+        self.probabilities = probabilities
+        self.channel_labels = channel_labels
+        self.shape = shape
+
+    def __getitem__(self, label: int) -> np.ndarray:
+        channels = np.flatnonzero(self.channel_labels == label)
+        if not channels.size:
+            return np.zeros(self.shape, np.float32)
+        return np.asarray(self.probabilities[int(channels[0])])
+
+
+def _member_share(progress: Progress, index: int, count: int) -> Callable[[str, float, str], None]:
+    """Progress of member ``index`` of ``count`` as a fraction of the whole inference stage.
+
+    Each member reports its own 0..1; scaled into its share, the stage never goes backwards
+    when the next member starts.
+    """
+
+    def report(stage: str, fraction: float, message: str = "") -> None:
+        progress(stage, (index + min(max(fraction, 0.0), 1.0)) / count, message)
+
+    return report
 
 
 def structure_volumes(labels: Volume) -> dict[str, float]:
@@ -124,13 +157,50 @@ def structure_volumes(labels: Volume) -> dict[str, float]:
     }
 
 
+# gzip level of the uncertainty maps: on quantised maps level 1 is several times faster than 6
+# for a file a few percent larger (benchmarks/pipeline.py prints both).
+MAP_COMPRESSION_LEVEL = 1
+
+
+def write_uncertainty_maps(labels: Volume, maps: dict[str, np.ndarray], folder: Path, full: bool = False) -> list[Path]:
+    """Write ``uncertainty.nrrd`` (and ``mutual_information.nrrd`` for ensembles) into ``folder``.
+
+    Values are quantised to :data:`~KneeSegLogic.segmentation.uncertainty.UNCERTAINTY_STEP`
+    (float32, so Slicer shows them in [0, 1] as before) and are 0 outside the knee box (there
+    every member is certain). By default only voxels near predicted structures keep their value
+    (``uncertainty_foreground``'s mask); ``full`` writes the maps everywhere. Both facts are in
+    the NRRD header (``KneeSeg.quantisation_step``, ``KneeSeg.uncertainty_mask``).
+    """
+    near = maps["uncertainty_foreground"] > 0 if not full else None
+    header = {
+        "KneeSeg.quantisation_step": f"{UNCERTAINTY_STEP:g}",
+        "KneeSeg.uncertainty_mask": "none" if full else "within 2 voxels (city-block) of a predicted structure",
+    }
+    written = []
+    for name in ("uncertainty", "mutual_information"):
+        if name not in maps:
+            continue
+        values = maps["uncertainty_foreground"] if name == "uncertainty" and not full else maps[name]
+        if near is not None and name != "uncertainty":
+            values = np.where(near, values, np.float32(0))
+        volume = labels.with_array(quantised(values))
+        written.append(
+            write_volume(volume, folder / map_file(name), metadata=header, compression_level=MAP_COMPRESSION_LEVEL)
+        )
+    return written
+
+
 @dataclasses.dataclass(frozen=True)
 class SegmentOptions:
     """What a ``segment`` run does besides reading the scan (the CLI's options, typed).
 
     ``model`` is a package id or folder (None: the default package); ``members`` the first N
     ensemble members (0: all); ``closing_radius_mm`` overrides the package's closing step (0: none);
-    ``regions`` the femoral subregion recipe for multi-echo T2 (None: ``dosma``).
+    ``regions`` the femoral subregion recipe for multi-echo T2 (None: ``dosma``); ``fast`` runs
+    only the coarsest member, without flip TTA; ``roi_subset`` keeps only these structure keys in
+    every output (the network still predicts all of them jointly); ``report`` writes report.png
+    and report.html; ``formats`` adds label maps in other formats (see
+    :data:`KneeSegLogic.io.export.FORMATS`; ``dicom-seg`` needs DICOM input).
     """
 
     model: str | None = None
@@ -141,6 +211,19 @@ class SegmentOptions:
     surfaces: bool = True
     regions: str | None = None
     overwrite: bool = False
+    full_uncertainty: bool = False
+    fast: bool = False
+    roi_subset: tuple[str, ...] = ()
+    report: bool = True
+    formats: tuple[str, ...] = ()
+
+
+def _roi_subset(keys: tuple[str, ...]) -> tuple[Tissue, ...]:
+    """The structures ``--roi-subset`` names (all when empty); KneeSegError naming the valid keys."""
+    unknown = [k for k in keys if k not in BY_KEY]
+    if unknown:
+        raise KneeSegError(f"--roi-subset {' '.join(unknown)}: unknown structure; known: {', '.join(BY_KEY)}")
+    return tuple(t for t in TISSUES if not keys or t.key in keys)
 
 
 def segment_scan(
@@ -170,8 +253,21 @@ def segment_scan(
         raise KneeSegError(f"--members {options.members}: the model has {len(package.members)} ensemble members")
     if options.members:
         package = dataclasses.replace(package, members=package.members[: options.members])
+    if options.fast:  # the coarsest member alone: fewest slices and pixels to predict
+        coarsest = max(package.members, key=lambda m: float(np.prod(m.spacing_mm)))
+        package = dataclasses.replace(package, members=[coarsest])
+    flip_tta = options.flip_tta and not options.fast
+    structures = _roi_subset(options.roi_subset)
+    if "dicom-seg" in options.formats and not (scan_path is not None and input_location(scan_path).is_dir()):
+        raise KneeSegError("--format dicom-seg needs DICOM input (a folder holding the series) to refer to")
     device = select_device(options.device)
     results["device"] = describe_device(device)
+    results["options"] = {
+        **dataclasses.asdict(options),
+        "members_run": [m.name for m in package.members],
+        "flip_tta": flip_tta,
+        "threads": results["device"].get("threads"),
+    }
     results["model"] = {**package_summary(package), "sha256": package.sha256}
     with output_folder(out, results, options.overwrite) as folder:
         labels, _, maps = segment_volume(
@@ -180,19 +276,22 @@ def segment_scan(
             device,
             results,
             progress,
-            flip_tta=options.flip_tta,
+            flip_tta=flip_tta,
             closing_radius_mm=options.closing_radius_mm,
         )
+        if options.roi_subset:
+            keep = np.zeros(max(BY_LABEL) + 1, bool)
+            keep[[t.label for t in structures]] = True
+            labels = labels.with_array(np.where(keep[labels.array], labels.array, 0).astype(labels.array.dtype))
         with results.stage("write", progress):
             provenance = {"KneeSeg.model": f"{package.id} {package.version}", "KneeSeg.model_sha256": package.sha256}
             write_segmentation(labels, folder / SEGMENTATION_FILE, extra=provenance)
-            for name, array in maps.items():
-                write_volume(labels.with_array(array.astype(np.float32)), folder / map_file(name))
+            write_uncertainty_maps(labels, maps, folder, full=options.full_uncertainty)
         results["volumes_mm3"] = structure_volumes(labels)
         results["uncertainty"] = {
             "per_structure": per_structure(maps["uncertainty"], labels.array),
             "most_uncertain_slices": most_uncertain_slices(
-                maps["uncertainty"], labels.array, labels.index_to_physical()
+                maps["uncertainty"], labels.array, labels.index_to_physical(), masked=maps["uncertainty_foreground"]
             ),
         }
         t2_map = None
@@ -200,12 +299,14 @@ def segment_scan(
             from KneeSegLogic.quantification.surfaces import build_surfaces
 
             with results.stage("surfaces", progress):
-                results["surfaces"] = build_surfaces(labels, folder, progress=progress)
+                results["surfaces"] = build_surfaces(labels, folder, tissues=structures, progress=progress)
         if volume.is_multi_echo and volume.array.shape[3] < MIN_ECHOES_FOR_T2:
             results.warn(
                 f"T2 not fitted: {volume.array.shape[3]} echoes; a multi-echo spin-echo train of at least "
                 f"{MIN_ECHOES_FOR_T2} echoes is needed (two-echo DESS T2 needs an EPG model)"
             )
+        elif volume.is_multi_echo and not any(t.group == "cartilage" for t in structures):
+            results.warn("T2 not fitted: --roi-subset holds no cartilage")
         elif volume.is_multi_echo:
             from KneeSegLogic.quantification.t2maps import t2_with_regions
 
@@ -215,9 +316,10 @@ def segment_scan(
                 )
             results["t2"] = t2.section
             t2_map = t2.maps["t2"]
-        with results.stage("report", progress):
-            from KneeSegLogic.pipeline.report import write_report
+        if options.report:
+            with results.stage("report", progress):
+                from KneeSegLogic.pipeline.report import write_report
 
-            write_report(folder, segmentation_image(volume, None), labels, maps, results, t2=t2_map)
+                write_report(folder, segmentation_image(volume, None), labels, maps, results, t2=t2_map)
     progress("done", 1.0, f"results in {out}")
     return results
