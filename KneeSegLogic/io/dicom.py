@@ -78,6 +78,9 @@ def _check_pixel_data(path: Path, header: pydicom.Dataset) -> None:
             f"is a multi-frame DICOM object ({int(frames)} frames, {header.get('Modality', '?')}); "
             "KneeSeg reads MR series stored one slice per file",
         )
+    samples = int(header.get("SamplesPerPixel", 1) or 1)
+    if samples != 1:
+        raise InputError(path, f"is a colour DICOM image ({samples} samples per pixel); a greyscale MR image is needed")
     element = header.get_item("PixelData")
     if element is None:
         raise InputError(path, "DICOM image has no pixel data")
@@ -89,12 +92,9 @@ def _check_pixel_data(path: Path, header: pydicom.Dataset) -> None:
         return  # encapsulated (compressed) frames: the decoder checks them
     try:
         bits = int(header.BitsAllocated)
-        samples = int(header.get("SamplesPerPixel", 1) or 1)
-        needed = int(header.Rows) * int(header.Columns) * samples * bits // 8
+        needed = int(header.Rows) * int(header.Columns) * bits // 8
     except (AttributeError, TypeError, ValueError):
         raise InputError(path, "DICOM image lacks readable Rows, Columns or BitsAllocated") from None
-    if samples != 1:
-        raise InputError(path, f"is a colour DICOM image ({samples} samples per pixel); a greyscale MR image is needed")
     # Bytes from the start of the pixel data to the end of the file (pixel data come last;
     # trailing padding only makes this lenient).
     start = getattr(element, "value_tell", None) or getattr(element, "file_tell", None)
@@ -111,6 +111,14 @@ def _check_pixel_data(path: Path, header: pydicom.Dataset) -> None:
         )
 
 
+def _has_dicom_preamble(path: Path) -> bool:
+    try:
+        with open(path, "rb") as stream:
+            return stream.read(132)[128:] == b"DICM"
+    except OSError:
+        return False
+
+
 def _read_headers(folder: Path) -> list[_Slice]:
     """Headers of the DICOM images in ``folder`` itself (not its sub-folders)."""
     slices = []
@@ -118,12 +126,14 @@ def _read_headers(folder: Path) -> list[_Slice]:
         try:
             # Pixel data are deferred: their length and offset are read, not their bytes.
             header = pydicom.dcmread(path, defer_size=256)
-        except (pydicom.errors.InvalidDicomError, OSError, EOFError):
-            continue  # not a DICOM file (README, DICOMDIR index, thumbnails)
         except Exception as error:  # pydicom raises many kinds for a corrupt file
-            raise InputError(path, f"DICOM file cannot be read ({one_line(error, 200)})") from None
-        if "PixelData" not in header and getattr(header, "Rows", None) is None:
-            continue
+            if _has_dicom_preamble(path):  # a DICOM file cut short or damaged: never skip it silently
+                raise InputError(path, f"DICOM file is truncated or corrupt ({one_line(error, 200)})") from None
+            continue  # not a DICOM file (README, DICOMDIR index, thumbnails)
+        if "PixelData" not in header:
+            if "ImagePositionPatient" in header or "Rows" in header:
+                raise InputError(path, "DICOM image has no pixel data (the file is truncated)")
+            continue  # a DICOM file that is not an image (DICOMDIR, structured report)
         _check_pixel_data(path, header)
         position = _number(path, header, "ImagePositionPatient", 3)
         orientation = _number(path, header, "ImageOrientationPatient", 6)

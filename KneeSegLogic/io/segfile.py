@@ -88,9 +88,11 @@ def is_segmentation_file(path: str | Path) -> bool:
     path = Path(path)
     if not path.name.lower().endswith((".nrrd", ".nhdr")) or not path.is_file():
         return False
+    if path.name.lower().endswith(SEGMENTATION_SUFFIX):
+        return True  # by name: read_segmentation then says what is wrong with a broken one
     try:
         header = nrrd.read_header(str(path))
-    except (nrrd.NRRDError, OSError, UnicodeDecodeError, ValueError):
+    except (nrrd.NRRDError, OSError, UnicodeDecodeError, ValueError, StopIteration):  # StopIteration: empty file
         return False
     return "Segmentation_MasterRepresentation" in header or "Segment0_ID" in header
 

@@ -1,0 +1,413 @@
+"""The adversarial corpus of issue 16: every bad input is refused the way the README promises.
+
+Each case builds its inputs in the test (synthetic scans written with the engine's own writer,
+DICOM series written with pydicom, pydicom's bundled odd files) and runs one ``kneeseg``
+command in this process. It asserts the exact exit code, ONE line on stderr matching the
+expected problem, no ``OUT`` and no ``OUT.partial`` left, and every input byte-identical
+(sha256 before and after).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pytest
+from conftest import write_dicom_series
+
+from KneeSegLogic.commands.main import main
+from KneeSegLogic.io.scans import write_volume
+from KneeSegLogic.io.segfile import write_segmentation
+from KneeSegLogic.io.volume import Volume
+
+
+def _digest(path: Path) -> dict[str, str]:
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    return {str(f): hashlib.sha256(f.read_bytes()).hexdigest() for f in files}
+
+
+def _scan(echoes: int = 4, shape: tuple[int, int, int] = (8, 16, 16), spacing=(0.6, 0.6, 3.0)) -> Volume:
+    rng = np.random.default_rng(0)
+    base = 200 + 800 * rng.random(shape)
+    if echoes == 1:
+        return Volume(base.astype(np.float32), spacing)
+    times = tuple(10.0 * (e + 1) for e in range(echoes))
+    array = np.stack([base * np.exp(-t / 40) for t in times], axis=-1).astype(np.float32)
+    return Volume(array, spacing, echo_times_ms=times)
+
+
+def _int16_scan() -> Volume:
+    return Volume((_scan(1).array).astype(np.int16), (0.6, 0.6, 3.0))
+
+
+def _labels(shape=(8, 16, 16), origin=(0.0, 0.0, 0.0)) -> Volume:
+    labels = np.zeros(shape, np.uint8)
+    labels[2:6, 4:12, 4:12] = 1
+    labels[3:5, 6:10, 6:10] = 2
+    return Volume(labels, (0.6, 0.6, 3.0), origin)
+
+
+def _truncate(path: Path, fraction: float = 0.6) -> Path:
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * fraction)])
+    return path
+
+
+def _dicom(folder: Path, slices: int = 5, **kwargs) -> list[Path]:
+    pixels = (np.random.default_rng(1).random((slices, 8, 8, 1)) * 1000).astype(np.int16)
+    return write_dicom_series(folder, pixels, (10.0,), **kwargs)
+
+
+def _edit_dicom(path: Path, **values) -> None:
+    import pydicom
+
+    header = pydicom.dcmread(path)
+    for keyword, value in values.items():
+        setattr(header, keyword, value)
+    header.save_as(path)
+
+
+def _pydicom_file(name: str, folder: Path) -> Path:
+    from pydicom.data import get_testdata_file
+
+    folder.mkdir()
+    source = get_testdata_file(name)
+    if source is None:
+        pytest.skip(f"pydicom's test file {name} is not installed")
+    return Path(shutil.copy(source, folder / name))
+
+
+# ----------------------------------------------------------------------------------------------
+# Each maker gets the test's folder and returns (arguments after "kneeseg", the inputs to hash, the
+# output folder that must not appear or None).
+
+
+def _t2_on(path: Path, tmp: Path, *extra: str) -> tuple[list[str], list[Path], Path]:
+    return ["t2", str(path), "-o", str(tmp / "OUT"), *extra], [path], tmp / "OUT"
+
+
+def overwrite_dicom_self(tmp):
+    _dicom(tmp / "X")
+    return ["segment", str(tmp / "X"), "-o", str(tmp / "X"), "--overwrite"], [tmp / "X"], None
+
+
+def overwrite_parent_of_input(tmp):
+    (tmp / "V").mkdir()
+    seg = write_segmentation(_labels(), tmp / "V" / "segmentation.seg.nrrd")
+    return ["surfaces", str(seg), "-o", str(tmp / "V"), "--overwrite"], [seg], None
+
+
+def output_inside_input(tmp):
+    _dicom(tmp / "X")
+    return ["segment", str(tmp / "X"), "-o", str(tmp / "X" / "out")], [tmp / "X"], tmp / "X" / "out"
+
+
+def truncated_nii_int16(tmp):
+    return _t2_on(_truncate(write_volume(_int16_scan(), tmp / "s.nii")), tmp)
+
+
+def truncated_nii_gz_int16(tmp):
+    return _t2_on(_truncate(write_volume(_int16_scan(), tmp / "s.nii.gz")), tmp)
+
+
+def truncated_nii_float32(tmp):
+    return _t2_on(_truncate(write_volume(_scan(1), tmp / "s.nii")), tmp)
+
+
+def truncated_mha(tmp):
+    return _t2_on(_truncate(write_volume(_scan(1), tmp / "s.mha", compress=False)), tmp)
+
+
+def truncated_nrrd_gzip(tmp):
+    return _t2_on(_truncate(write_volume(_scan(), tmp / "s.nrrd")), tmp)
+
+
+def _nrrd_with(tmp: Path, old: bytes, new: bytes, volume: Volume | None = None) -> Path:
+    path = write_volume(volume or _scan(1), tmp / "s.nrrd", compress=False)
+    data = path.read_bytes()
+    header, _, pixels = data.partition(b"\n\n")
+    assert old in header, header
+    path.write_bytes(header.replace(old, new, 1) + b"\n\n" + pixels)
+    return path
+
+
+def nan_spacing_nrrd(tmp):
+    return _t2_on(_nrrd_with(tmp, b"(0,0,3)", b"(0,0,nan)"), tmp)
+
+
+def zero_spacing_nrrd(tmp):
+    return _t2_on(_nrrd_with(tmp, b"(0,0,3)", b"(0,0,0)"), tmp)
+
+
+def _nifti_pixdim(tmp: Path, value: float) -> Path:
+    import nibabel
+
+    image = nibabel.Nifti1Image(_int16_scan().array.T.copy(), None)
+    image.header["pixdim"][1:4] = [value, 0.6, 3.0]
+    path = tmp / "s.nii"
+    nibabel.save(image, path)
+    raw = bytearray(path.read_bytes())
+    raw[80:84] = np.float32(value).tobytes()  # pixdim[1], as stored (nibabel would repair it)
+    path.write_bytes(bytes(raw))
+    return path
+
+
+def zero_spacing_nifti(tmp):
+    return _t2_on(_nifti_pixdim(tmp, 0.0), tmp)
+
+
+def nan_spacing_nifti(tmp):
+    return _t2_on(_nifti_pixdim(tmp, float("nan")), tmp)
+
+
+def complex_nifti(tmp):
+    import nibabel
+
+    path = tmp / "c.nii"
+    nibabel.save(nibabel.Nifti1Image((_scan(1).array + 1j).astype(np.complex64), np.eye(4)), path)
+    return _t2_on(path, tmp)
+
+
+def rgb_nifti(tmp):
+    import nibabel
+
+    rgb = np.zeros((16, 16, 8), dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")])
+    rgb["R"], rgb["G"] = 100, 50
+    path = tmp / "rgb.nii"
+    nibabel.save(nibabel.Nifti1Image(rgb, np.eye(4)), path)
+    return _t2_on(path, tmp)
+
+
+def echo_times_contradict_nrrd(tmp):
+    path = write_volume(_scan(), tmp / "me.nrrd")
+    return _t2_on(path, tmp, "--echo-times", "5,15,25,35")
+
+
+def fifo_as_scan(tmp):
+    path = tmp / "pipe.nrrd"
+    os.mkfifo(path)
+    return ["t2", str(path), "-o", str(tmp / "OUT")], [], tmp / "OUT"
+
+
+def tiny_volume(tmp):
+    return _t2_on(write_volume(Volume(np.ones((2, 2, 2), np.float32), (1, 1, 1)), tmp / "s.nrrd"), tmp)
+
+
+def micro_voxels(tmp):
+    return _t2_on(write_volume(Volume(_scan(1).array, (1e-4, 1e-4, 1e-4)), tmp / "s.nrrd"), tmp)
+
+
+def huge_slices(tmp):
+    return _t2_on(write_volume(Volume(_scan(1).array, (0.6, 0.6, 400.0)), tmp / "s.nrrd"), tmp)
+
+
+def dicom_half_pixel_data(tmp):
+    files = _dicom(tmp / "X")
+    files[2].write_bytes(files[2].read_bytes()[:-64])  # half of its 8 x 8 x 16-bit pixels
+    return _t2_on(tmp / "X", tmp)
+
+
+def dicom_bits_allocated_changed(tmp):
+    files = _dicom(tmp / "X")
+    _edit_dicom(files[1], BitsAllocated=32, BitsStored=32, HighBit=31)
+    return _t2_on(tmp / "X", tmp)
+
+
+def dicom_pydicom_truncated(tmp):
+    _pydicom_file("MR_truncated.dcm", tmp / "X")
+    return _t2_on(tmp / "X", tmp)
+
+
+def dicom_rt_dose(tmp):
+    _pydicom_file("rtdose.dcm", tmp / "X")
+    return _t2_on(tmp / "X", tmp)
+
+
+def dicom_rgb_jpeg(tmp):
+    _pydicom_file("SC_rgb_jpeg.dcm", tmp / "X")
+    return _t2_on(tmp / "X", tmp)
+
+
+def dicom_multivalued_echo_numbers(tmp):
+    files = _dicom(tmp / "X")
+    _edit_dicom(files[0], EchoNumbers=[1, 2])
+    return _t2_on(tmp / "X", tmp)
+
+
+def dicom_text_echo_time(tmp):
+    files = _dicom(tmp / "X")
+    import pydicom
+
+    header = pydicom.dcmread(files[0])
+    header["EchoTime"] = pydicom.DataElement(0x00180081, "LO", "short")
+    header.save_as(files[0])
+    return _t2_on(tmp / "X", tmp)
+
+
+def dicom_text_position(tmp):
+    files = _dicom(tmp / "X")
+    import pydicom
+
+    header = pydicom.dcmread(files[0])
+    header["ImagePositionPatient"] = pydicom.DataElement(0x00200032, "LO", "left\\of\\here")
+    header.save_as(files[0])
+    return _t2_on(tmp / "X", tmp)
+
+
+def dicom_two_value_position(tmp):
+    files = _dicom(tmp / "X")
+    _edit_dicom(files[3], ImagePositionPatient=["1.0", "2.0"])
+    return _t2_on(tmp / "X", tmp)
+
+
+def dicom_orientation_wobble(tmp):
+    files = _dicom(tmp / "X")
+    _edit_dicom(files[2], ImageOrientationPatient=["1", "0.00004", "0", "-0.00004", "1", "0"])
+    return _t2_on(tmp / "X", tmp)
+
+
+def dicom_wrong_echo_time_count(tmp):
+    _dicom(tmp / "X")
+    return _t2_on(tmp / "X", tmp, "--echo-times", "10,20,30")
+
+
+def dicom_irregular_slice_named(tmp):
+    files = _dicom(tmp / "X", slices=6)
+    files[3].unlink()
+    return _t2_on(tmp / "X", tmp)
+
+
+def dicom_several_series(tmp):
+    _dicom(tmp / "X", names=[f"a{k}.dcm" for k in range(5)])
+    _dicom(tmp / "X", names=[f"b{k}.dcm" for k in range(5)], orientation=np.eye(3)[:, [1, 0, 2]])
+    return _t2_on(tmp / "X", tmp)
+
+
+def dicom_series_in_subfolder_only(tmp):
+    _dicom(tmp / "study" / "series1")
+    return _t2_on(tmp / "study", tmp)
+
+
+def dicom_unknown_series_chosen(tmp):
+    _dicom(tmp / "X")
+    return ["t2", f"{tmp / 'X'}::1.2.3.4", "-o", str(tmp / "OUT")], [tmp / "X"], tmp / "OUT"
+
+
+def segmentation_zero_space_direction(tmp):
+    seg = write_segmentation(_labels(), tmp / "s.seg.nrrd")
+    data = seg.read_bytes()
+    header, _, pixels = data.partition(b"\n\n")
+    header = re.sub(
+        rb"space directions: \(([^)]*)\) \(([^)]*)\) \(([^)]*)\)", rb"space directions: (\1) (\2) (0,0,0)", header
+    )
+    seg.write_bytes(header + b"\n\n" + pixels)
+    return ["surfaces", str(seg), "-o", str(tmp / "OUT")], [seg], tmp / "OUT"
+
+
+def _empty_seg(tmp: Path) -> Path:
+    path = tmp / "empty.seg.nrrd"
+    path.write_bytes(b"")
+    return path
+
+
+def empty_segmentation_surfaces(tmp):
+    seg = _empty_seg(tmp)
+    return ["surfaces", str(seg), "-o", str(tmp / "OUT")], [seg], tmp / "OUT"
+
+
+def empty_segmentation_evaluate(tmp):
+    seg = _empty_seg(tmp)
+    good = write_segmentation(_labels(), tmp / "good.seg.nrrd")
+    return ["evaluate", str(seg), str(good)], [seg, good], None
+
+
+def empty_segmentation_t2_mask(tmp):
+    seg = _empty_seg(tmp)
+    scan = write_volume(_scan(), tmp / "me.nrrd")
+    return _t2_on(scan, tmp, "--mask", str(seg))[0], [scan, seg], tmp / "OUT"
+
+
+def t2_mask_not_overlapping(tmp):
+    scan = write_volume(_scan(), tmp / "me.nrrd")
+    mask = write_segmentation(_labels(origin=(500.0, 500.0, 500.0)), tmp / "far.seg.nrrd")
+    return _t2_on(scan, tmp, "--mask", str(mask))[0], [scan, mask], tmp / "OUT"
+
+
+def partial_is_a_file(tmp):
+    scan = write_volume(_scan(), tmp / "me.nrrd")
+    (tmp / "OUT.partial").write_text("not a folder")
+    return _t2_on(scan, tmp)
+
+
+def output_under_a_file(tmp):
+    scan = write_volume(_scan(), tmp / "me.nrrd")
+    (tmp / "afile").write_text("x")
+    return ["t2", str(scan), "-o", str(tmp / "afile" / "OUT")], [scan], None
+
+
+CASES: dict[str, tuple[Callable, int, str]] = {
+    "overwrite_dicom_self": (overwrite_dicom_self, 1, r"output folder is the input"),
+    "overwrite_parent_of_input": (overwrite_parent_of_input, 1, r"output folder contains the input"),
+    "output_inside_input": (output_inside_input, 1, r"output folder lies inside the input"),
+    "truncated_nii_int16": (truncated_nii_int16, 1, r"s\.nii: pixel data are truncated"),
+    "truncated_nii_gz_int16": (truncated_nii_gz_int16, 1, r"s\.nii\.gz: compressed pixel data are cut short"),
+    "truncated_nii_float32": (truncated_nii_float32, 1, r"s\.nii: pixel data are truncated"),
+    "truncated_mha": (truncated_mha, 1, r"s\.mha: pixel data are truncated"),
+    "truncated_nrrd_gzip": (truncated_nrrd_gzip, 1, r"s\.nrrd: compressed pixel data are cut short"),
+    "nan_spacing_nrrd": (nan_spacing_nrrd, 1, r"s\.nrrd: space directions .* not a number"),
+    "zero_spacing_nrrd": (zero_spacing_nrrd, 1, r"s\.nrrd: space directions have lengths \[0\.6, 0\.6, 0\.0\]"),
+    "zero_spacing_nifti": (zero_spacing_nifti, 1, r"s\.nii: pixdim \(voxel size\) \[0\.0, 0\.6"),
+    "nan_spacing_nifti": (nan_spacing_nifti, 1, r"s\.nii: pixdim \(voxel size\) \[nan"),
+    "complex_nifti": (complex_nifti, 1, r"c\.nii: holds complex-valued voxels"),
+    "rgb_nifti": (rgb_nifti, 1, r"rgb\.nii: is a colour \(RGB\) image"),
+    "echo_times_contradict_nrrd": (echo_times_contradict_nrrd, 1, r"echo times given .* differ from the file's header"),
+    "fifo_as_scan": (fifo_as_scan, 1, r"pipe\.nrrd: is not a regular file"),
+    "tiny_volume": (tiny_volume, 1, r"size \(2, 2, 2\) is too small"),
+    "micro_voxels": (micro_voxels, 1, r"finer than any MR scan"),
+    "huge_slices": (huge_slices, 1, r"field of view .* larger than an MR scanner's"),
+    "dicom_half_pixel_data": (dicom_half_pixel_data, 1, r"IM0003\.dcm: pixel data hold 64 bytes where .* need 128"),
+    "dicom_bits_allocated_changed": (dicom_bits_allocated_changed, 1, r"IM0002\.dcm: pixel data hold"),
+    "dicom_pydicom_truncated": (dicom_pydicom_truncated, 1, r"MR_truncated\.dcm: pixel data hold"),
+    "dicom_rt_dose": (dicom_rt_dose, 1, r"rtdose\.dcm: is a multi-frame DICOM object \(15 frames, RTDOSE\)"),
+    "dicom_rgb_jpeg": (dicom_rgb_jpeg, 1, r"SC_rgb_jpeg\.dcm: is a colour DICOM image"),
+    "dicom_multivalued_echo_numbers": (dicom_multivalued_echo_numbers, 1, r"IM0001\.dcm: EchoNumbers holds 2 values"),
+    "dicom_text_echo_time": (dicom_text_echo_time, 1, r"IM0001\.dcm: EchoTime 'short' is not numeric"),
+    "dicom_text_position": (dicom_text_position, 1, r"IM0001\.dcm: ImagePositionPatient .* is not numeric"),
+    "dicom_two_value_position": (dicom_two_value_position, 1, r"IM0004\.dcm: ImagePositionPatient holds 2 values"),
+    # A 4e-5 wobble of one slice's orientation is rounding: the series is read (t2 then wants echoes).
+    "dicom_orientation_wobble": (dicom_orientation_wobble, 1, r"X: is a single 3D volume"),
+    "dicom_wrong_echo_time_count": (dicom_wrong_echo_time_count, 1, r"echo times given .*\(a single-echo series\)"),
+    "dicom_irregular_slice_named": (dicom_irregular_slice_named, 1, r"slice spacing is irregular .* IM000[34]\.dcm"),
+    "dicom_several_series": (dicom_several_series, 1, r"folder mixes 2 DICOM series: .*::SERIES_UID"),
+    "dicom_series_in_subfolder_only": (dicom_series_in_subfolder_only, 1, r"sub-folders are not searched: series1"),
+    "dicom_unknown_series_chosen": (dicom_unknown_series_chosen, 1, r"holds no series 1\.2\.3\.4; it holds"),
+    "segmentation_zero_space_direction": (segmentation_zero_space_direction, 1, r"s\.seg\.nrrd: space directions"),
+    "empty_segmentation_surfaces": (empty_segmentation_surfaces, 1, r"empty\.seg\.nrrd: is empty \(0 bytes\)"),
+    "empty_segmentation_evaluate": (empty_segmentation_evaluate, 1, r"empty\.seg\.nrrd: is empty \(0 bytes\)"),
+    "empty_segmentation_t2_mask": (empty_segmentation_t2_mask, 1, r"empty\.seg\.nrrd: is empty \(0 bytes\)"),
+    "t2_mask_not_overlapping": (t2_mask_not_overlapping, 1, r"far\.seg\.nrrd: does not overlap the scan"),
+    "partial_is_a_file": (partial_is_a_file, 1, r"OUT\.partial: exists and is not a folder"),
+    "output_under_a_file": (output_under_a_file, 1, r"afile/OUT(\.partial)?: cannot be written \(Not a directory\)"),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_bad_input_is_refused_cleanly(name, tmp_path, capsys):
+    make, code, pattern = CASES[name]
+    argv, inputs, out = make(tmp_path)
+    before = {str(p): _digest(p) for p in inputs}
+    capsys.readouterr()
+    assert main(argv) == code
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1, lines
+    assert re.search(pattern, lines[0]), lines[0]
+    assert lines[0].startswith(f"kneeseg {argv[0]}: error: ")
+    if out is not None:
+        assert not out.exists()
+        assert not out.with_name(out.name + ".partial").is_dir()
+    assert {str(p): _digest(p) for p in inputs} == before
