@@ -441,12 +441,188 @@ def _mese_refinement_step(
     return out
 
 
+# --------------------------------------------------------------------------------------------
+# Anatomical consistency: one piece per plate, medial and lateral on their own side, nothing on
+# the fibula. These act on predicted label maps whose medial/lateral labels may be partly wrong, so
+# each rule decides from the majority of the prediction, never from one voxel.
+# --------------------------------------------------------------------------------------------
+
+_SOFT_LABELS: tuple[int, ...] = tuple(t.label for t in TISSUES if t.group in ("cartilage", "meniscus"))
+
+_FIBULA_LABEL = next(t.label for t in TISSUES if t.key == "fibula")
+
+#: (medial, lateral) label pairs that are the same structure on the two sides of the knee.
+SIDE_PAIRS: tuple[tuple[int, int], ...] = tuple(
+    (
+        next(t.label for t in TISSUES if t.key == f"medial_{name}"),
+        next(t.label for t in TISSUES if t.key == f"lateral_{name}"),
+    )
+    for name in ("tibial_cartilage", "meniscus")
+)
+
+
+def keep_major_components(
+    labels: np.ndarray,
+    label_values: Sequence[int] | None = None,
+    min_fraction: float = 0.1,
+    connectivity: int | None = None,
+) -> np.ndarray:
+    """Per label value, keep its connected pieces of at least ``min_fraction`` of its largest piece.
+
+    A cartilage plate split by partial volume keeps its big pieces; specks away from it go (become 0).
+    ``connectivity`` as in :func:`largest_components` (default: full, 26-connected in 3D).
+    """
+    out = np.array(labels, copy=True)
+    structure = ndimage.generate_binary_structure(labels.ndim, connectivity or labels.ndim)
+    for value in _present(labels, label_values):
+        mask = labels == value
+        pieces, count = ndimage.label(mask, structure)
+        if count < 2:
+            continue
+        sizes = np.bincount(pieces.ravel())[1:]
+        small = np.flatnonzero(sizes < min_fraction * sizes.max()) + 1
+        out[np.isin(pieces, small)] = 0
+    return out
+
+
+def left_right_coordinates(volume: Volume, mask: np.ndarray) -> np.ndarray:
+    """Position (mm) along the scan's left-right axis of every voxel of ``mask`` (array order).
+
+    The axis is the image axis closest to the patient's left-right (LPS x) axis, as in
+    :func:`KneeSegLogic.quantification.knee_frame.knee_frame` (sagittal knee scans are prescribed
+    along the condyles); coordinates increase toward the patient's left.
+    """
+    x_component = volume.direction[0]
+    itk_axis = int(np.argmax(np.abs(x_component)))
+    left = volume.direction[:, itk_axis] * (1.0 if x_component[itk_axis] > 0 else -1.0)
+    k, j, i = np.nonzero(mask)
+    ijk = np.stack([i, j, k], axis=1).astype(float) * np.asarray(volume.spacing)
+    return (ijk @ volume.direction.T + np.asarray(volume.origin)) @ left
+
+
+def _otsu(values: np.ndarray, bins: int = 256) -> float:
+    """Otsu's threshold of 1D values: the split that maximises the between-class variance."""
+    counts, edges = np.histogram(values, bins=bins)
+    centres = (edges[:-1] + edges[1:]) / 2
+    weight_low = np.cumsum(counts)
+    weight_high = weight_low[-1] - weight_low
+    mean_low = np.cumsum(counts * centres) / np.maximum(weight_low, 1)
+    mean_high = (np.sum(counts * centres) - np.cumsum(counts * centres)) / np.maximum(weight_high, 1)
+    between = weight_low * weight_high * (mean_low - mean_high) ** 2
+    return float(edges[int(np.argmax(between[:-1])) + 1])
+
+
+def medial_lateral_split(labels: Volume) -> tuple[float, int] | None:
+    """Where the knee's medial and lateral compartments divide along the left-right axis.
+
+    Returns ``(boundary_mm, medial_sign)``: the boundary is Otsu's threshold of the left-right
+    positions of all tibial cartilage and meniscus voxels (the two compartments, whatever side
+    each voxel is labelled, with the intercondylar gap between them); ``medial_sign`` is +1 when
+    medial lies toward increasing left-right position, decided by where most medially labelled
+    voxels lie. None when the map lacks voxels of either side.
+    """
+    array = labels.array
+    medial = np.isin(array, [m for m, _ in SIDE_PAIRS])
+    lateral = np.isin(array, [lat for _, lat in SIDE_PAIRS])
+    if not medial.any() or not lateral.any():
+        return None
+    medial_mm, lateral_mm = left_right_coordinates(labels, medial), left_right_coordinates(labels, lateral)
+    boundary = _otsu(np.concatenate([medial_mm, lateral_mm]))
+    # Majority vote: the share of medial-labelled voxels above the boundary against lateral ones.
+    medial_sign = 1 if np.mean(medial_mm > boundary) > np.mean(lateral_mm > boundary) else -1
+    return boundary, medial_sign
+
+
+def enforce_medial_lateral_sides(labels: Volume) -> np.ndarray:
+    """Medial and lateral tibial cartilage and menisci moved to the label of the side they lie on.
+
+    A voxel labelled medial on the lateral side of :func:`medial_lateral_split` takes the lateral
+    label of the same structure, and the reverse. Returns the new array (array order).
+    """
+    array = labels.array
+    split = medial_lateral_split(labels)
+    if split is None:
+        return np.array(array, copy=True)
+    boundary, medial_sign = split
+    out = np.array(array, copy=True)
+    for medial_label, lateral_label in SIDE_PAIRS:
+        for label, other, medial_side in ((medial_label, lateral_label, True), (lateral_label, medial_label, False)):
+            mask = array == label
+            if not mask.any():
+                continue
+            on_medial_side = (left_right_coordinates(labels, mask) - boundary) * medial_sign > 0
+            wrong = on_medial_side != medial_side
+            index = tuple(axis[wrong] for axis in np.nonzero(mask))
+            out[index] = other
+    return out
+
+
+def clear_fibula_contact(
+    labels: np.ndarray, spacing: Sequence[float] | None = None, distance_mm: float = 1.0
+) -> np.ndarray:
+    """No cartilage or meniscus on the fibula: their voxels within ``distance_mm`` of the fibula become 0,
+    and any piece of them that touched it and is not the largest piece of its label goes entirely.
+
+    ``spacing`` in mm per array axis. The fibular head carries no cartilage or meniscus a knee
+    segmentation labels (its tibiofibular facet is not segmented), so a prediction there is a leak.
+    """
+    out = np.array(labels, copy=True)
+    fibula = labels == _FIBULA_LABEL
+    if not fibula.any():
+        return out
+    step = _as_spacing(spacing, labels.ndim)
+    # The distance is needed only around the fibula: its box widened by the distance, a few percent
+    # of a knee scan.
+    box = _bounding_box(fibula, [int(np.ceil(distance_mm / s)) + 1 for s in step])
+    near = np.zeros(labels.shape, bool)
+    near[box] = ndimage.distance_transform_edt(~fibula[box], sampling=step) <= distance_mm
+    structure = ndimage.generate_binary_structure(labels.ndim, labels.ndim)
+    for value in _present(labels, _SOFT_LABELS):
+        mask = labels == value
+        touching = mask & near
+        if not touching.any():
+            continue
+        pieces, _ = ndimage.label(mask, structure)
+        sizes = np.bincount(pieces.ravel())
+        sizes[0] = 0
+        largest = int(np.argmax(sizes))
+        contact = np.unique(pieces[touching])
+        out[np.isin(pieces, contact[contact != largest])] = 0
+        out[touching] = 0
+    return out
+
+
+def _major_components_step(
+    label_map: np.ndarray,
+    volume: Volume,
+    context: Context,
+    *,
+    labels: Sequence[int] | None = None,
+    min_fraction: float = 0.1,
+    connectivity: int | None = None,
+) -> np.ndarray:
+    return keep_major_components(label_map, labels, float(min_fraction), connectivity)
+
+
+def _medial_lateral_step(label_map: np.ndarray, volume: Volume, context: Context) -> np.ndarray:
+    return enforce_medial_lateral_sides(volume.with_array(label_map))
+
+
+def _fibula_contact_step(
+    label_map: np.ndarray, volume: Volume, context: Context, *, distance_mm: float = 1.0
+) -> np.ndarray:
+    return clear_fibula_contact(label_map, volume.spacing_kji, float(distance_mm))
+
+
 STEPS: dict[str, Callable[..., np.ndarray]] = {
     "largest_component": _largest_component_step,
     "fill_holes": _fill_holes_step,
     "closing": _closing_step,
     "opening": _opening_step,
     "mese_refinement": _mese_refinement_step,
+    "major_components": _major_components_step,
+    "medial_lateral_sides": _medial_lateral_step,
+    "fibula_contact": _fibula_contact_step,
 }
 
 
@@ -473,6 +649,11 @@ def apply_postprocessing(
         - ``{"name": "mese_refinement", "label": 1, "candidate_threshold": 0.01,
           "t2_range_ms": [0, 100], "threshold": 0.501, "min_voxels_per_slice": 425,
           "slice_axis": 0}`` (needs ``probabilities``; uses ``t2_ms`` when given)
+        - ``{"name": "major_components", "min_fraction": 0.1}`` (pieces of at least that share of the
+          largest piece of each label)
+        - ``{"name": "medial_lateral_sides"}`` (medial/lateral tibial cartilage and menisci
+          relabelled to the side of the knee they lie on)
+        - ``{"name": "fibula_contact", "distance_mm": 1.0}`` (no cartilage or meniscus on the fibula)
     probabilities : ndarray, shape (classes, k, j, i), optional
         Class probability maps, channel index = label value.
     t2_ms : ndarray, shape (k, j, i), optional
