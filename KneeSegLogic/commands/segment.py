@@ -44,9 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--regions",
-        choices=["dosma", "thomas"],
         default=None,
-        help="femoral subregion recipe for multi-echo T2 (default: dosma)",
+        help="femoral subregion recipe for T2 (dosma, thomas; default dosma) or a region file (label volume or .json)",
     )
 
 

@@ -300,10 +300,18 @@ def segment_scan(
 
             with results.stage("surfaces", progress):
                 results["surfaces"] = build_surfaces(labels, folder, tissues=structures, progress=progress)
-        if volume.is_multi_echo and volume.array.shape[3] < MIN_ECHOES_FOR_T2:
+        if volume.is_multi_echo and volume.array.shape[3] == 2 and any(t.group == "cartilage" for t in structures):
+            from KneeSegLogic.quantification.t2maps import dess_t2_with_regions
+
+            # Two echoes: DESS, whose T2 follows from the echo ratio (parameters from DICOM).
+            with results.stage("t2", progress):
+                dess = dess_t2_with_regions(volume, labels, folder, results, scan_path, options.regions, progress)
+            if dess is not None:
+                results["t2"], t2_map = dess.section, dess.maps["t2"]
+        elif volume.is_multi_echo and volume.array.shape[3] < MIN_ECHOES_FOR_T2:
             results.warn(
                 f"T2 not fitted: {volume.array.shape[3]} echoes; a multi-echo spin-echo train of at least "
-                f"{MIN_ECHOES_FOR_T2} echoes is needed (two-echo DESS T2 needs an EPG model)"
+                f"{MIN_ECHOES_FOR_T2} echoes is needed (or a two-echo DESS scan)"
             )
         elif volume.is_multi_echo and not any(t.group == "cartilage" for t in structures):
             results.warn("T2 not fitted: --roi-subset holds no cartilage")

@@ -78,7 +78,7 @@ from KneeSegLogic.io.outputs import (
 )
 from KneeSegLogic.io.scans import read_volume, write_volume
 from KneeSegLogic.io.segfile import read_labels
-from KneeSegLogic.io.volume import Volume
+from KneeSegLogic.io.volume import Volume, resample_to_grid
 from KneeSegLogic.quantification import projection
 from KneeSegLogic.quantification.regions import (
     FEMORAL,
@@ -88,6 +88,7 @@ from KneeSegLogic.quantification.regions import (
     divide_cartilage,
     division_thickness,
     femoral_projection_maps,
+    read_region_spec,
     region_statistics,
 )
 from KneeSegLogic.tissues import tissue
@@ -430,20 +431,39 @@ def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
 
 
 def t2_change(
-    baseline: TimePoint, followup: TimePoint, out_dir: Path, results: Results, progress: Progress | None = None
+    baseline: TimePoint,
+    followup: TimePoint,
+    out_dir: Path,
+    results: Results,
+    progress: Progress | None = None,
+    regions: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Register, compare and write every ``t2-change`` output into ``out_dir``; the results section."""
+    """Register, compare and write every ``t2-change`` output into ``out_dir``; the results section.
+
+    ``regions`` (a region file, see :func:`KneeSegLogic.quantification.regions.read_region_spec`)
+    replaces the built-in regions: a label volume is placed on the baseline grid and, the
+    follow-up being registered onto that grid, covers the same cartilage at both visits; a
+    ``.json`` recipe divides both visits with its angles and depth split.
+    """
+    recipe, user_regions = read_region_spec(regions)
     with results.stage("registration", progress):
         transform, registration = register_followup(baseline, followup)
         registered = resample_followup(followup, baseline.labels, transform)
     with results.stage("regions", progress):
-        base_division = divide_cartilage(baseline.labels, baseline.variant)
+        base_division = divide_cartilage(baseline.labels, recipe or baseline.variant)
         follow_division = divide_cartilage(registered.labels, geometry=base_division.geometry)
         base_thickness = division_thickness(baseline.labels, base_division)
         follow_thickness = division_thickness(registered.labels, follow_division)
+        names = dict(REGION_NAMES)
+        base_regions, follow_regions = base_division.regions, follow_division.regions
+        if user_regions is not None:
+            base_regions = resample_to_grid(user_regions, baseline.labels, is_label=True)
+            base_regions = base_regions.with_array(np.rint(base_regions.array).astype(np.uint16))
+            follow_regions = base_regions
+            names = {int(v): f"region_{int(v)}" for v in np.unique(base_regions.array) if v != 0}
         changes = region_changes(
-            region_statistics(base_division.regions, REGION_NAMES, base_division, base_thickness, baseline.t2),
-            region_statistics(follow_division.regions, REGION_NAMES, follow_division, follow_thickness, registered.t2),
+            region_statistics(base_regions, names, base_division, base_thickness, baseline.t2),
+            region_statistics(follow_regions, names, follow_division, follow_thickness, registered.t2),
         )
     with results.stage("focal_change", progress):
         base_projection = femoral_projection_maps(baseline.labels, base_division, base_thickness, baseline.t2)
@@ -454,7 +474,7 @@ def t2_change(
         follow_maps = follow_projection[1]
         focal = focal_change(grid, base_maps["t2"], follow_maps["t2"])
     with results.stage("write", progress):
-        write_volume(base_division.regions, out_dir / REGIONS_FILE)
+        write_volume(base_regions, out_dir / REGIONS_FILE)
         write_volume(registered.t2, out_dir / FOLLOWUP_T2_FILE)
         write_volume(registered.labels, out_dir / FOLLOWUP_LABELS_FILE)
         sitk.WriteTransform(transform, str(out_dir / "followup_to_baseline.tfm"))
@@ -506,6 +526,7 @@ def t2_change(
             "connectivity": 8,
         },
         "variant": base_division.geometry.variant,
+        "user_regions": user_regions is not None,
         "geometry": base_division.geometry.to_json(),
         "registration": {**registration, "femoral_cartilage_dice_after": femoral_dice},
         "regions": changes,
@@ -530,8 +551,12 @@ def t2_change_folders(
     *,
     overwrite: bool = False,
     progress: Progress | None = None,
+    regions: str | Path | None = None,
 ) -> Results:
-    """``kneeseg t2-change``: compare two ``t2``/``segment`` output folders into ``out`` (atomic)."""
+    """``kneeseg t2-change``: compare two ``t2``/``segment`` output folders into ``out`` (atomic).
+
+    ``regions``: a region file replacing the built-in regions (see :func:`t2_change`).
+    """
     progress = progress or Progress()
     results = Results("t2-change")
     base = read_time_point(baseline)
@@ -541,5 +566,7 @@ def t2_change_folders(
         if time_point.segmentation is not None:
             results.add_input(f"{role}_segmentation", time_point.segmentation)
     with output_folder(out, results, overwrite) as folder:
-        results["t2_change"] = t2_change(base, follow, folder, results, progress)
+        if regions is not None:
+            results.add_input("regions", regions)
+        results["t2_change"] = t2_change(base, follow, folder, results, progress, regions)
     return results

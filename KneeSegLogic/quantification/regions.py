@@ -113,12 +113,17 @@ REGION_VALUES: dict[str, int] = {name: value for value, name in REGION_NAMES.ite
 
 @dataclass(frozen=True)
 class FemoralVariant:
-    """One published recipe for the 12 femoral subregions (see the module docstring)."""
+    """One recipe for the 12 femoral subregions (see the module docstring).
+
+    ``depth_fraction`` places the deep/superficial boundary at that fraction of each line's
+    radial extent from the bone (0.5: the half-extent rule of DOSMA and Thomas et al.).
+    """
 
     name: str
     central_arc_deg: tuple[float, float]
     medial_lateral_split: str
     description: str
+    depth_fraction: float = 0.5
 
 
 VARIANTS: dict[str, FemoralVariant] = {
@@ -192,6 +197,12 @@ class DivisionGeometry:
     femoral_split_lr: tuple[float, float] | None
     tibial_ap_limits: dict[int, tuple[float, float]]
     patellar_split_lr: float | None
+    recipe: FemoralVariant | None = None
+
+    @property
+    def femoral_variant(self) -> FemoralVariant:
+        """The femoral recipe: a user's (from a region file) or a built-in one."""
+        return self.recipe if self.recipe is not None else VARIANTS[self.variant]
 
     def to_json(self) -> dict[str, Any]:
         frame = self.frame
@@ -209,6 +220,11 @@ class DivisionGeometry:
             else {"anterior": self.femoral_split_lr[0], "central_posterior": self.femoral_split_lr[1]},
             "tibial_posterior_limits_mm": {tissue(k).key: list(v) for k, v in self.tibial_ap_limits.items()},
             "patellar_split_lr_mm": self.patellar_split_lr,
+            "femoral_recipe": {
+                "central_arc_deg": list(self.femoral_variant.central_arc_deg),
+                "medial_lateral_split": self.femoral_variant.medial_lateral_split,
+                "depth_fraction": self.femoral_variant.depth_fraction,
+            },
         }
 
 
@@ -240,7 +256,7 @@ class CartilageDivision:
 
 def divide_cartilage(
     labels: Volume,
-    variant: str | None = None,
+    variant: str | FemoralVariant | None = None,
     geometry: DivisionGeometry | None = None,
     knee_side: str | None = None,
 ) -> CartilageDivision:
@@ -250,8 +266,9 @@ def divide_cartilage(
     ----------
     labels : Volume
         3D label map (:data:`~KneeSegLogic.tissues.TISSUES` values).
-    variant : {"dosma", "thomas"}, optional
-        Femoral recipe; default :data:`DEFAULT_VARIANT`. Ignored when ``geometry`` is given.
+    variant : {"dosma", "thomas"} or FemoralVariant, optional
+        Femoral recipe (a user's from :func:`read_region_spec`); default :data:`DEFAULT_VARIANT`.
+        Ignored when ``geometry`` is given.
     geometry : DivisionGeometry, optional
         Boundaries fitted earlier (e.g. on a baseline the labels are registered to); when
         omitted they are fitted to ``labels``.
@@ -263,13 +280,18 @@ def divide_cartilage(
     CartilageDivision
         ``regions`` is a uint16 volume on the grid of ``labels`` with :data:`REGION_NAMES` values.
     """
+    recipe: FemoralVariant | None = None
     if geometry is None:
+        if isinstance(variant, FemoralVariant):
+            recipe, variant = variant, variant.name
         variant = variant or DEFAULT_VARIANT
-        if variant not in VARIANTS:
+        if recipe is None and variant not in VARIANTS:
             raise ValueError(f"unknown region variant {variant!r}; choose one of {sorted(VARIANTS)}")
+        femoral_variant = recipe or VARIANTS[variant]
         frame = knee_frame(labels, knee_side)
     else:
-        variant, frame = geometry.variant, geometry.frame
+        variant, frame, recipe = geometry.variant, geometry.frame, geometry.recipe
+        femoral_variant = geometry.femoral_variant
     region_array = np.zeros(labels.array.shape, np.uint16)
     plates: dict[int, Plate] = {}
     fitted: dict[str, Any] = {}
@@ -280,7 +302,7 @@ def divide_cartilage(
         coordinates = frame.coordinates(labels, index)
         if label == FEMORAL:
             plate, fitted["circle"], fitted["femoral_split_lr"] = _femoral(
-                labels, frame, VARIANTS[variant], index, coordinates, geometry
+                labels, frame, femoral_variant, index, coordinates, geometry
             )
         elif label == PATELLAR:
             plate, fitted["patellar_split_lr"] = _patellar(labels, frame, index, coordinates, geometry)
@@ -297,6 +319,7 @@ def divide_cartilage(
             fitted.get("femoral_split_lr"),
             fitted.get("tibial_ap_limits", {}),
             fitted.get("patellar_split_lr"),
+            recipe,
         )
     return CartilageDivision(labels.with_array(region_array), geometry, plates)
 
@@ -306,14 +329,14 @@ def _medial(lr: np.ndarray, split: float, frame: KneeFrame) -> np.ndarray:
     return (lr - split) * frame.medial_sign > 0
 
 
-def _lower_half(group: np.ndarray, depth: np.ndarray) -> np.ndarray:
-    """True where ``depth <= min + 0.5 (max - min)`` of its group (the half-extent rule)."""
+def _lower_half(group: np.ndarray, depth: np.ndarray, fraction: float = 0.5) -> np.ndarray:
+    """True where ``depth <= min + fraction (max - min)`` of its group (the half-extent rule at 0.5)."""
     _, inverse = np.unique(group, return_inverse=True)
     low = np.full(inverse.max() + 1, np.inf)
     high = np.full(inverse.max() + 1, -np.inf)
     np.minimum.at(low, inverse, depth)
     np.maximum.at(high, inverse, depth)
-    return depth <= low[inverse] + 0.5 * (high - low)[inverse]
+    return depth <= low[inverse] + fraction * (high - low)[inverse]
 
 
 def _in_plane_key(index: tuple[np.ndarray, ...], frame: KneeFrame, shape: tuple[int, ...]) -> np.ndarray:
@@ -360,7 +383,9 @@ def _femoral(
     lower, upper = variant.central_arc_deg
     third = np.where(theta < lower, 0, np.where(theta < upper, 1, 2))
     medial = np.where(third == 0, _medial(lr, split[0], frame), _medial(lr, split[1], frame))
-    deep = _lower_half(index[frame.lr_axis].astype(np.int64) * projection.N_ANGLE_BINS + columns, rho)
+    deep = _lower_half(
+        index[frame.lr_axis].astype(np.int64) * projection.N_ANGLE_BINS + columns, rho, variant.depth_fraction
+    )
     region = 101 + 6 * (~medial) + 2 * third + (~deep)
     with np.errstate(invalid="ignore", divide="ignore"):
         toward_centre = -np.stack([np.zeros_like(rho), d_inferior / rho, d_posterior / rho], axis=1)
@@ -436,15 +461,27 @@ def division_thickness(labels: Volume, division: CartilageDivision) -> dict[int,
     }
 
 
-def _t2_statistics(values: np.ndarray) -> dict[str, float | int | None]:
-    valid = values[np.isfinite(values) & (values > 0) & (values <= T2_MAX_MS)]
+def _t2_statistics(
+    values: np.ndarray, value_max_ms: float = T2_MAX_MS, excluded: np.ndarray | None = None
+) -> dict[str, float | int | None]:
+    """Mean, median, SD (ddof 1) and count of the values in (0, value_max_ms], less ``excluded``.
+
+    With ``excluded`` the row also says which fraction of the region's voxels it removed.
+    """
+    usable = np.isfinite(values) & (values > 0) & (values <= value_max_ms)
+    extra: dict[str, float | int | None] = {}
+    if excluded is not None:
+        extra["fraction_excluded"] = round(float(excluded.mean()), 6) if excluded.size else None
+        usable &= ~excluded
+    valid = values[usable]
     if valid.size == 0:
-        return {"t2_mean_ms": None, "t2_median_ms": None, "t2_sd_ms": None, "t2_voxels": 0}
+        return {"t2_mean_ms": None, "t2_median_ms": None, "t2_sd_ms": None, "t2_voxels": 0, **extra}
     return {
         "t2_mean_ms": float(valid.mean()),
         "t2_median_ms": float(np.median(valid)),
         "t2_sd_ms": float(valid.std(ddof=1)) if valid.size > 1 else 0.0,
         "t2_voxels": int(valid.size),
+        **extra,
     }
 
 
@@ -454,8 +491,13 @@ def region_statistics(
     division: CartilageDivision,
     thickness: dict[int, PlateThickness],
     t2: Volume | None,
+    value_max_ms: float = T2_MAX_MS,
+    excluded: np.ndarray | None = None,
 ) -> list[dict[str, Any]]:
     """One row per region value in ``names``: voxels, volume, mean thickness and T2 statistics.
+
+    ``excluded`` (bool, the grid's shape) marks voxels left out of the T2 statistics (partial
+    volume); each row then gives the fraction of its voxels excluded.
 
     ``regions`` may be the built-in division or user regions on the same grid; a voxel's
     thickness is that of its plate column, and a region's mean thickness counts each column once.
@@ -498,13 +540,18 @@ def region_statistics(
             "thickness_mean_mm": float(column_thickness[columns].mean()) if columns.size else None,
         }
         if t2 is not None:
-            row.update(_t2_statistics(t2.array.ravel()[members].astype(float)))
+            dropped = None if excluded is None else excluded.ravel()[members]
+            row.update(_t2_statistics(t2.array.ravel()[members].astype(float), value_max_ms, dropped))
         rows.append(row)
     return rows
 
 
 def plate_statistics(
-    division: CartilageDivision, thickness: dict[int, PlateThickness], t2: Volume | None
+    division: CartilageDivision,
+    thickness: dict[int, PlateThickness],
+    t2: Volume | None,
+    value_max_ms: float = T2_MAX_MS,
+    excluded: np.ndarray | None = None,
 ) -> list[dict[str, Any]]:
     """One row per cartilage plate present: the same columns as :func:`region_statistics`."""
     rows = []
@@ -519,7 +566,8 @@ def plate_statistics(
             "thickness_mean_mm": None if np.isnan(mean_thickness) else mean_thickness,
         }
         if t2 is not None:
-            row.update(_t2_statistics(t2.array[plate.index].astype(float)))
+            dropped = None if excluded is None else excluded[plate.index]
+            row.update(_t2_statistics(t2.array[plate.index].astype(float), value_max_ms, dropped))
         rows.append(row)
     return rows
 
@@ -606,19 +654,69 @@ METHOD_NOTES = {
     "else the fibula (lateral), else patient coordinates (LPS x < 0 = right knee).",
     "thickness": "Nearest-neighbour distance (mm) from each bone-side surface point (voxel-face centres) to the "
     "articular surface; region means count each column once (KneeSegLogic.thickness).",
-    "t2": f"T2 statistics over voxels with a finite T2 in (0, {T2_MAX_MS:g}] ms; SD with ddof=1.",
+    "t2": f"T2 statistics over voxels with a finite T2 in (0, {T2_MAX_MS:g}] ms (T1rho: its kind's upper "
+    "bound); SD with ddof=1.",
     "projection": "Femoral cartilage unrolled about the fitted circle: rows = slices along LR, lateral to medial; "
     "columns = 5 deg bins from -180 to 180 deg, 0 = inferior, + posterior; cell = mean; 0 = empty.",
 }
+
+
+def read_region_spec(spec: str | Path | None) -> tuple[str | FemoralVariant | None, Volume | None]:
+    """A ``--regions`` value: a built-in recipe name, or a region file.
+
+    Region files:
+
+    - a label volume (``.nrrd``, ``.nii.gz``, ``.mha``; e.g. drawn in Slicer): every non-zero
+      value is a region, on any grid (resampled by nearest neighbour);
+    - a ``.json`` recipe of angles and depth splits for the femoral regions::
+
+          {"name": "wide-central", "central_arc_deg": [-30, 30],
+           "medial_lateral_split": "centre_of_mass", "depth_fraction": 0.5}
+
+      (degrees from inferior, positive posterior; ``medial_lateral_split`` ``"centre_of_mass"``
+      or ``"thomas"``; ``depth_fraction`` of the radial extent that is deep).
+
+    Returns ``(variant, user_regions)``: one of them is None.
+    """
+    if spec is None or str(spec) in VARIANTS:
+        return (None if spec is None else str(spec)), None
+    path = Path(spec)
+    if not path.is_file():
+        raise InputError(path, f"is neither a region recipe ({', '.join(VARIANTS)}) nor a region file")
+    if path.suffix.lower() == ".json":
+        import json
+
+        try:
+            recipe = json.loads(path.read_text())
+            arc = tuple(float(a) for a in recipe["central_arc_deg"])
+            split = str(recipe.get("medial_lateral_split", "centre_of_mass"))
+            depth = float(recipe.get("depth_fraction", 0.5))
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise InputError(path, f"is not a region recipe: {error}") from None
+        if len(arc) != 2 or not -180 <= arc[0] < arc[1] <= 180:
+            raise InputError(path, f"central_arc_deg must be [lower, upper] within [-180, 180], got {list(arc)}")
+        if split not in ("centre_of_mass", "thomas") or not 0 < depth < 1:
+            raise InputError(path, "medial_lateral_split must be centre_of_mass or thomas; depth_fraction in (0, 1)")
+        name = str(recipe.get("name", path.stem))
+        description = f"user recipe {path.name}: central arc {list(arc)} deg, split {split}, depth fraction {depth:g}"
+        return FemoralVariant(name, (arc[0], arc[1]), split, description, depth), None
+    from KneeSegLogic.io.scans import read_volume
+
+    regions = read_volume(path)
+    if regions.is_multi_echo:
+        raise InputError(path, "a region label volume must be 3D")
+    return None, regions
 
 
 def analyse_cartilage(
     labels: Volume,
     t2: Volume | None,
     out_dir: Path,
-    variant: str | None = None,
+    variant: str | FemoralVariant | None = None,
     user_regions: Volume | None = None,
     knee_side: str | None = None,
+    value_max_ms: float = T2_MAX_MS,
+    excluded: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Subregions, thickness and T2 statistics of the cartilage, written into ``out_dir``.
 
@@ -631,13 +729,19 @@ def analyse_cartilage(
         T2 map in ms.
     out_dir : Path
         Existing folder (normally the ``OUT.partial`` of :func:`~KneeSegLogic.outputs.output_folder`).
-    variant : {"dosma", "thomas"}, optional
-        Femoral recipe, default :data:`DEFAULT_VARIANT`.
+    variant : str or FemoralVariant, optional
+        Femoral recipe (``"dosma"``, ``"thomas"``), or a region file path
+        (:func:`read_region_spec`); default :data:`DEFAULT_VARIANT`.
     user_regions : Volume, optional
         Label volume whose non-zero values define the regions instead of the built-in division
         (resampled onto the label grid by nearest neighbour when on another grid).
     knee_side : {"left", "right"}, optional
         Overrides the side inferred from anatomy.
+    value_max_ms : float
+        Upper end of the values counted in the statistics (100 ms for T2; wider for T1rho).
+    excluded : ndarray of bool, optional
+        On the grid of ``labels``: voxels left out of the statistics (e.g. the articular-surface
+        layer); every row then reports ``fraction_excluded``.
 
     Writes
     ------
@@ -652,6 +756,8 @@ def analyse_cartilage(
     """
     out_dir = Path(out_dir)
     notes = dict(METHOD_NOTES)
+    if isinstance(variant, (str, Path)) and user_regions is None and str(variant) not in VARIANTS:
+        variant, user_regions = read_region_spec(variant)
     if t2 is not None and not labels.same_grid(t2):
         labels = resample_to_grid(labels, t2, is_label=True)
         notes["grid"] = "labels resampled onto the T2 grid (nearest neighbour)"
@@ -669,9 +775,13 @@ def analyse_cartilage(
         notes["regions"] = "user-supplied region volume (every non-zero value is a region, taken as given)"
     else:
         regions, names = division.regions, dict(REGION_NAMES)
-        notes["regions"] = VARIANTS[division.geometry.variant].description
-    region_rows = region_statistics(regions, names, division, thickness, t2)
-    plate_rows = plate_statistics(division, thickness, t2)
+        notes["regions"] = division.geometry.femoral_variant.description
+    if excluded is not None and excluded.shape != labels.array.shape:
+        raise InputError(None, f"exclusion mask of shape {excluded.shape} does not match the label grid")
+    if excluded is not None:
+        notes["excluded"] = "voxels of the articular-surface layer left out of the statistics (partial volume)"
+    region_rows = region_statistics(regions, names, division, thickness, t2, value_max_ms, excluded)
+    plate_rows = plate_statistics(division, thickness, t2, value_max_ms, excluded)
 
     files = [
         write_volume(regions, out_dir / REGIONS_FILE),

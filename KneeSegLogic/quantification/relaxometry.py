@@ -143,6 +143,8 @@ class T2Fit:
         Largest number of solver iterations any voxel took.
     seconds : float
         Wall time of the fit.
+    b1 : ndarray of float32 or None
+        EPG model only: fitted refocusing angle over its nominal value (NaN where not fitted).
     """
 
     t2_ms: np.ndarray
@@ -164,6 +166,7 @@ class T2Fit:
     dtype: str
     iterations: int
     seconds: float
+    b1: np.ndarray | None = None
 
     @property
     def valid(self) -> np.ndarray:
@@ -397,7 +400,7 @@ def _normal_equations(
     return hessian, gradient, residual.square().sum(0)
 
 
-def _levenberg_marquardt(
+def levenberg_marquardt(
     model: ModelFunction,
     y: torch.Tensor,
     te: torch.Tensor,
@@ -539,7 +542,7 @@ class _ChunkSolver:
         else:
             if self.model == "mono-offset":
                 start = torch.cat([start, torch.zeros_like(start[:1])])
-            params, converged, iterations = _levenberg_marquardt(
+            params, converged, iterations = levenberg_marquardt(
                 self.function, y, self.te, noise, start, self.lower, self.upper, self.typical, max_iterations
             )
             value, _ = self.function(list(params), self.te, noise)
@@ -628,7 +631,8 @@ def fit_t2(
         raise InputError(
             None, f"signal of shape {signal.shape} does not hold {echo_times.size} echoes on its last axis"
         )
-    check_echo_times(echo_times)
+    # Spin-lock times (T1rho) start at 0; echo times are positive: both are times >= 0, increasing.
+    check_echo_times(echo_times[1:] if echo_times.size > 1 and echo_times[0] == 0 else echo_times)
     echoes_used = tuple(range(1 if skip_first_echo else 0, echo_times.size))
     parameters = 3 if model == "mono-offset" else 2
     if len(echoes_used) < parameters + 1:
@@ -750,16 +754,20 @@ def t2_volumes(fit: T2Fit, grid: Volume) -> dict[str, Volume]:
     """The maps of ``fit`` as 3D volumes on ``grid``, in the on-disk conventions.
 
     Returns ``{"t2": T2 in ms (float32, 0 where no valid value), "t2_r2": R^2 (float32, 0 where
-    not fitted), "t2_s0": S0 (float32, 0 where not fitted), "t2_flags": uint8 bit map}``.
+    not fitted), "t2_s0": S0 (float32, 0 where not fitted), "t2_flags": uint8 bit map}``, and for
+    the EPG model ``"t2_b1"`` (refocusing angle over nominal, 0 where not fitted).
     """
 
     def zero_filled(array: np.ndarray) -> np.ndarray:
         return np.nan_to_num(array, nan=0.0).astype(np.float32)
 
     reference = grid.echo(0) if grid.is_multi_echo else grid
-    return {
+    maps = {
         "t2": reference.with_array(zero_filled(fit.t2_ms)),
         "t2_r2": reference.with_array(zero_filled(fit.r2)),
         "t2_s0": reference.with_array(zero_filled(fit.s0)),
         "t2_flags": reference.with_array(fit.flags),
     }
+    if fit.b1 is not None:
+        maps["t2_b1"] = reference.with_array(zero_filled(fit.b1))
+    return maps
