@@ -177,3 +177,68 @@ def test_internal_error_is_one_line_exit_3_and_traceback_with_debug(capsys, monk
 def test_handler_return_value_is_the_exit_code(capsys, monkeypatch):
     monkeypatch.setitem(cli.COMMANDS, "ok", cli.Command("a command", _no_arguments, lambda args: None))
     assert run(capsys, "ok")[0] == 0
+
+
+# --- devices, terminal progress, options ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(("spelled", "normal"), [("auto", "auto"), ("CPU", "cpu"), ("gpu", "cuda"), ("cuda:1", "cuda:1"),
+                                                 ("mps", "mps")])
+def test_device_spellings(spelled, normal):
+    args = cli.build_parser().parse_args(["segment", "x.nrrd", "-o", "out", "--device", spelled])
+    assert args.device == normal
+
+
+def test_unknown_device_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["segment", "x.nrrd", "-o", "out", "--device", "tpu"])
+    assert exit_.value.code == 2 and "unknown device 'tpu'" in capsys.readouterr().err
+
+
+def test_cpu_fallback_notice_and_missing_gpu_refused(monkeypatch):
+    import torch
+
+    from KneeSegLogic.device import select_device
+    from KneeSegLogic.errors import KneeSegError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    notices: list[str] = []
+    assert select_device("auto", notice=notices.append).type == "cpu"
+    assert len(notices) == 1 and "running on the CPU" in notices[0]
+    with pytest.raises(KneeSegError, match="no CUDA GPU"):
+        select_device("cuda:1")
+
+
+def test_terminal_bar_never_goes_backwards_across_stages():
+    import io
+
+    from KneeSegLogic.commands.console import SEGMENT_STAGES, TerminalProgress
+
+    progress = TerminalProgress(SEGMENT_STAGES, stream=io.StringIO())
+    reached = []
+    for stage, fraction in [("read", 1.0), ("inference", 0.0), ("inference", 0.5), ("inference", 0.25),
+                            ("fusion", 0.0), ("t2_fit", 0.5), ("t2", 1.0), ("report", 0.5)]:
+        progress(stage, fraction)
+        reached.append(progress.done)
+    assert reached == sorted(reached)
+    assert reached[2] == pytest.approx((2 + 45 * 0.5) / 100)  # weights sum to 100
+    assert progress.overall("t2_fit", 0.5) == pytest.approx((82 + 10 * 0.35) / 100)
+    progress("done", 1.0)
+    assert progress.bar.n == 1000
+
+
+def test_command_constants_match_the_library():
+    from KneeSegLogic.commands import segment
+    from KneeSegLogic.io.export import FORMATS
+    from KneeSegLogic.tissues import BY_KEY
+
+    assert segment.FORMATS == FORMATS and segment.STRUCTURES == tuple(BY_KEY)
+
+
+def test_roi_subset_and_format_parse_and_unknown_structure_is_refused(capsys):
+    args = cli.build_parser().parse_args(["segment", "x.nrrd", "-o", "o", "--roi-subset", "femur", "tibia",
+                                          "--format", "nifti", "dicom-seg", "--fast", "--no-report", "--threads", "2"])
+    assert args.roi_subset == ["femur", "tibia"] and args.formats == ["nifti", "dicom-seg"]
+    assert args.fast and args.no_report and args.threads == 2
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["segment", "x.nrrd", "-o", "o", "--roi-subset", "kneecap"])

@@ -287,6 +287,10 @@ def segment_scan(
             provenance = {"KneeSeg.model": f"{package.id} {package.version}", "KneeSeg.model_sha256": package.sha256}
             write_segmentation(labels, folder / SEGMENTATION_FILE, extra=provenance)
             write_uncertainty_maps(labels, maps, folder, full=options.full_uncertainty)
+            if "nifti" in options.formats:
+                write_nifti_labels(labels, folder / NIFTI_LABELS_FILE)
+            if "dicom-seg" in options.formats and scan_path is not None:
+                write_dicom_seg(labels, scan_path, folder / DICOM_SEG_FILE, f"{package.id} {package.version}")
         results["volumes_mm3"] = structure_volumes(labels)
         results["uncertainty"] = {
             "per_structure": per_structure(maps["uncertainty"], labels.array),
