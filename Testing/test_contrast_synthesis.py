@@ -15,6 +15,7 @@ from KneeSegLogic.segmentation.normalisation import (
 from KneeSegLogic.tissues import TISSUES
 from KneeSegLogic.training.synthesis import (
     Anatomy,
+    AnatomySettings,
     SynthesisSettings,
     Synthesizer,
     _thick_slices,
@@ -31,7 +32,7 @@ BALL_CENTRE = (9, 24, 20)  # voxels (d, h, w); off the box centre used below alo
 BALL_RADII = (6, 10, 8)
 
 RIGID = SynthesisSettings(rotation_deg=0.0, scale_range=(1.0, 1.0), elastic_mm=0.0, mirror_probability=0.0,
-                          fov_crop_probability=0.0)
+                          fov_crop_probability=0.0, anatomy=AnatomySettings(probability=0.0))
 
 
 def ellipsoid_labels() -> np.ndarray:

@@ -359,7 +359,7 @@ def _icp(
         pairs_to = np.concatenate([target.data[nearest[kept]], target.data[back_kept]])
         transform = transform.then(umeyama(pairs_from, pairs_to, with_scale))
         new_rms = float(np.sqrt(np.mean(np.concatenate([distance[kept], back_distance[back_kept]]) ** 2)))
-        converged = rms - new_rms < 1e-4
+        converged = abs(rms - new_rms) < 1e-6
         rms = new_rms
         if converged:
             break
@@ -380,13 +380,13 @@ def register_surfaces(
     worst ``1 - trim`` (a distal femur mesh covers only part of a femur with a long shaft, or the
     reverse) and solves for the best similarity in closed form. Meshes come in unrelated frames, so
     ICP starts from the 24 axis-aligned orientations about the centroids (48 with mirror images when
-    ``allow_mirror``, for a mesh whose side is unknown), scaled to equal RMS radius, on 1500 points;
+    ``allow_mirror``, for a mesh whose side is unknown), scaled to equal RMS radius, on 600 points;
     the best start is refined on up to 6000 points.
     """
     rng = np.random.default_rng(seed)
     rng_target = target[rng.choice(len(target), min(6000, len(target)), replace=False)]
     tree, coarse_tree = cKDTree(rng_target), cKDTree(rng_target[:1500])
-    coarse = source[rng.choice(len(source), min(1500, len(source)), replace=False)]
+    coarse = source[rng.choice(len(source), min(600, len(source)), replace=False)]
     fine = source[rng.choice(len(source), min(6000, len(source)), replace=False)]
     centre_s, centre_t = source.mean(0), target.mean(0)
     radius_ratio = np.sqrt(np.mean(np.sum((target - centre_t) ** 2, 1)) / np.mean(np.sum((source - centre_s) ** 2, 1)))
@@ -396,11 +396,11 @@ def register_surfaces(
         for rotation in _axis_rotations():
             matrix = radius_ratio * rotation @ mirror
             start = Similarity(matrix, centre_t - matrix @ centre_s)
-            result = _icp(coarse, coarse_tree, start, 40, trim, with_scale)
+            result = _icp(coarse, coarse_tree, start, 30, trim, with_scale)
             if best is None or result.rms_mm < best.rms_mm:
                 best = result
     assert best is not None
-    return _icp(fine, tree, best.transform, 60, trim, with_scale)
+    return _icp(fine, tree, best.transform, 200, trim, with_scale)
 
 
 def surface_points(mask: np.ndarray, grid: Volume, limit: int = 20_000, seed: int = 0) -> np.ndarray:

@@ -12,6 +12,15 @@ superior-inferior, anterior-posterior), i.e. sagittal slices along ``d``, with s
 ``(slice_mm, pixel_mm, pixel_mm)``. Inference reorients every scan to the same frame
 (:func:`KneeSegLogic.inference.working_grid`), so training and inference agree on orientation.
 
+Anatomy augmentation (per sample, :class:`AnatomySettings`): each bone moves with what it carries
+(femur + femoral cartilage; tibia + tibial cartilage, menisci, fibula; patella + patellar cartilage)
+by its own similarity transform and smooth deformation within anatomical limits: patella size
+0.75-1.4x about its articular surface, patellar height (superior-inferior shift) and tilt, condyle
+width (femur scaled along left-right), tibial slope (tibia rotated about left-right about its
+plateau) and joint space (femur shifted superior-inferior). Each bone group is sampled through its
+own grid and the groups are painted tibia, femur, patella, each only where no earlier group is, so
+bones never overlap.
+
 Augmentations (per sample): random rotation, scaling, elastic deformation, left/right mirror
 (left knees), field-of-view crops, per-tissue intensities, texture, smooth bias field, gamma,
 Gaussian blur, Gaussian or Rician noise, thick slices along a random axis (2D acquisitions in
@@ -20,7 +29,7 @@ sagittal, coronal or axial orientation, e.g. 3-4 mm MESE slices), and echo choic
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -88,12 +97,13 @@ class Anatomy:
     spacing: np.ndarray
     centre_range: tuple[np.ndarray, np.ndarray]
     image: torch.Tensor | None = None
+    pivots_mm: dict[str, np.ndarray] = field(default_factory=dict)
 
     @classmethod
     def from_volume(cls, labels: Volume) -> Anatomy:
         canonical = reorient(labels, CANONICAL_ORIENTATION)
         array = canonical.array.astype(np.uint8)
-        spacing = np.asarray(canonical.spacing)[::-1]
+        spacing = np.asarray(canonical.spacing_kji)
         structures = array > 0
         outside = ndimage.distance_transform_edt(~structures, sampling=spacing).astype(np.float32)
         bones = np.isin(array, [t.label for t in TISSUES if t.group == "bone"])
@@ -102,6 +112,7 @@ class Anatomy:
         low, high = coordinates.min(0), coordinates.max(0)
         margin = 0.15 * (high - low)
         return cls(
+            pivots_mm=_pivots(array, spacing),
             labels=torch.from_numpy(array)[None, None].float(),
             outside_mm=torch.from_numpy(outside)[None, None],
             bone_depth_mm=torch.from_numpy(depth)[None, None],
@@ -125,6 +136,20 @@ class Anatomy:
         return anatomy
 
 
+def _pivots(array: np.ndarray, spacing: np.ndarray) -> dict[str, np.ndarray]:
+    """Per bone group present, the centroid (mm, canonical array frame) of its pivot structure."""
+    pivots = {}
+    for group, keys in _PIVOTS.items():
+        for key in keys:
+            mask = array == next(t.label for t in TISSUES if t.key == key)
+            if key.startswith("medial_tibial"):  # the plateau: both tibial plates together
+                mask = np.isin(array, [t.label for t in TISSUES if "tibial" in t.key])
+            if mask.any():
+                pivots[group] = np.argwhere(mask).mean(0) * spacing
+                break
+    return pivots
+
+
 def _smooth_field(shape: tuple[int, ...], coarse: int, generator: torch.Generator) -> torch.Tensor:
     """Zero-mean, unit-ish random field varying over ``coarse`` control points per axis."""
     field = torch.randn((1, 1, coarse, coarse, coarse), generator=generator)
@@ -138,6 +163,43 @@ def _rotation(angles: np.ndarray) -> np.ndarray:
     ry = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
     rz = np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
     return rz @ ry @ rx
+
+
+#: Bone groups moved together by anatomy augmentation (label values), in painting order: a later
+#: group never takes a voxel an earlier one holds.
+BONE_GROUPS: dict[str, tuple[int, ...]] = {
+    "tibia": tuple(
+        t.label for t in TISSUES if t.key in ("tibia", "fibula") or "tibial" in t.key or "meniscus" in t.key
+    ),
+    "femur": tuple(t.label for t in TISSUES if t.key in ("femur", "femoral_cartilage")),
+    "patella": tuple(t.label for t in TISSUES if t.key in ("patella", "patellar_cartilage")),
+}
+
+#: The structure a group is scaled and rotated about (its articular surface), then its bone if absent.
+_PIVOTS = {
+    "tibia": ("medial_tibial_cartilage", "lateral_tibial_cartilage", "tibia"),
+    "femur": ("femur",),
+    "patella": ("patellar_cartilage", "patella"),
+}
+
+
+@dataclass(frozen=True)
+class AnatomySettings:
+    """Limits of per-bone anatomy augmentation (lengths in mm, angles in degrees, scales as factors).
+
+    Canonical frame axes: d left-right, h superior-inferior, w anterior-posterior.
+    """
+
+    probability: float = 0.8
+    patella_scale: tuple[float, float] = (0.75, 1.4)
+    patella_height_mm: float = 6.0  # patella alta / baja: shift along superior-inferior
+    patella_tilt_deg: float = 10.0  # about the superior-inferior axis
+    condyle_width: tuple[float, float] = (0.9, 1.1)  # femur scale along left-right
+    tibial_slope_deg: float = 5.0  # about the left-right axis, around the plateau
+    joint_space_mm: float = 1.0  # femur shift along superior-inferior
+    bone_scale: tuple[float, float] = (0.92, 1.08)  # isotropic, femur and tibia independently
+    bone_rotation_deg: float = 3.0
+    deformation_mm: float = 1.5  # smooth displacement per group
 
 
 @dataclass(frozen=True)
@@ -160,6 +222,7 @@ class SynthesisSettings:
     real_image_probability: float = 0.7
     effusion_probability: float = 0.5
     contrast: str | None = None  # a name in CONTRASTS; None: a random one per sample
+    anatomy: AnatomySettings = AnatomySettings()
 
 
 class Synthesizer:
@@ -191,6 +254,7 @@ class Synthesizer:
         self.generator = torch.Generator().manual_seed(seed)
 
     def _sampling_grid(self, anatomy: Anatomy, centre: np.ndarray | None = None) -> torch.Tensor:
+        """Where each box voxel samples the anatomy: (D, H, W, 3) mm in the anatomy's array frame."""
         s = self.settings
         shape = np.asarray(self.box_shape)
         axes = [(np.arange(n) - (n - 1) / 2) * sp for n, sp in zip(shape, self.spacing)]
@@ -204,11 +268,69 @@ class Synthesizer:
         source_mm = box_mm @ (rotation @ scale).T + centre
         source = torch.from_numpy(source_mm).float()
         if s.elastic_mm > 0:
-            displacement = torch.stack([_smooth_field(tuple(shape), 5, self.generator) for _ in range(3)], -1)
-            source = source + displacement * float(self.rng.uniform(0, s.elastic_mm))
-        size_mm = (np.asarray(anatomy.labels.shape[2:]) - 1) * anatomy.spacing
-        normalised = 2 * source / torch.from_numpy(size_mm).float() - 1
-        return normalised.flip(-1)[None]  # grid_sample wants (x, y, z) = (i, j, k)
+            source = source + self._displacement(float(self.rng.uniform(0, s.elastic_mm)))
+        return source
+
+    def _displacement(self, amplitude_mm: float) -> torch.Tensor:
+        """A smooth random displacement field (D, H, W, 3) of about ``amplitude_mm``."""
+        shape = tuple(self.box_shape)
+        return torch.stack([_smooth_field(shape, 5, self.generator) for _ in range(3)], -1) * amplitude_mm
+
+    def bone_transforms(self, anatomy: Anatomy) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """One random similarity per bone group present: ``(matrix, translation_mm)`` taking an original
+        point ``x`` (mm, canonical array frame) to ``matrix @ (x - pivot) + pivot + translation``."""
+        a = self.settings.anatomy
+        rng = self.rng
+
+        def small_rotation() -> np.ndarray:
+            return _rotation(np.deg2rad(rng.uniform(-a.bone_rotation_deg, a.bone_rotation_deg, 3)))
+
+        transforms = {}
+        for group in anatomy.pivots_mm:
+            translation = np.zeros(3)
+            if group == "patella":
+                tilt = np.deg2rad(rng.uniform(-a.patella_tilt_deg, a.patella_tilt_deg))
+                matrix = rng.uniform(*a.patella_scale) * _rotation(np.array([0.0, tilt, 0.0]))
+                translation[1] = rng.uniform(-a.patella_height_mm, a.patella_height_mm)
+            elif group == "femur":
+                width = np.diag([rng.uniform(*a.condyle_width), 1.0, 1.0])
+                matrix = rng.uniform(*a.bone_scale) * small_rotation() @ width
+                translation[1] = rng.uniform(-a.joint_space_mm, a.joint_space_mm)
+            else:
+                slope = np.deg2rad(rng.uniform(-a.tibial_slope_deg, a.tibial_slope_deg))
+                matrix = rng.uniform(*a.bone_scale) * _rotation(np.array([slope, 0.0, 0.0])) @ small_rotation()
+            transforms[group] = (matrix, translation)
+        return transforms
+
+    def _augment_anatomy(
+        self, anatomy: Anatomy, source: torch.Tensor, padding: str
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Labels and bone depth of the box with every bone group moved by its own transform.
+
+        Each group is sampled through the inverse of its transform plus its own smooth deformation;
+        groups are painted in :data:`BONE_GROUPS` order, each only on voxels no earlier group holds.
+        """
+        a = self.settings.anatomy
+        labels = torch.zeros(source.shape[:3], dtype=torch.long)
+        depth = torch.zeros(source.shape[:3])
+        transforms = self.bone_transforms(anatomy)
+        for group, values in BONE_GROUPS.items():
+            if group not in transforms:
+                continue
+            matrix, translation = transforms[group]
+            pivot = anatomy.pivots_mm[group]
+            inverse = torch.from_numpy(np.linalg.inv(matrix)).float()
+            offset = torch.from_numpy(pivot + translation).float()
+            moved = (source - offset) @ inverse.T + torch.from_numpy(pivot).float()
+            if a.deformation_mm > 0:
+                moved = moved + self._displacement(float(self.rng.uniform(0, a.deformation_mm)))
+            grid = _normalised(anatomy, moved)
+            group_labels = _sample(anatomy.labels, grid, "nearest", padding).long()
+            group_depth = _sample(anatomy.bone_depth_mm, grid, "bilinear", padding)
+            take = torch.isin(group_labels, torch.as_tensor(values)) & (labels == 0)
+            labels[take] = group_labels[take]
+            depth[take] = group_depth[take]
+        return labels, depth
 
     def _intensities(self) -> dict[str, float]:
         if self.rng.random() < self.settings.random_contrast_probability:
@@ -239,21 +361,20 @@ class Synthesizer:
         """
         s = self.settings
         anatomy = self.anatomies[self.rng.integers(len(self.anatomies))]
-        grid = self._sampling_grid(anatomy, centre)
+        source = self._sampling_grid(anatomy, centre)
+        grid = _normalised(anatomy, source)
         # A label map alone is extended beyond its field of view by repeating its border: the
         # femoral and tibial shafts it cuts run on to the box edge, as they do in real scans
         # (a blank band where bone stops abruptly taught over-long bones on real images).
         # A real scan cannot be extended, so its pairs keep the blank band instead.
         padding = "border" if anatomy.image is None else "zeros"
-        labels = F.grid_sample(anatomy.labels, grid, mode="nearest", align_corners=True, padding_mode=padding)[
-            0, 0
-        ].long()
-        outside = F.grid_sample(anatomy.outside_mm, grid, mode="bilinear", align_corners=True, padding_mode="border")[
-            0, 0
-        ]
-        depth = F.grid_sample(anatomy.bone_depth_mm, grid, mode="bilinear", align_corners=True, padding_mode=padding)[
-            0, 0
-        ]
+        outside = _sample(anatomy.outside_mm, grid, "bilinear", "border")
+        # Anatomy augmentation moves bones against each other, which a real scan's image cannot follow.
+        if anatomy.image is None and anatomy.pivots_mm and self.rng.random() < s.anatomy.probability:
+            labels, depth = self._augment_anatomy(anatomy, source, padding)
+        else:
+            labels = _sample(anatomy.labels, grid, "nearest", padding).long()
+            depth = _sample(anatomy.bone_depth_mm, grid, "bilinear", padding)
         shape = tuple(labels.shape)
         if anatomy.image is not None and self.rng.random() < s.real_image_probability:
             # A real scan: its own intensities, moved by the same grid as its labels.
@@ -265,7 +386,7 @@ class Synthesizer:
             outside_fov = (grid.abs() > 1).any(-1)[0]
             image[outside_fov] = 0
             labels[outside_fov] = 0
-        image = self._acquisition(image, shape)
+        image = self._acquisition(image, (shape[0], shape[1], shape[2]))
         if self.rng.random() < s.fov_crop_probability:
             image, labels = self._fov_crop(image, labels)
         return image.float(), labels
@@ -350,6 +471,18 @@ class Synthesizer:
         image[tuple(index)] = 0
         labels[tuple(index)] = 0
         return image, labels
+
+
+def _normalised(anatomy: Anatomy, source_mm: torch.Tensor) -> torch.Tensor:
+    """Sampling positions (mm, array frame) as the (1, D, H, W, 3) grid ``grid_sample`` takes."""
+    size_mm = (np.asarray(anatomy.labels.shape[2:]) - 1) * anatomy.spacing
+    normalised = 2 * source_mm / torch.from_numpy(size_mm).float() - 1
+    return normalised.flip(-1)[None]  # grid_sample wants (x, y, z) = (i, j, k)
+
+
+def _sample(volume: torch.Tensor, grid: torch.Tensor, mode: str, padding: str) -> torch.Tensor:
+    """One (1, 1, K, J, I) tensor sampled on a normalised grid: the (D, H, W) box."""
+    return F.grid_sample(volume, grid, mode=mode, align_corners=True, padding_mode=padding)[0, 0]
 
 
 def _thick_slices(image: torch.Tensor, axis: int, factor: float) -> torch.Tensor:

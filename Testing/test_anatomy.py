@@ -1,0 +1,146 @@
+"""The anatomy bank (mesh voxelisation, similarity ICP, grown cartilage, composed knees) and per-bone
+anatomy augmentation, with numbers against known answers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import vtk
+from conftest import SAMPLE_DATA, rotation, shared_data
+
+from KneeSegLogic.io.scans import read_volume
+from KneeSegLogic.io.volume import Volume, resample_to_spacing
+from KneeSegLogic.training import anatomy as bank
+from KneeSegLogic.training.synthesis import Anatomy, AnatomySettings, SynthesisSettings, Synthesizer
+from KneeSegLogic.tissues import tissue
+
+torch.set_num_threads(1)
+
+PATELLA, FEMUR = tissue("patella").label, tissue("femur").label
+
+
+def sphere(radius: float, centre=(0.0, 0.0, 0.0)) -> vtk.vtkPolyData:
+    source = vtk.vtkSphereSource()
+    source.SetRadius(radius)
+    source.SetCenter(*centre)
+    source.SetThetaResolution(120)
+    source.SetPhiResolution(120)
+    source.Update()
+    return source.GetOutput()
+
+
+def oblique_grid(shape=(60, 60, 60), spacing=(0.8, 0.7, 0.9)) -> Volume:
+    direction = rotation((1.0, 2.0, 0.5), 30.0)
+    origin = -direction @ (np.asarray(shape[::-1]) * np.asarray(spacing) / 2)
+    return Volume(np.zeros(shape, np.uint8), spacing, origin, direction)
+
+
+def test_voxelised_sphere_has_the_sphere_volume_on_an_oblique_grid():
+    grid = oblique_grid()
+    mask = bank.voxelise(sphere(15.0), grid)
+    assert bank.open_edge_count(sphere(15.0)) == 0
+    volume = mask.sum() * grid.voxel_volume_mm3
+    assert volume == pytest.approx(4 / 3 * np.pi * 15.0**3, rel=0.02)
+
+
+def test_cartilage_grown_along_normals_has_the_shell_volume():
+    grid = oblique_grid()
+    bone = sphere(15.0)
+    cartilage = bank.grown_cartilage(bone, np.full(bone.GetNumberOfPoints(), 2.5), grid)
+    volume = cartilage.sum() * grid.voxel_volume_mm3
+    assert volume == pytest.approx(4 / 3 * np.pi * (17.5**3 - 15.0**3), rel=0.05)
+
+
+def test_icp_recovers_a_known_similarity_from_a_real_patella():
+    labels = read_volume(SAMPLE_DATA / "knee_labels.nrrd")
+    points = bank.surface_points(labels.array == PATELLA, labels, limit=4000)
+    truth = bank.Similarity(1.15 * rotation((0.3, 1.0, -0.4), 50.0), np.array([12.0, -30.0, 5.0]))
+    rng = np.random.default_rng(1)
+    target = truth.apply(points[rng.permutation(len(points))[:3000]])
+    result = bank.register_surfaces(points, target)
+    assert result.transform.scale == pytest.approx(1.15, abs=0.01)
+    assert not result.transform.mirrored
+    moved = result.transform.apply(points)
+    assert np.sqrt(np.mean(np.sum((moved - truth.apply(points)) ** 2, axis=1))) < 0.3
+
+
+def test_composed_knees_from_the_shared_anatomy():
+    anatomy = shared_data("anatomy")
+    composer = bank.Composer(read_volume(SAMPLE_DATA / "knee_labels.nrrd"), spacing_mm=1.5)
+    femur_knee = bank.femur_on_host(composer, anatomy, 2)
+    record = femur_knee.record()
+    assert record["registrations"]["femur"]["rms_mm"] < 2.0
+    assert record["licences"] == ["MIT"]
+    # Femoral cartilage grown from the thickness array: a few cm^3, like the host knee's 11.9 cm^3.
+    assert 5000 < record["volumes_mm3"]["femoral_cartilage"] < 20000
+    assert record["collisions_mm3"]["femur"] < 100
+    jam = bank.jam_on_host(composer, anatomy).record()
+    assert set(jam["licences"]) == {"MIT", "Apache-2.0"}
+    for key in ("lateral_meniscus", "medial_meniscus", "medial_tibial_cartilage", "lateral_tibial_cartilage"):
+        assert jam["volumes_mm3"][key] > 400
+    clinical = bank.clinical_knee(anatomy)
+    counts = np.bincount(clinical.labels.array.ravel(), minlength=8)
+    assert (counts[FEMUR], counts[PATELLA], counts[tissue("tibia").label]) == (167620, 18506, 118635)
+    assert clinical.role == "heldout"
+
+
+@pytest.fixture(scope="module")
+def knee_anatomy() -> Anatomy:
+    return Anatomy.from_volume(resample_to_spacing(read_volume(SAMPLE_DATA / "knee_labels.nrrd"), (1.0,) * 3, True))
+
+
+def _whole_knee(anatomy: Anatomy, settings: AnatomySettings, seed: int = 0) -> torch.Tensor:
+    plain = SynthesisSettings(
+        rotation_deg=0.0,
+        scale_range=(1.0, 1.0),
+        elastic_mm=0.0,
+        mirror_probability=0.0,
+        fov_crop_probability=0.0,
+        anatomy=settings,
+    )
+    shape = tuple(int(n) | 1 for n in anatomy.labels.shape[2:])
+    synthesizer = Synthesizer([anatomy], shape, (1.0, 1.0, 1.0), plain, seed=seed)
+    centre = (np.asarray(anatomy.labels.shape[2:]) - 1) / 2 * anatomy.spacing
+    return synthesizer.sample(centre=centre)[1]
+
+
+FIXED = dict(
+    probability=1.0,
+    patella_height_mm=0.0,
+    patella_tilt_deg=0.0,
+    condyle_width=(1.0, 1.0),
+    tibial_slope_deg=0.0,
+    joint_space_mm=0.0,
+    bone_scale=(1.0, 1.0),
+    bone_rotation_deg=0.0,
+    deformation_mm=0.0,
+)
+
+
+@pytest.mark.parametrize("scale", [0.75, 1.4])
+def test_patella_scaled_to_its_limits_has_the_cubed_volume_and_never_takes_the_femur(knee_anatomy, scale):
+    original = _whole_knee(knee_anatomy, AnatomySettings(probability=0.0))
+    scaled = _whole_knee(knee_anatomy, AnatomySettings(patella_scale=(scale, scale), **FIXED))
+    ratio = float((scaled == PATELLA).sum()) / float((original == PATELLA).sum())
+    assert ratio == pytest.approx(scale**3, rel=0.08)
+    # The femur is painted before the patella: growing the patella never removes femur voxels.
+    assert int((scaled == FEMUR).sum()) == int((original == FEMUR).sum())
+
+
+def test_random_bone_transforms_stay_within_the_anatomical_limits(knee_anatomy):
+    limits = AnatomySettings()
+    synthesizer = Synthesizer([knee_anatomy], (9, 9, 9), (1.0, 1.0, 1.0), seed=5)
+    for _ in range(50):
+        transforms = synthesizer.bone_transforms(knee_anatomy)
+        assert set(transforms) == {"femur", "tibia", "patella"}
+        matrix, translation = transforms["patella"]
+        size = abs(np.linalg.det(matrix)) ** (1 / 3)
+        assert limits.patella_scale[0] - 1e-9 <= size <= limits.patella_scale[1] + 1e-9
+        assert abs(translation[1]) <= limits.patella_height_mm and translation[[0, 2]].tolist() == [0, 0]
+        femur, femur_shift = transforms["femur"]
+        assert abs(femur_shift[1]) <= limits.joint_space_mm
+        # Condyle width x isotropic scale bounds the femur's left-right stretch.
+        stretch = np.linalg.norm(femur[:, 0])
+        assert limits.condyle_width[0] * limits.bone_scale[0] - 1e-9 <= stretch
+        assert stretch <= limits.condyle_width[1] * limits.bone_scale[1] + 1e-9
