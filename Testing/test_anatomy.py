@@ -11,9 +11,9 @@ from conftest import SAMPLE_DATA, rotation, shared_data
 
 from KneeSegLogic.io.scans import read_volume
 from KneeSegLogic.io.volume import Volume, resample_to_spacing
+from KneeSegLogic.tissues import tissue
 from KneeSegLogic.training import anatomy as bank
 from KneeSegLogic.training.synthesis import Anatomy, AnatomySettings, SynthesisSettings, Synthesizer
-from KneeSegLogic.tissues import tissue
 
 torch.set_num_threads(1)
 

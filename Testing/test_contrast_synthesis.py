@@ -31,8 +31,14 @@ SHAPE = (24, 48, 48)
 BALL_CENTRE = (9, 24, 20)  # voxels (d, h, w); off the box centre used below along d and w
 BALL_RADII = (6, 10, 8)
 
-RIGID = SynthesisSettings(rotation_deg=0.0, scale_range=(1.0, 1.0), elastic_mm=0.0, mirror_probability=0.0,
-                          fov_crop_probability=0.0, anatomy=AnatomySettings(probability=0.0))
+RIGID = SynthesisSettings(
+    rotation_deg=0.0,
+    scale_range=(1.0, 1.0),
+    elastic_mm=0.0,
+    mirror_probability=0.0,
+    fov_crop_probability=0.0,
+    anatomy=AnatomySettings(probability=0.0),
+)
 
 
 def ellipsoid_labels() -> np.ndarray:
@@ -110,8 +116,13 @@ def test_images_vary_in_contrast_and_follow_the_labels(ball_anatomy: Anatomy) ->
 def test_mirroring_flips_left_right(ball_anatomy: Anatomy) -> None:
     centre = np.array([12.0, 24.0, 24.0])
     plain = Synthesizer([ball_anatomy], (9, 31, 31), (1.0, 1.0, 1.0), RIGID, seed=5)
-    mirrored = Synthesizer([ball_anatomy], (9, 31, 31), (1.0, 1.0, 1.0),
-                           SynthesisSettings(**{**RIGID.__dict__, "mirror_probability": 1.0}), seed=5)
+    mirrored = Synthesizer(
+        [ball_anatomy],
+        (9, 31, 31),
+        (1.0, 1.0, 1.0),
+        SynthesisSettings(**{**RIGID.__dict__, "mirror_probability": 1.0}),
+        seed=5,
+    )
     _, labels = plain.sample(centre=centre)
     _, labels_mirrored = mirrored.sample(centre=centre)
     assert not torch.equal(labels, labels_mirrored)  # the ball is off-centre along d
@@ -138,8 +149,16 @@ def test_thick_slices_blur_along_their_axis_only(axis: int) -> None:
 
 def test_synthesizer_thick_slice_axis_smooths_that_axis(ball_anatomy: Anatomy) -> None:
     def roughness(thick_axis: int) -> np.ndarray:
-        settings = SynthesisSettings(**{**RIGID.__dict__, "thick_slice_probability": 1.0, "thick_slice_axis": thick_axis,
-                                        "thick_slice_mm": (5.0, 5.0), "noise_range": (0.0, 0.0), "blur_px": (0.0, 0.0)})
+        settings = SynthesisSettings(
+            **{
+                **RIGID.__dict__,
+                "thick_slice_probability": 1.0,
+                "thick_slice_axis": thick_axis,
+                "thick_slice_mm": (5.0, 5.0),
+                "noise_range": (0.0, 0.0),
+                "blur_px": (0.0, 0.0),
+            }
+        )
         synthesizer = Synthesizer([ball_anatomy], (9, 31, 31), (1.0, 1.0, 1.0), settings, seed=11)
         images = [synthesizer.sample(centre=np.array([12.0, 24.0, 24.0]))[0] for _ in range(3)]
         return np.array([np.mean([float(im.diff(dim=a).abs().mean()) for im in images]) for a in (1, 2)])
@@ -184,8 +203,10 @@ def test_pair_samples_show_the_real_intensities(ball: Volume) -> None:
     def correlations(probability: float) -> list[float]:
         settings = SynthesisSettings(**{**RIGID.__dict__, "real_image_probability": probability})
         synthesizer = Synthesizer([anatomy], (9, 31, 31), (1.0, 1.0, 1.0), settings, seed=2)
-        return [float(np.corrcoef(synthesizer.sample(centre=centre.astype(float))[0].numpy().ravel(), expected)[0, 1])
-                for _ in range(4)]
+        return [
+            float(np.corrcoef(synthesizer.sample(centre=centre.astype(float))[0].numpy().ravel(), expected)[0, 1])
+            for _ in range(4)
+        ]
 
     real, synthetic = correlations(1.0), correlations(0.0)
     # Bias field, gamma, noise and thick slices still change the real image (r 0.7-0.98 measured).
@@ -243,7 +264,9 @@ def test_label_maps_continue_their_cut_bones_beyond_the_map_and_real_pairs_do_no
     array[8:16, :30, 20:28] = BONE
     shaft = Volume(array, (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), PIR_DIRECTION)
     centre = np.array([12.0, 5.0, 24.0])  # box rows -10..20 of the map: 10 rows lie beyond its edge
-    _, labels = Synthesizer([Anatomy.from_volume(shaft)], (9, 31, 31), (1.0, 1.0, 1.0), RIGID, seed=0).sample(centre=centre)
+    _, labels = Synthesizer([Anatomy.from_volume(shaft)], (9, 31, 31), (1.0, 1.0, 1.0), RIGID, seed=0).sample(
+        centre=centre
+    )
     beyond, inside = labels[:, :10], labels[:, 10:25]
     np.testing.assert_array_equal(beyond.numpy(), np.broadcast_to(inside[:, :1].numpy(), beyond.shape))
     assert (beyond == BONE).sum() == 10 * 8 * 8
