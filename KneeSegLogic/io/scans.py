@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import stat
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -197,12 +197,19 @@ def _header_echo_times(reader: sitk.ImageFileReader) -> list[float] | None:
         return None
 
 
-def write_volume(volume: Volume, path: str | Path, compress: bool = True) -> Path:
+def write_volume(
+    volume: Volume,
+    path: str | Path,
+    compress: bool = True,
+    metadata: Mapping[str, str] | None = None,
+    compression_level: int = -1,
+) -> Path:
     """Write NRRD (``.nrrd``, gzip-compressed), NIfTI (``.nii``/``.nii.gz``) or MHA, atomically.
 
     The file is written beside its final name and renamed, so a crash never leaves a half file.
     Multi-echo volumes are written as vector images (one component per echo); their echo times go
-    into the NRRD/MHA header as ``echo_times_ms``.
+    into the NRRD/MHA header as ``echo_times_ms``. ``metadata`` adds header key/value fields
+    (NRRD/MHA); ``compression_level`` is the gzip level (-1: ITK's default).
     """
     path = Path(path)
     if not _is_image_file(path):
@@ -212,6 +219,8 @@ def write_volume(volume: Volume, path: str | Path, compress: bool = True) -> Pat
         image.SetMetaData(ECHO_TIMES_KEY, " ".join(f"{t:g}" for t in volume.echo_times_ms))
         image.SetMetaData(MULTIVOLUME_LABELS_KEY, ",".join(f"{t:g}" for t in volume.echo_times_ms))
         image.SetMetaData(MULTIVOLUME_TAG_KEY, "EchoTime")
+    for key, value in (metadata or {}).items():
+        image.SetMetaData(key, value)
     with atomic_file(path) as temporary:
-        sitk.WriteImage(image, str(temporary), useCompression=compress)
+        sitk.WriteImage(image, str(temporary), useCompression=compress, compressionLevel=compression_level)
     return path

@@ -18,10 +18,9 @@ halved until 1, then the member moves to the CPU; every fallback is recorded for
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
-import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 from monai.inferers import sliding_window_inference
@@ -42,25 +41,57 @@ CROP_THRESHOLD = 0.1
 CROP_MARGIN_MM = 12.0
 
 
+# Where each canonical array axis must point, as (physical LPS axis, sign): the letters of
+# CANONICAL_ORIENTATION name the direction an ITK axis (i, j, k) points to (ITK's DICOMOrient).
+_TOWARDS = {"L": (0, 1), "R": (0, -1), "P": (1, 1), "A": (1, -1), "S": (2, 1), "I": (2, -1)}
+
+
+def _physical_axes(direction: np.ndarray) -> list[tuple[int, int]]:
+    """(physical axis, sign) each ITK axis of ``direction`` points along most.
+
+    Greedy over the largest absolute direction cosine, one physical axis per image axis, as ITK's
+    ``DICOMOrientImageFilter`` assigns them (so oblique scans land on the same canonical axes).
+    """
+    magnitude = np.abs(np.asarray(direction, dtype=float))
+    assigned: list[tuple[int, int]] = [(0, 1)] * 3
+    rows, columns = [0, 1, 2], [0, 1, 2]
+    for _ in range(3):
+        _, row, column = max((magnitude[r, c], r, c) for r in rows for c in columns)
+        assigned[column] = (row, 1 if direction[row, column] > 0 else -1)
+        rows.remove(row)
+        columns.remove(column)
+    return assigned
+
+
 def working_grid(volume: Volume, spacing_ijk: tuple[float, float, float]) -> Volume:
     """An empty grid in the canonical orientation covering ``volume``'s field of view.
 
-    Axes are the input's axes permuted/flipped to :data:`CANONICAL_ORIENTATION`; ``spacing_ijk``
-    is the working spacing along the canonical (i, j, k) axes in mm.
+    Axes are the input's axes permuted/flipped to :data:`CANONICAL_ORIENTATION` (the geometry
+    ``SimpleITK.DICOMOrient`` gives, derived from the direction matrix alone: no image is
+    reoriented); ``spacing_ijk`` is the working spacing along the canonical (i, j, k) axes in mm.
     """
-    geometry = sitk.Image([int(s) for s in volume.size], sitk.sitkUInt8)
-    geometry.SetSpacing(volume.spacing)
-    geometry.SetOrigin(volume.origin)
-    geometry.SetDirection(tuple(volume.direction.ravel()))
-    canonical = sitk.DICOMOrient(geometry, CANONICAL_ORIENTATION)
+    direction = np.asarray(volume.direction, dtype=float)
+    size = np.asarray(volume.size, dtype=float)
+    spacing_in = np.asarray(volume.spacing, dtype=float)
+    axes = _physical_axes(direction)
+    source = np.empty(3, int)
+    canonical_direction = np.empty((3, 3))
+    canonical_origin = np.asarray(volume.origin, dtype=float).copy()
+    for target, letter in enumerate(CANONICAL_ORIENTATION):
+        physical, sign = _TOWARDS[letter]
+        column = next(c for c, (row, _) in enumerate(axes) if row == physical)
+        source[target] = column
+        flip = axes[column][1] != sign
+        canonical_direction[:, target] = -direction[:, column] if flip else direction[:, column]
+        if flip:  # the first voxel of a flipped axis is the last one of the input's
+            canonical_origin += direction[:, column] * spacing_in[column] * (size[column] - 1)
+    old_spacing = spacing_in[source]
     spacing = np.asarray(spacing_ijk, dtype=float)
-    old_spacing = np.asarray(canonical.GetSpacing())
-    extent = np.asarray(canonical.GetSize()) * old_spacing
-    size = np.maximum(1, np.round(extent / spacing)).astype(int)
-    direction = np.asarray(canonical.GetDirection()).reshape(3, 3)
+    extent = size[source] * old_spacing
+    new_size = np.maximum(1, np.round(extent / spacing)).astype(int)
     # Keep the outer corner of the field of view where it is.
-    origin = np.asarray(canonical.GetOrigin()) + direction @ ((spacing - old_spacing) / 2)
-    return Volume(np.zeros(size[::-1], np.uint8), tuple(spacing), tuple(origin), direction)
+    origin = canonical_origin + canonical_direction @ ((spacing - old_spacing) / 2)
+    return Volume(np.zeros(new_size[::-1], np.uint8), tuple(spacing), tuple(origin), canonical_direction)
 
 
 def member_spacing(member: MemberSpec, native: Volume) -> tuple[float, float, float]:
@@ -206,7 +237,7 @@ def member_probabilities(
     grid = working_grid(volume, member_spacing(member, volume))
     image = resample_to_grid(volume, grid, interpolation="linear").array
     image = normalise(image, member.normalisation)
-    spacing_kji = np.asarray(grid.spacing)[::-1]
+    spacing_kji = np.asarray(grid.spacing_kji)
     box = knee_box(image, spacing_kji)
     crop = torch.from_numpy(np.ascontiguousarray(image[box]))
     network = package.load_member(index, device)
@@ -258,37 +289,341 @@ def _channels_on_grid(probabilities: Volume, reference: Volume) -> np.ndarray:
     return result
 
 
+# Reference voxels handled at once: bounds the temporary arrays (a few times the slab's voxels)
+# so memory grows linearly with the number of slices.
+SLAB_VOXELS = 1 << 23
+
+# Cells whose corners all have an entropy at most this take the interpolated working-grid
+# entropy; elsewhere it is computed from the interpolated channels. Near-certain corners keep
+# the two within 1e-4 (measured on the demo), a tenth of the written maps' 1/1000 step.
+EXACT_ENTROPY_ABOVE = 1e-4
+
+
+@dataclass
+class _Axis:
+    """Linear interpolation along one reference array axis from the source axis it maps to.
+
+    ``low``/``high`` are the source indices either side of each reference index, ``weight`` the
+    share of ``high`` and ``inside`` whether the sample lies on the source grid (within half a
+    voxel of its end voxels, where ITK's linear interpolator clamps to the end voxel).
+    """
+
+    low: torch.Tensor
+    high: torch.Tensor
+    weight: torch.Tensor
+    inside: torch.Tensor
+
+    @staticmethod
+    def build(position: np.ndarray, length: int, device: torch.device) -> _Axis:
+        # ITK's IsInsideBuffer: [-0.5, n - 0.5). Rounded first, so that a sample on the half-voxel
+        # edge in exact arithmetic (a common case: grids sharing a corner) follows that rule
+        # whichever way float rounding fell.
+        edge = np.round(position, 9)
+        inside = (edge >= -0.5) & (edge < length - 0.5)
+        clamped = np.clip(position, 0, length - 1)
+        low = np.minimum(np.floor(clamped), max(length - 2, 0)).astype(np.int64)
+        high = np.minimum(low + 1, length - 1)
+        weight = (clamped - low).astype(np.float32)
+        return _Axis(*(torch.from_numpy(a).to(device) for a in (low, high, weight, inside)))
+
+    def part(self, rows: slice) -> _Axis:
+        return _Axis(self.low[rows], self.high[rows], self.weight[rows], self.inside[rows])
+
+
+def _take(values: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tensor:
+    """``values.index_select(dim, index)`` by advanced indexing (several times faster on the CPU
+    for inner dimensions, where ``index_select`` goes element by element)."""
+    return values[(slice(None),) * dim + (index,)]
+
+
+class GridMap:
+    """Trilinear resampling, in torch, between two grids that differ only by axis order, flips,
+    spacing and origin (working grids of one scan, and the scan itself).
+
+    Equal to ITK's linear resampling through physical space for such grids (the continuous
+    source index along each axis depends on one reference index only), but separable: three 1D
+    interpolations instead of eight gathers per voxel. ``arrange`` puts a source array's axes in
+    reference order; ``interpolate`` reads it on a slab of reference slices.
+    """
+
+    def __init__(self, order: list[int], axes: list[_Axis], source_shape: tuple[int, ...], shape: tuple[int, ...]):
+        self.order = order  # source array axis of each reference array axis
+        self.axes = axes
+        self.source_shape = tuple(source_shape[a] for a in order)  # in reference axis order
+        self.shape = tuple(shape)
+
+    @staticmethod
+    def between(source: Volume, reference: Volume, device: torch.device) -> GridMap | None:
+        """The map from ``source`` onto ``reference``, or None when the grids are oblique to each other."""
+        # Continuous source index (i, j, k) = matrix @ reference index + offset.
+        to_index = np.diag(1 / np.asarray(source.spacing)) @ source.direction.T
+        matrix = to_index @ reference.direction @ np.diag(reference.spacing)
+        offset = to_index @ (np.asarray(reference.origin) - np.asarray(source.origin))
+        magnitude = np.abs(matrix)
+        dominant = magnitude.argmax(axis=0)  # source ITK axis of each reference ITK axis
+        if sorted(dominant) != [0, 1, 2]:
+            return None
+        off_axis = magnitude.copy()
+        off_axis[dominant, [0, 1, 2]] = 0
+        if off_axis.max() > 1e-6 * magnitude.max():
+            return None
+        source_shape = source.array.shape[:3]
+        order, axes = [], []
+        for reference_axis in (2, 1, 0):  # array order (k, j, i)
+            source_axis = int(dominant[reference_axis])
+            position = matrix[source_axis, reference_axis] * np.arange(reference.size[reference_axis])
+            order.append(2 - source_axis)
+            axes.append(_Axis.build(position + offset[source_axis], source_shape[2 - source_axis], device))
+        return GridMap(order, axes, source_shape, reference.array.shape[:3])
+
+    def arrange(self, values: torch.Tensor) -> torch.Tensor:
+        """Source values (..., s0, s1, s2) with their last three axes in reference order, contiguous."""
+        lead = list(range(values.ndim - 3))
+        return values.permute(lead + [len(lead) + a for a in self.order]).contiguous()
+
+    def slabs(self) -> list[slice]:
+        """Slices along reference axis 0 that keep temporaries near :data:`SLAB_VOXELS` voxels."""
+        step = max(1, SLAB_VOXELS // max(1, self.shape[1] * self.shape[2]))
+        return [slice(start, min(start + step, self.shape[0])) for start in range(0, self.shape[0], step)]
+
+    def interpolate(self, values: torch.Tensor, rows: slice) -> torch.Tensor:
+        """Arranged source values (..., n0, n1, n2) interpolated at the reference slab ``rows``."""
+        axes = [self.axes[0].part(rows), self.axes[1], self.axes[2]]
+        for dim, axis in enumerate(axes, start=values.ndim - 3):
+            low = _take(values, dim, axis.low)
+            high = _take(values, dim, axis.high)
+            shape = [1] * values.ndim
+            shape[dim] = -1
+            values = torch.lerp(low, high, axis.weight.view(shape))
+        return values
+
+    def inside(self, rows: slice) -> torch.Tensor:
+        """Reference voxels of the slab that lie on the source grid."""
+        first = self.axes[0].part(rows).inside
+        return first[:, None, None] & self.axes[1].inside[None, :, None] & self.axes[2].inside[None, None, :]
+
+    def cells(self, values: torch.Tensor, rows: slice) -> torch.Tensor:
+        """Per reference voxel of the slab, the value of its cell's lowest corner in ``values``."""
+        axes = [self.axes[0].part(rows), self.axes[1], self.axes[2]]
+        for dim, axis in enumerate(axes):
+            values = _take(values, dim, axis.low)
+        return values
+
+    def corners(self, where: tuple[torch.Tensor, ...], rows: slice) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(flat source index in arranged order, trilinear weight) of the 8 cell corners of the slab
+        voxels ``where`` (indices into the slab)."""
+        axes = [self.axes[0].part(rows), self.axes[1], self.axes[2]]
+        result = []
+        for corner in range(8):
+            index: torch.Tensor | int = 0
+            weight: torch.Tensor | float = 1.0
+            for dim, axis in enumerate(axes):
+                high = (corner >> (2 - dim)) & 1
+                share = axis.weight[where[dim]]
+                index = index * self.source_shape[dim] + (axis.high if high else axis.low)[where[dim]]
+                weight = weight * (share if high else 1 - share)
+            result.append((torch.as_tensor(index), torch.as_tensor(weight)))
+        return result
+
+    def resample(self, values: torch.Tensor, defaults: torch.Tensor) -> torch.Tensor:
+        """Arranged source channels (C, n0, n1, n2) on the whole reference grid; ``defaults[c]`` outside."""
+        out = torch.empty((values.shape[0], *self.shape), dtype=values.dtype, device=values.device)
+        for rows in self.slabs():
+            part = self.interpolate(values, rows)
+            out[:, rows] = torch.where(self.inside(rows), part, defaults.view(-1, 1, 1, 1))
+        return out
+
+
+def _background_defaults(classes: int, device: torch.device) -> torch.Tensor:
+    defaults = torch.zeros(classes, device=device)
+    defaults[0] = 1.0  # outside a grid: background
+    return defaults
+
+
+def _fuse_on_finest(
+    members: list[tuple[Volume, float]], device: torch.device
+) -> tuple[Volume, torch.Tensor, torch.Tensor | None]:
+    """Weighted mean of member softmax maps on the finest member's working grid.
+
+    Returns the finest grid (as an empty Volume), the fused channels (C, k, j, i) on ``device``
+    and the weighted mean member entropy (k, j, i) there (None for a single member). Members on
+    other grids are resampled linearly through physical space; this grid holds the knee at
+    working resolution, so it is small whatever the input's size.
+    """
+    from KneeSegLogic.segmentation.uncertainty import entropy_tensor
+
+    finest = min((volume for volume, _ in members), key=lambda v: v.voxel_volume_mm3)
+    grid = Volume(np.zeros(finest.array.shape[:3], np.uint8), finest.spacing, finest.origin, finest.direction)
+    total_weight = sum(weight for _, weight in members)
+    fused: torch.Tensor | None = None
+    mean_entropy = None
+    for probabilities, weight in members:
+        channels = torch.from_numpy(probabilities.array).to(device).permute(3, 0, 1, 2)
+        mapping = None if probabilities.same_grid(finest, atol=1e-6) else GridMap.between(probabilities, grid, device)
+        if probabilities.same_grid(finest, atol=1e-6):
+            member_map = channels.contiguous()
+        elif mapping is not None:
+            member_map = mapping.resample(mapping.arrange(channels), _background_defaults(channels.shape[0], device))
+        else:
+            member_map = torch.from_numpy(_channels_on_grid(probabilities, grid)).to(device)
+        if len(members) == 1:
+            return grid, member_map, None
+        share = weight / total_weight
+        fused = share * member_map if fused is None else fused.add_(member_map, alpha=share)
+        member_entropy = entropy_tensor(member_map) * share
+        mean_entropy = member_entropy if mean_entropy is None else mean_entropy.add_(member_entropy)
+    assert fused is not None
+    return grid, fused, mean_entropy
+
+
 def fuse_on_grid(members: list[tuple[Volume, float]], reference: Volume) -> tuple[np.ndarray, np.ndarray | None]:
     """Weighted mean of member softmax maps on ``reference``'s grid, and the mean member entropy.
 
-    Members are first brought onto the finest member's working grid (small: the knee at working
-    resolution) and fused there, with each member's entropy; only the fused channels and the
-    mean member entropy are then resampled onto the input grid. Resampling is linear through
-    physical space, so members at different resolutions and orientations land on one grid.
+    Every channel is resampled linearly (through physical space) onto ``reference``: C full-size
+    arrays. :func:`fuse_and_decide` gives the labels and uncertainty of the same fused map without
+    them; this is for what needs every channel everywhere (calibration of decision offsets).
     Returns ``(probabilities (C, k, j, i), mean member entropy (k, j, i) or None for a single
-    member)``; the latter feeds the mutual information (epistemic uncertainty) of
-    :mod:`uncertainty`.
+    member)``.
     """
-    from KneeSegLogic.segmentation.uncertainty import entropy
-
-    finest = min((volume for volume, _ in members), key=lambda v: v.voxel_volume_mm3)
-    total_weight = sum(weight for _, weight in members)
-    fused: np.ndarray | None = None
-    mean_entropy = None if len(members) == 1 else np.zeros(finest.array.shape[:3], np.float32)
-    for probabilities, weight in members:
-        if probabilities.same_grid(finest, atol=1e-6):
-            member_map = np.moveaxis(probabilities.array, -1, 0)
-        else:
-            member_map = _channels_on_grid(probabilities, finest)
-        fused = (weight / total_weight) * member_map if fused is None else fused + (weight / total_weight) * member_map
-        if mean_entropy is not None:
-            mean_entropy += (weight / total_weight) * entropy(member_map)
-    assert fused is not None
-    fused_volume = Volume(np.moveaxis(fused, 0, -1), finest.spacing, finest.origin, finest.direction)
-    del fused
+    grid, fused, mean_entropy = _fuse_on_finest(members, torch.device("cpu"))
+    fused_volume = Volume(fused.permute(1, 2, 3, 0).numpy(), grid.spacing, grid.origin, grid.direction)
     on_reference = _channels_on_grid(fused_volume, reference)
+    member_entropy = None
     if mean_entropy is not None:
-        mean_entropy = resample_to_grid(
-            Volume(mean_entropy, finest.spacing, finest.origin, finest.direction), reference, interpolation="linear"
+        member_entropy = resample_to_grid(
+            grid.with_array(mean_entropy.numpy()), reference, interpolation="linear"
         ).array
-    return on_reference, mean_entropy
+    return on_reference, member_entropy
+
+
+def _decide(channels: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    """Channel index of the largest ``channels[c] * factors[c]`` (ties: the lower channel), uint8."""
+    best = channels[0] * factors[0]
+    decision = torch.zeros(channels.shape[1:], dtype=torch.uint8, device=channels.device)
+    for channel in range(1, channels.shape[0]):
+        candidate = channels[channel] * factors[channel]
+        decision[candidate > best] = channel
+        torch.maximum(best, candidate, out=best)
+    return decision
+
+
+def _mixed_cells(values: torch.Tensor) -> torch.Tensor:
+    """Per voxel x, whether the cell x .. x+1 (along every axis) holds unequal ``values``.
+
+    The last voxel along an axis stands for itself (edge values repeat)."""
+    n0, n1, n2 = values.shape
+    padded = torch.nn.functional.pad(values[None, None].float(), (0, 1, 0, 1, 0, 1), mode="replicate")[0, 0]
+    mixed = torch.zeros(values.shape, dtype=torch.bool, device=values.device)
+    for d0, d1, d2 in ((0, 0, 1), (0, 1, 0), (0, 1, 1), (1, 0, 0), (1, 0, 1), (1, 1, 0), (1, 1, 1)):
+        mixed |= padded[d0 : d0 + n0, d1 : d1 + n1, d2 : d2 + n2] != values
+    return mixed
+
+
+def _cell_maximum(values: torch.Tensor) -> torch.Tensor:
+    """Per voxel x, the largest of ``values`` over the cell x .. x+1 (edge values repeat)."""
+    padded = torch.nn.functional.pad(values[None, None], (0, 1, 0, 1, 0, 1), mode="replicate")[0, 0]
+    return torch.nn.functional.max_pool3d(padded[None, None], kernel_size=2, stride=1)[0, 0]
+
+
+class FusedProbabilities:
+    """The fused softmax on the working grid, read on the reference (input) grid on demand.
+
+    ``fused[c]`` is channel ``c`` resampled linearly onto the reference grid (what
+    :func:`fuse_on_grid` computes for every channel), one channel at a time.
+    """
+
+    def __init__(self, channels: torch.Tensor, mapping: GridMap) -> None:
+        self.channels = channels  # (C, n0, n1, n2) on the device, axes in reference array order
+        self.mapping = mapping
+
+    def __len__(self) -> int:
+        return int(self.channels.shape[0])
+
+    def __getitem__(self, channel: int) -> np.ndarray:
+        out = np.empty(self.mapping.shape, np.float32)
+        for rows in self.mapping.slabs():
+            part = self.mapping.interpolate(self.channels[channel], rows)
+            part = torch.where(self.mapping.inside(rows), part, 1.0 if channel == 0 else 0.0)
+            out[rows] = part.cpu().numpy()
+        return out
+
+
+@dataclass
+class Fusion:
+    """Labels and uncertainty of the fused ensemble on the reference grid (see :func:`fuse_and_decide`)."""
+
+    channel_index: np.ndarray  # (k, j, i) uint8: decided output channel per voxel
+    entropy: np.ndarray  # (k, j, i) float32: normalised entropy of the fused softmax, [0, 1]
+    mean_member_entropy: np.ndarray | None  # (k, j, i) float32, ensembles only
+    probabilities: FusedProbabilities | np.ndarray  # probabilities[c]: channel c on the reference grid
+
+
+def fuse_and_decide(
+    members: list[tuple[Volume, float]],
+    reference: Volume,
+    offsets: Sequence[float] | None = None,
+    device: torch.device | None = None,
+) -> Fusion:
+    """Fused labels and entropy on ``reference``'s grid, equal to deciding on :func:`fuse_on_grid`'s maps.
+
+    Labels are decided (``argmax_c p_c e^{b_c}``, see :func:`calibration.decide_labels`) on the
+    working grid. A reference voxel is linearly interpolated from the 8 working voxels of its
+    cell, and the decision compares linear functions of the probabilities, so where all 8 corners
+    have one label the interpolated voxel has it too: those voxels copy it. Only voxels in cells
+    whose corners disagree (the boundaries, a few percent of the voxels) get all channels
+    interpolated and decided, so the label map is the one of the full C-channel resampling (up to
+    float32 rounding of exact ties) at a fraction of the cost. The entropy of the fused softmax is
+    computed from the interpolated channels at those voxels and wherever a corner's entropy
+    exceeds :data:`EXACT_ENTROPY_ABOVE`; in cells of near-certain corners it is interpolated from
+    the working grid's. The mean member entropy is linearly resampled as in :func:`fuse_on_grid`.
+
+    Runs in torch on ``device`` (CUDA when given one: fusion, entropy and resampling on the GPU;
+    otherwise the CPU), reference slab by slab so memory grows linearly with the slices. When the
+    working grid is oblique to ``reference`` (not a working grid of the same scan) every channel
+    is resampled with :func:`fuse_on_grid` instead.
+    """
+    from KneeSegLogic.segmentation.calibration import decide_labels
+    from KneeSegLogic.segmentation.uncertainty import entropy, entropy_tensor
+
+    device = device if device is not None and device.type == "cuda" else torch.device("cpu")
+    grid, channels, mean_entropy = _fuse_on_finest(members, device)
+    mapping = GridMap.between(grid, reference, device)
+    if mapping is None:
+        del channels, mean_entropy
+        fused, member_entropy = fuse_on_grid(members, reference)
+        return Fusion(decide_labels(fused, offsets), entropy(fused), member_entropy, fused)
+    classes = channels.shape[0]
+    factors = torch.ones(classes, device=device)
+    if offsets is not None and np.any(offsets):
+        if len(offsets) != classes:
+            raise ValueError(f"{len(offsets)} decision offsets for {classes} channels")
+        factors = torch.exp(torch.tensor(list(offsets), dtype=torch.float64)).float().to(device)
+    channels = mapping.arrange(channels)
+    labels = _decide(channels, factors)
+    working_entropy = entropy_tensor(channels)
+    mean_working = None if mean_entropy is None else mapping.arrange(mean_entropy)
+    # Voxels whose cell needs the channels: corners of two labels, or an uncertain corner.
+    exact = _mixed_cells(labels) | (_cell_maximum(working_entropy) > EXACT_ENTROPY_ABOVE)
+    flat = channels.reshape(classes, -1)
+    shape = mapping.shape
+    channel_index = np.empty(shape, np.uint8)
+    total = np.empty(shape, np.float32)
+    member_total = None if mean_working is None else np.empty(shape, np.float32)
+    for rows in mapping.slabs():
+        inside = mapping.inside(rows)
+        decided = mapping.cells(labels, rows)
+        slab_entropy = mapping.interpolate(working_entropy, rows)
+        where = (mapping.cells(exact, rows) & inside).nonzero(as_tuple=True)
+        if where[0].numel():
+            sampled = torch.zeros((classes, where[0].numel()), device=device)
+            for index, weight in mapping.corners(where, rows):
+                sampled.addcmul_(flat[:, index], weight)
+            decided[where] = _decide(sampled, factors)
+            slab_entropy[where] = entropy_tensor(sampled)
+        decided[~inside] = 0
+        slab_entropy[~inside] = 0.0
+        channel_index[rows] = decided.cpu().numpy()
+        total[rows] = slab_entropy.cpu().numpy()
+        if member_total is not None and mean_working is not None:
+            member_total[rows] = torch.where(inside, mapping.interpolate(mean_working, rows), 0.0).cpu().numpy()
+    return Fusion(channel_index, total, member_total, FusedProbabilities(channels, mapping))

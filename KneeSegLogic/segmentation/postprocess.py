@@ -2,7 +2,7 @@
 
 Functions over arrays in the style of scikit-image. Masks and label maps are indexed in array
 order (``array[k, j, i]`` for a :class:`~KneeSegLogic.volume.Volume`); a ``spacing`` argument of
-an array function is therefore in *array axis order* (``volume.spacing[::-1]``), in mm.
+an array function is therefore in *array axis order* (``volume.spacing_kji``), in mm.
 :func:`apply_postprocessing` takes a :class:`~KneeSegLogic.volume.Volume` and does that reversal
 itself, so a model package can name its steps without caring about axis order::
 
@@ -225,10 +225,36 @@ def fill_holes(mask: np.ndarray) -> np.ndarray:
     return out
 
 
+def _label_boxes(
+    labels: np.ndarray, label_values: Sequence[int] | None, margin: Sequence[int] | int = 0
+) -> list[tuple[int, tuple[slice, ...]]]:
+    """``(value, bounding box)`` of each label value present, from one pass over the map.
+
+    Values are ``label_values`` in their order (default: every non-zero value present, ascending);
+    each box is widened by ``margin`` voxels per axis and clipped to the array. Working inside
+    these boxes instead of the whole volume is what keeps post-processing cheap on large scans.
+    """
+    labels = np.asarray(labels)
+    found = ndimage.find_objects(labels if labels.dtype.kind in "iu" else labels.astype(np.int64))
+    boxes = {value + 1: box for value, box in enumerate(found) if box is not None}
+    wanted = sorted(boxes) if label_values is None else [int(v) for v in label_values]
+    extra = np.broadcast_to(np.asarray(margin, dtype=int), (labels.ndim,))
+    return [
+        (
+            value,
+            tuple(
+                slice(max(b.start - int(e), 0), min(b.stop + int(e), n))
+                for b, e, n in zip(boxes[value], extra, labels.shape)
+            ),
+        )
+        for value in wanted
+        if value in boxes
+    ]
+
+
 def _present(labels: np.ndarray, label_values: Sequence[int] | None) -> list[int]:
-    values = np.unique(labels)
-    wanted = values[values != 0] if label_values is None else label_values
-    return [int(v) for v in wanted if np.any(values == v)]
+    """Label values present in ``labels``: ``label_values`` in their order (default: all non-zero)."""
+    return [value for value, _ in _label_boxes(labels, label_values)]
 
 
 def keep_largest_components(
@@ -251,17 +277,18 @@ def keep_largest_components(
         See :func:`largest_components`.
     """
     out = np.array(labels, copy=True)
-    for value in _present(labels, label_values):
-        mask = labels == value
-        out[mask & ~largest_components(mask, components, connectivity)] = 0
+    for value, box in _label_boxes(labels, label_values):
+        mask = labels[box] == value
+        out[box][mask & ~largest_components(mask, components, connectivity)] = 0
     return out
 
 
 def fill_label_holes(labels: np.ndarray, label_values: Sequence[int] | None = None) -> np.ndarray:
     """Per label value, fill its holes; only background (0) voxels are filled, never other labels."""
     out = np.array(labels, copy=True)
-    for value in _present(labels, label_values):
-        out[fill_holes(labels == value) & (out == 0)] = value
+    for value, box in _label_boxes(labels, label_values):
+        region = out[box]  # a view: filling it fills ``out``
+        region[fill_holes(labels[box] == value) & (region == 0)] = value
     return out
 
 
@@ -294,9 +321,12 @@ def close_labels(
         present = set(_present(labels, None))
         label_values = [v for v in CLOSING_PRIORITY if v in present] + sorted(present - set(CLOSING_PRIORITY))
     out = np.array(labels, copy=True)
-    for value in _present(labels, label_values):
-        closed = ball_closing(labels == value, radius, spacing, threads)
-        out[closed & (out == 0)] = value
+    # The closing reaches ``radius`` beyond a structure; one more voxel stands for the outside
+    # (as inside ball_closing), so each box gives the same voxels as the whole volume.
+    reach = np.floor(radius / _as_spacing(spacing, np.ndim(labels)) + RADIUS_TOLERANCE).astype(int) + 1
+    for value, box in _label_boxes(labels, label_values, reach):
+        region = out[box]
+        region[ball_closing(labels[box] == value, radius, spacing, threads) & (region == 0)] = value
     return out
 
 
@@ -309,9 +339,11 @@ def open_labels(
 ) -> np.ndarray:
     """Ball opening of each structure of a label map; what an opening removes becomes background."""
     out = np.array(labels, copy=True)
-    for value in _present(labels, label_values):
-        mask = labels == value
-        out[mask & ~ball_opening(mask, radius, spacing, threads)] = 0
+    # One voxel of margin: the erosion must see the background around the structure (the array's
+    # own border does not count as outside).
+    for value, box in _label_boxes(labels, label_values, 1):
+        mask = labels[box] == value
+        out[box][mask & ~ball_opening(mask, radius, spacing, threads)] = 0
     return out
 
 
@@ -398,7 +430,7 @@ def _closing_step(
     radius_mm: float,
     labels: Sequence[int] | None = None,
 ) -> np.ndarray:
-    return close_labels(label_map, float(radius_mm), volume.spacing[::-1], labels)
+    return close_labels(label_map, float(radius_mm), volume.spacing_kji, labels)
 
 
 def _opening_step(
@@ -409,7 +441,7 @@ def _opening_step(
     radius_mm: float,
     labels: Sequence[int] | None = None,
 ) -> np.ndarray:
-    return open_labels(label_map, float(radius_mm), volume.spacing[::-1], labels)
+    return open_labels(label_map, float(radius_mm), volume.spacing_kji, labels)
 
 
 def _mese_refinement_step(
@@ -629,7 +661,7 @@ STEPS: dict[str, Callable[..., np.ndarray]] = {
 def apply_postprocessing(
     labels: Volume,
     steps: Sequence[Mapping[str, Any]],
-    probabilities: np.ndarray | None = None,
+    probabilities: Any = None,
     t2_ms: np.ndarray | None = None,
 ) -> Volume:
     """Run named post-processing steps on a label map, in order.
@@ -654,8 +686,9 @@ def apply_postprocessing(
         - ``{"name": "medial_lateral_sides"}`` (medial/lateral tibial cartilage and menisci
           relabelled to the side of the knee they lie on)
         - ``{"name": "fibula_contact", "distance_mm": 1.0}`` (no cartilage or meniscus on the fibula)
-    probabilities : ndarray, shape (classes, k, j, i), optional
-        Class probability maps, channel index = label value.
+    probabilities : ndarray, shape (classes, k, j, i), or indexable by label value, optional
+        Class probability maps, channel index = label value; anything whose ``[label]`` gives that
+        label's (k, j, i) map will do (segment passes maps resampled on demand).
     t2_ms : ndarray, shape (k, j, i), optional
         T2 map in ms on the same grid.
 

@@ -9,18 +9,35 @@ H(mean p) - mean H(p_m) (epistemic: members disagree), as in deep-ensemble uncer
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from KneeSegLogic.tissues import BY_LABEL
 
+#: Step of the uncertainty maps as written (NRRD header ``KneeSeg.quantisation_step``).
+UNCERTAINTY_STEP = 1e-3
+
 
 def entropy(probabilities: np.ndarray) -> np.ndarray:
-    """Normalised Shannon entropy over axis 0 of a (C, ...) probability array, in [0, 1]."""
+    """Normalised Shannon entropy over axis 0 of a (C, ...) probability array, float32 in [0, 1]."""
     classes = probabilities.shape[0]
     total = np.zeros(probabilities.shape[1:], np.float32)
-    for channel in probabilities:  # one class at a time keeps memory at one extra volume
-        p = np.clip(channel, 1e-12, 1.0)
-        total -= np.where(channel > 0, channel * np.log(p), 0.0).astype(np.float32)
-    return np.clip(total / np.log(classes), 0.0, 1.0)
+    term = np.empty(probabilities.shape[1:], np.float32)
+    for channel in probabilities:  # one class at a time keeps memory at two extra volumes
+        # p log p -> 0 as p -> 0: clipping p inside the log only makes that limit exact.
+        np.log(np.clip(channel, 1e-12, 1.0), out=term, dtype=np.float32, casting="unsafe")
+        term *= channel
+        total -= term
+    total *= np.float32(1 / np.log(classes))
+    return np.clip(total, 0.0, 1.0, out=total)
+
+
+def entropy_tensor(probabilities: torch.Tensor) -> torch.Tensor:
+    """:func:`entropy` in torch, on the tensor's device: over dim 0 of a (C, ...) tensor."""
+    classes = probabilities.shape[0]
+    total = torch.zeros(probabilities.shape[1:], dtype=torch.float32, device=probabilities.device)
+    for channel in probabilities:
+        total -= channel * channel.clamp(1e-12, 1.0).log()
+    return (total / float(np.log(classes))).clamp_(0.0, 1.0)
 
 
 def mutual_information(fused_entropy: np.ndarray, mean_member_entropy: np.ndarray) -> np.ndarray:
@@ -28,16 +45,58 @@ def mutual_information(fused_entropy: np.ndarray, mean_member_entropy: np.ndarra
     return np.clip(fused_entropy - mean_member_entropy, 0.0, 1.0)
 
 
+def _dilate_faces(mask: np.ndarray, iterations: int) -> np.ndarray:
+    """Binary dilation by the face-connected cross, ``iterations`` times (outside the array: False).
+
+    The same voxels as ``scipy.ndimage.binary_dilation(mask, iterations=...)`` with its default
+    structure, by shifted ORs of whole slabs (a few passes over the array instead of a neighbourhood
+    loop per voxel).
+    """
+    for _ in range(iterations):
+        grown = mask.copy()
+        for axis in range(mask.ndim):
+            before = [slice(None)] * mask.ndim
+            after = [slice(None)] * mask.ndim
+            before[axis], after[axis] = slice(None, -1), slice(1, None)
+            grown[tuple(after)] |= mask[tuple(before)]
+            grown[tuple(before)] |= mask[tuple(after)]
+        mask = grown
+    return mask
+
+
 def foreground_masked(uncertainty: np.ndarray, labels: np.ndarray, margin_voxels: int = 2) -> np.ndarray:
     """Uncertainty kept near predicted structures (within ``margin_voxels``), 0 elsewhere.
 
-    Far background is usually certain; masking hides the noise there so the heatmap shows the
-    boundaries a corrector should look at.
+    "Near" is the dilation of the foreground by the face-connected cross ``margin_voxels`` times
+    (city-block distance <= ``margin_voxels``). Far background is usually certain; masking hides the
+    noise there so the heatmap shows the boundaries a corrector should look at.
     """
     from scipy import ndimage
 
-    near = ndimage.binary_dilation(labels > 0, iterations=margin_voxels) if margin_voxels else labels > 0
-    return np.where(near, uncertainty, 0.0).astype(np.float32)
+    foreground = labels > 0
+    out = np.zeros(uncertainty.shape, np.float32)
+    boxes = ndimage.find_objects(foreground.view(np.uint8))
+    if not boxes or boxes[0] is None:
+        return out
+    # Only the foreground's bounding box widened by the margin can be near a structure.
+    box = tuple(
+        slice(max(0, b.start - margin_voxels), min(n, b.stop + margin_voxels)) for b, n in zip(boxes[0], labels.shape)
+    )
+    near = _dilate_faces(foreground[box], margin_voxels)
+    np.copyto(out[box], uncertainty[box], where=near)
+    return out
+
+
+def quantised(values: np.ndarray, step: float = UNCERTAINTY_STEP) -> np.ndarray:
+    """``values`` rounded to multiples of ``step`` (float32): what the written maps hold.
+
+    Runs of equal values compress several times better than full float32 mantissas; the error is
+    at most ``step / 2`` (plus float32 rounding, ~1e-7).
+    """
+    out = np.multiply(values, np.float32(1 / step), dtype=np.float32)
+    np.rint(out, out=out)
+    out *= np.float32(step)
+    return out
 
 
 def per_structure(uncertainty: np.ndarray, labels: np.ndarray) -> dict[str, float]:
@@ -51,7 +110,12 @@ def per_structure(uncertainty: np.ndarray, labels: np.ndarray) -> dict[str, floa
 
 
 def most_uncertain_slices(
-    uncertainty: np.ndarray, labels: np.ndarray, index_to_physical: np.ndarray, count: int = 5, slice_axis: int = 0
+    uncertainty: np.ndarray,
+    labels: np.ndarray,
+    index_to_physical: np.ndarray,
+    count: int = 5,
+    slice_axis: int = 0,
+    masked: np.ndarray | None = None,
 ) -> list[dict]:
     """The slices most worth a human look, for the correction workflow.
 
@@ -59,8 +123,10 @@ def most_uncertain_slices(
     of uncertainty near predicted structures (so both large unsure areas and many unsure
     boundaries count). Each entry gives the slice index, its score, the mean uncertainty there,
     the structures present and the LPS position (mm) of the slice centre for jumping to it.
+    ``masked`` is :func:`foreground_masked` of the inputs when the caller has it already.
     """
-    masked = foreground_masked(uncertainty, labels)
+    if masked is None:
+        masked = foreground_masked(uncertainty, labels)
     other = tuple(a for a in range(masked.ndim) if a != slice_axis)
     scores = masked.sum(axis=other)
     order = [int(i) for i in np.argsort(scores)[::-1] if scores[i] > 0][:count]

@@ -1,0 +1,116 @@
+"""Fusion on the working grid equals fusing on the input grid; working-grid geometry; masked maps."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from scipy import ndimage
+
+from KneeSegLogic.io.volume import Volume
+from KneeSegLogic.segmentation import inference
+from KneeSegLogic.segmentation.calibration import decide_labels
+from KneeSegLogic.segmentation.normalisation import CANONICAL_ORIENTATION
+from KneeSegLogic.segmentation.uncertainty import UNCERTAINTY_STEP, entropy, foreground_masked, quantised
+
+torch.set_num_threads(1)
+CLASSES = 11
+OFFSETS = [0.0, -0.2, -0.5, -0.2, -0.5, -0.4, -0.4, -0.4, -0.4, -0.3, -0.3]
+
+
+def _direction(rng: np.random.Generator, oblique: bool) -> np.ndarray:
+    permutation, signs = rng.permutation(3), rng.choice([-1.0, 1.0], 3)
+    direction = np.zeros((3, 3))
+    direction[permutation, np.arange(3)] = signs
+    if oblique:
+        rotation, _ = np.linalg.qr(np.eye(3) + rng.normal(0, 0.25, (3, 3)))
+        direction = rotation @ direction
+    return direction
+
+
+def test_working_grid_is_dicomorient_geometry_from_the_direction_alone():
+    rng = np.random.default_rng(1)
+    for trial in range(200):
+        size = rng.integers(2, 40, 3)
+        spacing, origin = rng.uniform(0.3, 3, 3), rng.uniform(-100, 100, 3)
+        direction = _direction(rng, oblique=trial % 2 == 1)
+        volume = Volume(np.zeros(size[::-1], np.uint8), tuple(spacing), tuple(origin), direction)
+        image = sitk.Image([int(s) for s in size], sitk.sitkUInt8)
+        image.SetSpacing(tuple(spacing))
+        image.SetOrigin(tuple(origin))
+        image.SetDirection(tuple(direction.ravel()))
+        expected = sitk.DICOMOrient(image, CANONICAL_ORIENTATION)
+        grid = inference.working_grid(volume, tuple(expected.GetSpacing()))
+        assert grid.size == expected.GetSize()
+        np.testing.assert_allclose(grid.origin, expected.GetOrigin(), atol=1e-9)
+        np.testing.assert_allclose(grid.direction.ravel(), expected.GetDirection(), atol=1e-12)
+
+
+def _member_map(grid: Volume, rng: np.random.Generator, centre_shift: float) -> Volume:
+    """Smooth softmax maps with nested blobs of several classes (boundaries, certain and unsure parts)."""
+    shape = grid.array.shape
+    k, j, i = np.indices(shape, dtype=np.float32)
+    logits = np.zeros((*shape, CLASSES), np.float32)
+    for c in range(1, CLASSES):
+        centre = rng.uniform(0.2, 0.8, 3) * np.asarray(shape) + centre_shift
+        radius = rng.uniform(0.15, 0.35) * min(shape)
+        distance = np.sqrt((k - centre[0]) ** 2 + (j - centre[1]) ** 2 + (i - centre[2]) ** 2)
+        logits[..., c] = rng.uniform(1.5, 6) * (1 - distance / radius)
+    logits += rng.normal(0, 0.3, logits.shape).astype(np.float32)
+    probabilities = torch.from_numpy(logits).softmax(-1).numpy()
+    return Volume(probabilities, grid.spacing, grid.origin, grid.direction)
+
+
+@pytest.mark.parametrize("oblique", [False, True])
+def test_fuse_and_decide_equals_deciding_on_every_resampled_channel(oblique):
+    rng = np.random.default_rng(3 if oblique else 4)
+    reference = Volume(
+        np.zeros((17, 41, 37), np.float32), (0.7, 0.6, 1.3), (5.0, -12.0, 30.0), _direction(rng, oblique)
+    )
+    fine = inference.working_grid(reference, (0.9, 0.9, 1.5))
+    coarse = inference.working_grid(reference, (1.4, 1.4, 1.5))
+    members = [(_member_map(fine, rng, 0.0), 0.6), (_member_map(coarse, rng, 0.5), 0.4)]
+    channels, member_entropy = inference.fuse_on_grid(members, reference)
+    expected = decide_labels(channels, OFFSETS)
+    fusion = inference.fuse_and_decide(members, reference, OFFSETS)
+    assert len(np.unique(expected)) > 5 and 0.02 < np.mean(expected == 0) < 0.9
+    assert np.array_equal(fusion.channel_index, expected)
+    np.testing.assert_allclose(fusion.entropy, entropy(channels), atol=1e-4)
+    assert fusion.entropy.dtype == np.float32
+    np.testing.assert_allclose(fusion.mean_member_entropy, member_entropy, atol=1e-5)
+    np.testing.assert_allclose(fusion.probabilities[5], channels[5], atol=1e-5)
+    np.testing.assert_allclose(fusion.probabilities[0], channels[0], atol=1e-5)
+
+
+def test_fuse_and_decide_falls_back_when_the_grids_are_oblique_to_each_other():
+    rng = np.random.default_rng(5)
+    reference = Volume(np.zeros((9, 20, 18), np.float32), (1.0, 1.0, 2.0), (0.0, 0.0, 0.0), np.eye(3))
+    tilted = Volume(np.zeros((12, 24, 24), np.uint8), (1.0, 1.0, 1.5), (-2.0, -3.0, -1.0), _direction(rng, True))
+    members = [(_member_map(tilted, rng, 0.0), 1.0)]
+    assert inference.GridMap.between(tilted, reference, torch.device("cpu")) is None
+    channels, _ = inference.fuse_on_grid(members, reference)
+    fusion = inference.fuse_and_decide(members, reference, OFFSETS)
+    assert np.array_equal(fusion.channel_index, decide_labels(channels, OFFSETS))
+    assert fusion.mean_member_entropy is None
+
+
+def test_foreground_masked_keeps_the_city_block_neighbourhood_of_the_structures():
+    rng = np.random.default_rng(0)
+    labels = np.zeros((30, 40, 45), np.uint8)
+    labels[5:25, 10:30, 15:35] = (rng.random((20, 20, 20)) > 0.97) * 3
+    labels[0, 0, 0], labels[29, 39, 2] = 1, 2  # at the border
+    uncertainty = rng.random(labels.shape).astype(np.float32)
+    for margin in (0, 1, 2):
+        near = ndimage.binary_dilation(labels > 0, iterations=margin) if margin else labels > 0
+        assert np.array_equal(foreground_masked(uncertainty, labels, margin), np.where(near, uncertainty, 0))
+    assert not foreground_masked(uncertainty, np.zeros_like(labels)).any()
+
+
+def test_quantised_maps_hold_multiples_of_the_step():
+    values = np.random.default_rng(0).random(10000).astype(np.float32)
+    stored = quantised(values)
+    assert stored.dtype == np.float32
+    assert np.abs(stored - values).max() <= UNCERTAINTY_STEP / 2 + 1e-6
+    assert np.allclose(stored / UNCERTAINTY_STEP, np.round(stored / UNCERTAINTY_STEP), atol=1e-3)
+    assert len(np.unique(stored)) <= 1001
