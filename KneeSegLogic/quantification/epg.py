@@ -67,7 +67,7 @@ _START_B1 = np.linspace(0.5, 1.0, 11)
 _START_T2_MS = np.geomspace(5.0, 300.0, 40)
 
 
-def echo_spacing_ms(echo_times_ms: Sequence[float]) -> float:
+def echo_spacing_ms(echo_times_ms: Sequence[float] | np.ndarray) -> float:
     """The spacing of an evenly spaced train whose first echo is at one spacing; else InputError."""
     te = np.asarray(echo_times_ms, dtype=float)
     spacing = float(te[0])

@@ -632,7 +632,7 @@ def fit_t2(
             None, f"signal of shape {signal.shape} does not hold {echo_times.size} echoes on its last axis"
         )
     # Spin-lock times (T1rho) start at 0; echo times are positive: both are times >= 0, increasing.
-    check_echo_times(echo_times[1:] if echo_times.size > 1 and echo_times[0] == 0 else echo_times)
+    check_echo_times((echo_times[1:] if echo_times.size > 1 and echo_times[0] == 0 else echo_times).tolist())
     echoes_used = tuple(range(1 if skip_first_echo else 0, echo_times.size))
     parameters = 3 if model == "mono-offset" else 2
     if len(echoes_used) < parameters + 1:
