@@ -237,3 +237,15 @@ def test_dask_local_cluster_then_an_existing_scheduler(tmp_path, package, capsys
 def _segment_here(scan: Path, out: Path, package: Path) -> Path:
     assert main(["segment", str(scan), "-o", str(out), "--model", str(package), "--no-surfaces", "--device", "cpu"]) == 0
     return out
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "cp1252", "utf-8-sig"])
+def test_csv_as_spreadsheets_save_it(tmp_path, encoding):
+    """UTF-16 ("Unicode text") and Windows-1252 CSVs, with ';' between cells as Excel writes them."""
+    from KneeSegLogic.pipeline.batch import read_cases
+
+    table = tmp_path / "cases.csv"
+    table.write_bytes("case_id;path;echo_times\ngenou_é;scan é.nrrd;10,5\n".encode(encoding))
+    (case,) = read_cases(table)
+    assert case.case_id == "genou_é" and case.path == str((tmp_path / "scan é.nrrd").resolve())
+    assert case.echo_times_ms == (10.0, 5.0)

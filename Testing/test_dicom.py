@@ -180,3 +180,19 @@ def test_real_mese_order_independent_of_file_names(mese, tmp_path):
     shuffled = read_volume(tmp_path)
     np.testing.assert_array_equal(shuffled.array, volume.array)
     assert shuffled.same_grid(volume, atol=0) and shuffled.echo_times_ms == volume.echo_times_ms
+
+
+def test_one_series_chosen_by_uid_from_a_folder_of_several(tmp_path):
+    folder = tmp_path / "study"
+    first = random_pixels((4, 8, 8, 1))
+    write_dicom_series(folder, first, (10.0,), series_uid="1.2.826.0.1.1", names=[f"a{k}.dcm" for k in range(4)])
+    write_dicom_series(
+        folder, random_pixels((5, 8, 8, 1), seed=3), (12.0,), series_uid="1.2.826.0.1.2",
+        names=[f"b{k}.dcm" for k in range(5)],
+    )
+    with pytest.raises(InputError, match=r"1\.2\.826\.0\.1\.1 \(4 files\); 1\.2\.826\.0\.1\.2 \(5 files\)"):
+        read_volume(folder)
+    volume = read_volume(f"{folder}::1.2.826.0.1.1")
+    assert volume.array.shape == (4, 8, 8)
+    np.testing.assert_array_equal(volume.array, first[..., 0])
+    assert read_volume(f"{folder}::1.2.826.0.1.2").array.shape == (5, 8, 8)

@@ -130,3 +130,57 @@ def test_write_json_is_atomic_and_takes_numpy(tmp_path):
     write_json({"volume_mm3": np.float32(1.5), "sizes": np.arange(3), "path": tmp_path}, path)
     assert json.loads(path.read_text()) == {"volume_mm3": 1.5, "sizes": [0, 1, 2], "path": str(tmp_path)}
     assert [p.name for p in tmp_path.iterdir()] == ["r.json"]
+
+
+def test_a_live_partial_is_refused_and_a_stale_one_cleaned(tmp_path):
+    """Two runs to one OUT: the second is refused while the first holds OUT.partial."""
+    import fcntl
+    import os
+
+    out = tmp_path / "OUT"
+    with output_folder(out, Results("t2")) as folder:
+        (folder / "first.txt").write_text("first run")
+        with pytest.raises(KneeSegError, match="another kneeseg run is writing"):
+            with output_folder(out, Results("t2")):
+                pytest.fail("must not start")
+        assert (folder / "first.txt").read_text() == "first run"
+    assert sorted(p.name for p in out.iterdir()) == ["first.txt", RESULTS_FILE]
+
+    # A partial folder whose run died (nobody holds its lock) is removed by the next run.
+    stale = tmp_path / "NEW.partial"
+    stale.mkdir()
+    (stale / "half.nrrd").write_text("half")
+    with output_folder(tmp_path / "NEW", Results("t2")) as folder:
+        assert list(folder.iterdir()) == []
+    assert [p.name for p in (tmp_path / "NEW").iterdir()] == [RESULTS_FILE]
+
+    # A partial folder locked by another process is refused.
+    held = tmp_path / "HELD.partial"
+    held.mkdir()
+    descriptor = os.open(held, os.O_RDONLY)
+    fcntl.flock(descriptor, fcntl.LOCK_EX)
+    try:
+        with pytest.raises(KneeSegError, match="HELD.partial: another kneeseg run"):
+            with output_folder(tmp_path / "HELD", Results("t2")):
+                pytest.fail("must not start")
+    finally:
+        os.close(descriptor)
+    assert held.is_dir()
+
+
+def test_output_overlapping_an_input_is_refused_even_with_overwrite(tmp_path):
+    scan = tmp_path / "case" / "scan.nrrd"
+    scan.parent.mkdir()
+    scan.write_bytes(b"voxels")
+    for out, where in [(tmp_path / "case", "contains"), (tmp_path / "case" / "scan.nrrd", "is")]:
+        results = Results("segment")
+        results.add_input("scan", scan)
+        with pytest.raises(KneeSegError, match=f"output folder {where} the input"):
+            with output_folder(out, results, overwrite=True):
+                pytest.fail("must not start")
+    assert scan.read_bytes() == b"voxels"
+
+
+def test_nan_never_reaches_json(tmp_path):
+    write_json({"a": float("nan"), "b": [1.0, float("inf")], "c": np.float32("nan")}, tmp_path / "x.json")
+    assert json.loads((tmp_path / "x.json").read_text()) == {"a": None, "b": [1.0, None], "c": None}
