@@ -43,6 +43,18 @@ def add_output(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
 
 
+def add_console_options(parser: argparse.ArgumentParser) -> None:
+    """``--quiet``, ``--verbose`` and ``--json-progress`` of the commands that run a pipeline."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
+    group.add_argument("-v", "--verbose", action="store_true", help="print every stage's messages and timings")
+    parser.add_argument(
+        "--json-progress",
+        action="store_true",
+        help="progress as one JSON object per line on stdout (the default when stdout is not a terminal)",
+    )
+
+
 def device_argument(text: str) -> str:
     """``--device`` spelled as users do (``gpu``, ``cuda:1``, ``MPS``) -> the normalised name, or a usage error."""
     from KneeSegLogic.device import parse_device

@@ -109,18 +109,6 @@ class TerminalProgress(Progress):
         self.bar.close()
 
 
-def add_console_options(parser: argparse.ArgumentParser) -> None:
-    """``--quiet``, ``--verbose`` and ``--json-progress`` of the commands that run a pipeline."""
-    group = parser.add_mutually_exclusive_group()
-    group.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
-    group.add_argument("-v", "--verbose", action="store_true", help="print every stage's messages and timings")
-    parser.add_argument(
-        "--json-progress",
-        action="store_true",
-        help="progress as one JSON object per line on stdout (the default when stdout is not a terminal)",
-    )
-
-
 def make_progress(args: argparse.Namespace, stages: Mapping[str, float]) -> Progress:
     """The progress reporter a command's options ask for (see the module docstring)."""
     if getattr(args, "quiet", False):

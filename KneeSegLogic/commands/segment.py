@@ -5,8 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING, Any
 
-from KneeSegLogic.commands import add_device, add_output, add_scan, prepare_device, read_scan
-from KneeSegLogic.commands.console import SEGMENT_STAGES, add_console_options, finish, make_progress
+from KneeSegLogic.commands import add_console_options, add_device, add_output, add_scan, prepare_device, read_scan
 from KneeSegLogic.tissues import TISSUES
 
 if TYPE_CHECKING:
@@ -104,6 +103,7 @@ def _options(args: argparse.Namespace, **extra: Any) -> SegmentOptions:
 
 
 def run(args: argparse.Namespace) -> int:
+    from KneeSegLogic.commands.console import SEGMENT_STAGES, finish, make_progress
     from KneeSegLogic.io.outputs import Results
     from KneeSegLogic.pipeline.segment import segment_scan
     from KneeSegLogic.segmentation.registry import get_package
@@ -130,6 +130,7 @@ def run(args: argparse.Namespace) -> int:
 
 def run_demo(args: argparse.Namespace) -> int:
     """The main job on the bundled sample: segmentation, uncertainty, T2 with regions, surfaces, report."""
+    from KneeSegLogic.commands.console import SEGMENT_STAGES, finish, make_progress
     from KneeSegLogic.errors import KneeSegError
     from KneeSegLogic.io.outputs import Results
     from KneeSegLogic.pipeline.segment import segment_scan

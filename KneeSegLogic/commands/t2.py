@@ -5,8 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from KneeSegLogic.commands import add_device, add_output, add_scan, prepare_device, read_scan
-from KneeSegLogic.commands.console import T2_STAGES, add_console_options, finish, make_progress
+from KneeSegLogic.commands import add_console_options, add_device, add_output, add_scan, prepare_device, read_scan
 
 HELP = "fit a T2 map from a multi-echo scan; cartilage region statistics"
 CHANGE_HELP = "T2 change between two time points, focal lesion clusters"
@@ -95,6 +94,7 @@ def add_change_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from KneeSegLogic.commands.console import T2_STAGES, finish, make_progress
     from KneeSegLogic.io.outputs import Results
     from KneeSegLogic.quantification.t2maps import T2Options, t2_scan
 
