@@ -170,8 +170,9 @@ def test_internal_error_is_one_line_exit_3_and_traceback_with_debug(capsys, monk
     code, _, err = run(capsys, "buggy")
     assert code == 3 and err.count("\n") == 1
     assert "internal error: ZeroDivisionError: division by zero (rerun with --debug" in err
-    with pytest.raises(ZeroDivisionError):
-        cli.main(["--debug", "buggy"])
+    # --debug shows the traceback and keeps the exit code of an internal error (3, not 1).
+    code, _, err = run(capsys, "--debug", "buggy")
+    assert code == 3 and "Traceback (most recent call last)" in err and "ZeroDivisionError: division by zero" in err
 
 
 def test_handler_return_value_is_the_exit_code(capsys, monkeypatch):
