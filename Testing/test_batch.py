@@ -36,14 +36,37 @@ def one_thread():
 def package(tmp_path_factory) -> Path:
     """An untrained one-member 2.5D package: fast, and deterministic for given weights."""
     torch.manual_seed(0)
-    member = {"name": "only", "weight": 1.0,
-              "architecture": {"name": "monai.UNet", "args": {"spatial_dims": 2, "in_channels": 3,
-                                                              "out_channels": 1 + len(TISSUES), "channels": [4, 8],
-                                                              "strides": [2]}},
-              "input": {"kind": "2.5d", "plane": "sagittal", "context_slices": 1, "spacing_mm": [2.5, 2.5],
-                        "slice_spacing_mm": 4.0, "normalisation": {"name": "percentile", "low": 1, "high": 99}}}
-    spec = {"id": "tiny-batch", "version": "0.0.1", "description": "untrained, for tests", "license": "Apache-2.0",
-            "labels": {str(t.label): t.key for t in TISSUES}, "members": [member], "postprocessing": []}
+    member = {
+        "name": "only",
+        "weight": 1.0,
+        "architecture": {
+            "name": "monai.UNet",
+            "args": {
+                "spatial_dims": 2,
+                "in_channels": 3,
+                "out_channels": 1 + len(TISSUES),
+                "channels": [4, 8],
+                "strides": [2],
+            },
+        },
+        "input": {
+            "kind": "2.5d",
+            "plane": "sagittal",
+            "context_slices": 1,
+            "spacing_mm": [2.5, 2.5],
+            "slice_spacing_mm": 4.0,
+            "normalisation": {"name": "percentile", "low": 1, "high": 99},
+        },
+    }
+    spec = {
+        "id": "tiny-batch",
+        "version": "0.0.1",
+        "description": "untrained, for tests",
+        "license": "Apache-2.0",
+        "labels": {str(t.label): t.key for t in TISSUES},
+        "members": [member],
+        "postprocessing": [],
+    }
     state = build_network(member["architecture"]["name"], member["architecture"]["args"]).state_dict()
     folder = tmp_path_factory.mktemp("models") / "tiny-batch"
     save_package(folder, spec, [state])
@@ -55,7 +78,7 @@ def _crop(scan: Volume, k0: int, j0: int, i0: int, size: tuple[int, int, int], s
 
     Echo times are not carried over, as a NIfTI file would lose them.
     """
-    array = scan.array[k0:k0 + size[0], j0:j0 + size[1] * step:step, i0:i0 + size[2] * step:step]
+    array = scan.array[k0 : k0 + size[0], j0 : j0 + size[1] * step : step, i0 : i0 + size[2] * step : step]
     origin = np.asarray(scan.origin) + scan.direction @ (np.asarray(scan.spacing) * (i0, j0, k0))
     spacing = (scan.spacing[0] * step, scan.spacing[1] * step, scan.spacing[2])
     return Volume(np.ascontiguousarray(array), spacing, tuple(origin), scan.direction)
@@ -159,10 +182,12 @@ def test_csv_cases_with_ids_echo_times_and_a_missing_scan(tmp_path, package, no_
     write_volume(_crop(scan.echo(1), 4, 20, 30, (12, 48, 48)), data / "single.nrrd")
     table = tmp_path / "cases.csv"
     echo_times = ";".join(f"{t:g}" for t in scan.echo_times_ms)
-    table.write_text("case_id,path,echo_times\n"
-                     f"subject-07_left,data/single.nrrd,\n"
-                     f"subject-07_mese,{data / 'mese.nii.gz'},{echo_times}\n"
-                     "subject-08,data/absent.nrrd,\n")
+    table.write_text(
+        "case_id,path,echo_times\n"
+        f"subject-07_left,data/single.nrrd,\n"
+        f"subject-07_mese,{data / 'mese.nii.gz'},{echo_times}\n"
+        "subject-08,data/absent.nrrd,\n"
+    )
     out = tmp_path / "out"
     assert main(["batch", str(table), "-o", str(out), "--model", str(package), "--no-surfaces"]) == 1
     rows = _summary(out)
@@ -190,8 +215,14 @@ def test_bad_case_lists_are_refused_before_anything_is_written(tmp_path, package
     repeated.write_text("case_id,path\na,x.nrrd\na,y.nrrd\n")
     escaping = tmp_path / "escaping.csv"
     escaping.write_text("case_id,path\n../elsewhere,x.nrrd\n")
-    expected = {tmp_path / "absent": "no such file", empty: "no cases found", wrong_columns: "lacks column(s) case_id, path",
-                header_only: "no cases found", repeated: "appears twice", escaping: "not a plain folder name"}
+    expected = {
+        tmp_path / "absent": "no such file",
+        empty: "no cases found",
+        wrong_columns: "lacks column(s) case_id, path",
+        header_only: "no cases found",
+        repeated: "appears twice",
+        escaping: "not a plain folder name",
+    }
     out = tmp_path / "out"
     for source, problem in expected.items():
         assert main(["batch", str(source), "-o", str(out), "--model", str(package)]) == 1
@@ -235,7 +266,9 @@ def test_dask_local_cluster_then_an_existing_scheduler(tmp_path, package, capsys
 
 
 def _segment_here(scan: Path, out: Path, package: Path) -> Path:
-    assert main(["segment", str(scan), "-o", str(out), "--model", str(package), "--no-surfaces", "--device", "cpu"]) == 0
+    assert (
+        main(["segment", str(scan), "-o", str(out), "--model", str(package), "--no-surfaces", "--device", "cpu"]) == 0
+    )
     return out
 
 

@@ -187,7 +187,10 @@ def test_one_series_chosen_by_uid_from_a_folder_of_several(tmp_path):
     first = random_pixels((4, 8, 8, 1))
     write_dicom_series(folder, first, (10.0,), series_uid="1.2.826.0.1.1", names=[f"a{k}.dcm" for k in range(4)])
     write_dicom_series(
-        folder, random_pixels((5, 8, 8, 1), seed=3), (12.0,), series_uid="1.2.826.0.1.2",
+        folder,
+        random_pixels((5, 8, 8, 1), seed=3),
+        (12.0,),
+        series_uid="1.2.826.0.1.2",
         names=[f"b{k}.dcm" for k in range(5)],
     )
     with pytest.raises(InputError, match=r"1\.2\.826\.0\.1\.1 \(4 files\); 1\.2\.826\.0\.1\.2 \(5 files\)"):

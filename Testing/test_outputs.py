@@ -37,7 +37,9 @@ def test_complete_run_publishes_folder_with_results(tmp_path):
 
     data = json.loads((out / RESULTS_FILE).read_text())
     assert data["schema_version"] == SCHEMA_VERSION and data["command"] == "segment"
-    assert data["inputs"] == [{"role": "image", "path": str(scan.resolve()), "sha256": hashlib.sha256(b"voxels" * 100).hexdigest()}]
+    assert data["inputs"] == [
+        {"role": "image", "path": str(scan.resolve()), "sha256": hashlib.sha256(b"voxels" * 100).hexdigest()}
+    ]
     assert data["packages"]["numpy"] == np.__version__ and data["packages"]["SimpleITK"]
     assert set(data["timings_s"]) == {"inference", "total"}
     assert 0 <= data["timings_s"]["inference"] <= data["timings_s"]["total"]
@@ -49,9 +51,11 @@ def test_existing_output_refused_without_overwrite(tmp_path):
     out = tmp_path / "OUT"
     out.mkdir()
     (out / "edited.seg.nrrd").write_text("a user's corrections")
-    with pytest.raises(KneeSegError, match="OUT: output folder exists; choose another or pass --overwrite"):
-        with output_folder(out, Results("t2")):
-            pytest.fail("must not start")
+    with (
+        pytest.raises(KneeSegError, match="OUT: output folder exists; choose another or pass --overwrite"),
+        output_folder(out, Results("t2")),
+    ):
+        pytest.fail("must not start")
     assert (out / "edited.seg.nrrd").read_text() == "a user's corrections"
     assert not (tmp_path / "OUT.partial").exists()
 
@@ -108,7 +112,7 @@ def test_stage_reports_start_and_end():
     results = Results("t2")
     with results.stage("fit", Progress(stream)):
         pass
-    assert [json.loads(l)["progress"] for l in stream.getvalue().splitlines()] == [0.0, 1.0]
+    assert [json.loads(line)["progress"] for line in stream.getvalue().splitlines()] == [0.0, 1.0]
     assert "fit" in results["timings_s"]
 
 
@@ -140,9 +144,8 @@ def test_a_live_partial_is_refused_and_a_stale_one_cleaned(tmp_path):
     out = tmp_path / "OUT"
     with output_folder(out, Results("t2")) as folder:
         (folder / "first.txt").write_text("first run")
-        with pytest.raises(KneeSegError, match="another kneeseg run is writing"):
-            with output_folder(out, Results("t2")):
-                pytest.fail("must not start")
+        with pytest.raises(KneeSegError, match="another kneeseg run is writing"), output_folder(out, Results("t2")):
+            pytest.fail("must not start")
         assert (folder / "first.txt").read_text() == "first run"
     assert sorted(p.name for p in out.iterdir()) == ["first.txt", RESULTS_FILE]
 
@@ -160,9 +163,11 @@ def test_a_live_partial_is_refused_and_a_stale_one_cleaned(tmp_path):
     descriptor = os.open(held, os.O_RDONLY)
     fcntl.flock(descriptor, fcntl.LOCK_EX)
     try:
-        with pytest.raises(KneeSegError, match="HELD.partial: another kneeseg run"):
-            with output_folder(tmp_path / "HELD", Results("t2")):
-                pytest.fail("must not start")
+        with (
+            pytest.raises(KneeSegError, match="HELD.partial: another kneeseg run"),
+            output_folder(tmp_path / "HELD", Results("t2")),
+        ):
+            pytest.fail("must not start")
     finally:
         os.close(descriptor)
     assert held.is_dir()
@@ -175,9 +180,11 @@ def test_output_overlapping_an_input_is_refused_even_with_overwrite(tmp_path):
     for out, where in [(tmp_path / "case", "contains"), (tmp_path / "case" / "scan.nrrd", "is")]:
         results = Results("segment")
         results.add_input("scan", scan)
-        with pytest.raises(KneeSegError, match=f"output folder {where} the input"):
-            with output_folder(out, results, overwrite=True):
-                pytest.fail("must not start")
+        with (
+            pytest.raises(KneeSegError, match=f"output folder {where} the input"),
+            output_folder(out, results, overwrite=True),
+        ):
+            pytest.fail("must not start")
     assert scan.read_bytes() == b"voxels"
 
 

@@ -309,6 +309,7 @@ def read_dicom_folder(folder: str | Path, series_uid: str | None = None) -> Volu
         raise InputError(folder, f"DICOM pixel data cannot be read ({one_line(_first_line(error), 200)})") from None
     if len(images) == 1:
         return Volume.from_sitk(images[0])
-    echo_times = [t for t, _ in echoes]
+    # _group_by_echo refused echoes without EchoTime; a None left here fails check_echo_times.
+    echo_times = [float("nan") if t is None else t for t, _ in echoes]
     check_echo_times(echo_times, folder)
     return Volume.from_sitk(sitk.Compose(images), echo_times)

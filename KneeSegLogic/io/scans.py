@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import stat
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -161,7 +161,7 @@ def _nifti_non_finite_count(path: Path) -> int:
     import nibabel
 
     try:
-        image = nibabel.load(str(path))
+        image: Any = nibabel.load(str(path))
         if image.get_data_dtype().kind not in "fc":
             return 0
         return int(np.count_nonzero(~np.isfinite(np.asanyarray(image.dataobj))))

@@ -300,7 +300,7 @@ def _load_distributed():
 @contextlib.contextmanager
 def dask_runner(
     distributed, scheduler: str | None, workers: int
-) -> Iterator[tuple[str, Callable[[list[Case], str, dict], Iterator[CaseOutcome]]]]:
+) -> Iterator[tuple[str, Callable[[list[Case], str, BatchOptions], Iterator[CaseOutcome]]]]:
     """Connect to ``scheduler`` or start a ``LocalCluster``; yield (description, run function).
 
     The run function submits every case and yields outcomes as they finish. A worker lost while
@@ -422,6 +422,7 @@ def run_batch(cases_source: Path, out_root: Path, options: BatchOptions) -> Resu
     todo = [c for c in cases if c.case_id not in done]
     outcomes: dict[str, CaseOutcome] = {i: CaseOutcome(i, "skipped") for i in (c.case_id for c in cases) if i in done}
 
+    run: Callable[[list[Case], str, BatchOptions], Iterator[CaseOutcome]]
     with contextlib.ExitStack() as stack:
         if not todo:
             described, run = "nothing to run", _run_in_process
