@@ -147,7 +147,7 @@ def canonical_normalised(array: np.ndarray, grid: Volume) -> np.ndarray:
 def test_load_anatomies_reads_label_maps_and_pairs(tmp_path: Path) -> None:
     written = write_training_folder(tmp_path / "data")
     pairs = find_training_pairs(tmp_path / "data")
-    assert [(i.name, l.name) for i, l in pairs] == [("case-1.nrrd", "case-1.seg.nrrd"), ("knee.v2.nii.gz", "knee.v2.nrrd")]
+    assert [(image.name, label.name) for image, label in pairs] == [("case-1.nrrd", "case-1.seg.nrrd"), ("knee.v2.nii.gz", "knee.v2.nrrd")]
     anatomies = load_anatomies(tmp_path / "data")
     assert [a.image is None for a in anatomies] == [True, False, False]
     reference = Anatomy.from_volume(knee_like_labels())

@@ -8,7 +8,7 @@ import json
 import platform
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -27,7 +27,8 @@ from KneeSegLogic.segmentation.inference import (
 from KneeSegLogic.segmentation.package import ModelPackage, save_package
 from KneeSegLogic.segmentation.postprocess import apply_postprocessing
 from KneeSegLogic.tissues import TISSUES
-from KneeSegLogic.training.data import load_anatomies
+from KneeSegLogic.training.anatomy import read_bank_record
+from KneeSegLogic.training.data import load_anatomies, load_heldout_anatomies
 from KneeSegLogic.training.heldout import HELDOUT_ACQUISITIONS, heldout_cases
 from KneeSegLogic.training.losses import LOSSES
 from KneeSegLogic.training.synthesis import Anatomy
@@ -46,7 +47,7 @@ BONE_LABELS = [t.label for t in TISSUES if t.group == "bone"]
 
 OPENED_BONES = [t.label for t in TISSUES if t.key in ("femur", "tibia", "fibula")]
 
-POSTPROCESSING = [
+POSTPROCESSING: list[dict[str, Any]] = [
     {"name": "opening", "radius_mm": 2.0, "labels": OPENED_BONES},
     {"name": "largest_component", "labels": BONE_LABELS, "components": 1},
     {"name": "fill_holes", "labels": BONE_LABELS},
@@ -165,7 +166,7 @@ def calibrate(package: ModelPackage, anatomies) -> tuple[list[float], list[float
     blend_scores = {
         w: fit_decision_offsets([(_blend(m, w), t) for m, t in zip(maps, truths)], sweeps=0)[1] for w in WEIGHT_GRID
     }
-    weight = max(WEIGHT_GRID, key=blend_scores.get)
+    weight = max(WEIGHT_GRID, key=lambda w: blend_scores[w])
     offsets, before, after = fit_decision_offsets([(_blend(m, weight), t) for m, t in zip(maps, truths)])
     summary = {
         "description": "Blending weight and decision offsets chosen on whole synthetic scans with seeds "
@@ -185,7 +186,9 @@ def evaluate_heldout(package: ModelPackage, anatomies, weights: Sequence[float],
     channel_labels = np.asarray(package.tissue_labels, dtype=np.uint8)
     per_case = {}
     for case, maps in zip(cases, _member_maps(package, cases)):
-        variants = {member.name: (probabilities, None) for member, probabilities in zip(package.members, maps)}
+        variants: dict[str, tuple[np.ndarray, Sequence[float] | None]] = {
+            member.name: (probabilities, None) for member, probabilities in zip(package.members, maps)
+        }
         fused = _blend(maps, weights[0])
         variants[ENSEMBLE] = (fused, None)
         variants[FINAL] = (fused, offsets)
@@ -218,11 +221,19 @@ class TrainOptions:
 def describe_data(paths: Sequence[Path], anatomies: Sequence[Anatomy]) -> dict:
     """What the model was trained on, for the card: each data path and how many knees it gave."""
     pairs = sum(a.image is not None for a in anatomies)
-    return {
+    described: dict = {
         "paths": [str(Path(p).resolve()) for p in paths],
         "label_maps": len(anatomies) - pairs,
         "image_label_pairs": pairs,
     }
+    # An anatomy bank records where each knee came from and under which licence: the card cites it.
+    banks = [record for record in (read_bank_record(Path(p)) for p in paths if Path(p).is_dir()) if record]
+    if banks:
+        described["sources"] = {key: source for bank in banks for key, source in bank["sources"].items()}
+        described["knees"] = [
+            {k: knee[k] for k in ("name", "role", "sources", "licences")} for bank in banks for knee in bank["knees"]
+        ]
+    return described
 
 
 def _hardware(device: torch.device) -> str:
@@ -252,7 +263,9 @@ def train_package(
     device = select_device(options.device)
     workdir = Path(options.workdir) if options.workdir else out.with_name(out.name + ".work")
     anatomies = load_anatomies(data)
+    heldout = load_heldout_anatomies(data)
     sources = describe_data(data, anatomies)
+    sources["heldout_knees"] = len(heldout)
     progress("data", 0.0, f"{sources['label_maps']} label maps, {sources['image_label_pairs']} image/label pairs")
     budget = options.time_budget_min * 60
     weights = [
@@ -268,7 +281,9 @@ def train_package(
         "(members may be trained in parallel with --only-member NAME --threads 1)"
     )
     training = {"data": sources, "loss": options.loss, "hardware": _hardware(device), "command": command}
-    package = assemble_package(out, DEFAULT_MEMBERS, weights, workdir, anatomies, training, overwrite=options.overwrite)
+    package = assemble_package(
+        out, DEFAULT_MEMBERS, weights, workdir, anatomies, training, overwrite=options.overwrite, heldout=heldout
+    )
     progress("package", 1.0, f"model package written to {out}")
     return package
 
@@ -281,11 +296,18 @@ def assemble_package(
     anatomies: Sequence[Anatomy],
     run: dict,
     overwrite: bool = False,
+    heldout: Sequence[Anatomy] = (),
 ) -> ModelPackage:
     """Choose blending weights on calibration scans, measure on held-out scans, write the package.
 
     ``run`` says how the members were trained (data sources, loss, hardware, command) for the card.
+    With ``heldout`` anatomies (whole knees never trained on, e.g. an anatomy bank's ``heldout/``)
+    every choice (blending weight, decision offsets) is made on them and the card reports them next
+    to the first training knee; decision offsets that do not raise the held-out mean Dice are
+    dropped. Without, the scans are synthesised from the training knees (contrast generalisation
+    only).
     """
+    choice_anatomies = list(heldout) or list(anatomies)
     states = [load_file(str(path)) for path in weights_files]
     histories = [json.loads((Path(workdir) / m.name / "history.json").read_text()) for m in members]
     training = {
@@ -306,8 +328,11 @@ def assemble_package(
     draft = save_package(
         Path(workdir) / "draft-package", _spec(members, [1.0] * len(members), training, {}), states, overwrite=True
     )
-    weights, offsets, calibration = calibrate(draft, anatomies)
-    per_case = evaluate_heldout(draft, anatomies, weights, offsets)
+    weights, offsets, calibration = calibrate(draft, choice_anatomies)
+    per_case = evaluate_heldout(draft, choice_anatomies, weights, offsets)
+    if heldout and _mean_dice(per_case, FINAL) <= _mean_dice(per_case, ENSEMBLE):
+        offsets = [0.0] * len(offsets)
+        calibration["offsets_dropped"] = "they did not raise the mean Dice on the held-out anatomies"
     metrics = {
         "calibration_synthetic": calibration,
         "heldout_synthetic": {
@@ -322,6 +347,14 @@ def assemble_package(
             "per_case": per_case,
         },
     }
+    if heldout:
+        metrics["heldout_synthetic"]["anatomies"] = "held-out knees (never in training)"
+        training_knee = evaluate_heldout(draft, list(anatomies)[:1], weights, offsets)
+        metrics["training_knee_synthetic"] = {
+            "description": "The same acquisitions synthesised from the first training knee: the gap to the "
+            "held-out knees measures shape over-fitting.",
+            "mean_dice": {variant: round(_mean_dice(training_knee, variant), 4) for variant in (ENSEMBLE, FINAL)},
+        }
     spec = _spec(members, weights, training, metrics, offsets)
     card = model_card(spec)
     return save_package(out, spec, states, model_card=card, overwrite=overwrite)
@@ -401,6 +434,19 @@ def model_card(spec: dict) -> str:
             lines.append(
                 f"| {name} | " + " | ".join(f"{case[final][key].get(s, float('nan')):.2f}" for s in structures) + " |"
             )
+    training_knee = spec["metrics"].get("training_knee_synthetic")
+    if training_knee:
+        lines += [
+            "",
+            "Held-out knees against the training knee (mean Dice, same acquisitions):",
+            "",
+            "| variant | held-out knees | training knee |",
+            "|---|---|---|",
+        ]
+        lines += [
+            f"| {variant} | {metrics['mean_dice'][variant]:.3f} | {value:.3f} |"
+            for variant, value in training_knee["mean_dice"].items()
+        ]
     lines += [
         "",
         "Accuracy on real scans has not been measured against expert labels here (none were available); "
@@ -418,5 +464,12 @@ def model_card(spec: dict) -> str:
         )
         if member["notes"]:
             lines.append("  - note: " + " ".join(member["notes"].split()))
-    lines += ["", "## Licence", f"{spec['license']} (weights and code). Training anatomy: pymskt, MIT licence.", ""]
+    sources = training["data"].get("sources") if isinstance(training["data"], dict) else None
+    lines += ["", "## Licence", f"{spec['license']} (weights and code)."]
+    if sources:
+        lines += ["", "Anatomy sources (training and held-out knees):", ""]
+        lines += [f"- {s['key']}: {s['description']}; {s['origin']}; {s['licence']}" for s in sources.values()]
+    else:
+        lines.append("Training anatomy: pymskt, MIT licence.")
+    lines.append("")
     return "\n".join(lines)

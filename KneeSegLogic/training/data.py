@@ -101,3 +101,22 @@ def load_anatomies(paths: Path | Sequence[Path]) -> list[Anatomy]:
         anatomies += [Anatomy.from_volume(read_labels(file)) for file in label_maps]
         anatomies += [read_training_pair(image, labels) for image, labels in pairs]
     return anatomies
+
+
+#: Held-out knees of an anatomy bank (:func:`KneeSegLogic.training.anatomy.build_bank`) live in this
+#: subfolder: :func:`load_anatomies` never reads them, the builder chooses and reports on them.
+HELDOUT_FOLDER = "heldout"
+
+
+def load_heldout_anatomies(paths: Path | Sequence[Path]) -> list[Anatomy]:
+    """Label maps in ``<folder>/heldout/`` of each data folder (whole knees never trained on)."""
+    anatomies = []
+    for path in [paths] if isinstance(paths, (str, Path)) else paths:
+        folder = Path(path) / HELDOUT_FOLDER
+        if folder.is_dir():
+            anatomies += [
+                Anatomy.from_volume(read_labels(file))
+                for file in sorted(folder.iterdir())
+                if file.is_file() and not file.name.startswith(".") and file.name.lower().endswith(IMAGE_SUFFIXES)
+            ]
+    return anatomies
