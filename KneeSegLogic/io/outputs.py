@@ -31,7 +31,7 @@ import time
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, TextIO
+from typing import Any, Callable, Iterable, Iterator, Literal, Mapping, Sequence, TextIO
 
 from KneeSegLogic import __version__
 from KneeSegLogic.errors import CancelledError, KneeSegError, one_line
@@ -119,7 +119,9 @@ class Progress:
         report per slice or per patch are cancellable at that granularity.
     """
 
-    def __init__(self, stream: TextIO | None | str = "stdout", cancel: Callable[[], bool] | None = None) -> None:
+    def __init__(
+        self, stream: TextIO | None | Literal["stdout"] = "stdout", cancel: Callable[[], bool] | None = None
+    ) -> None:
         # "stdout" is looked up at each report, so redirection after construction is honoured.
         self.stream = stream
         self.cancel = cancel
@@ -127,7 +129,7 @@ class Progress:
     def __call__(self, stage: str, progress: float, message: str = "") -> None:
         if self.cancel is not None and self.cancel():
             raise CancelledError(f"cancelled during {stage}")
-        stream = sys.stdout if self.stream == "stdout" else self.stream
+        stream = sys.stdout if isinstance(self.stream, str) else self.stream
         if stream is not None:
             line = {"stage": stage, "progress": round(min(max(progress, 0.0), 1.0), 4), "message": message}
             stream.write(json.dumps(line) + "\n")
