@@ -37,7 +37,7 @@ import numpy as np
 
 from KneeSegLogic.errors import InputError
 from KneeSegLogic.io.volume import Volume
-from KneeSegLogic.quantification.relaxometry import DEFAULT_T2_BOUNDS_MS, T2Fit
+from KneeSegLogic.quantification.relaxometry import DEFAULT_T2_BOUNDS_MS, T2Fit, fittable
 
 #: Proton gyromagnetic ratio, rad / (s T).
 GAMMA_RAD_PER_S_T = 2.675221874e8
@@ -144,7 +144,7 @@ def fit_dess_volume(
         raise InputError(None, f"DESS T2 needs a two-echo scan; got array shape {volume.array.shape}")
     array = volume.array
     spatial = array.shape[:3]
-    fitted = np.all(np.isfinite(array), axis=-1) & np.any(array > 0, axis=-1)
+    fitted = fittable(array)
     if mask is not None:
         mask_array = mask.array != 0 if isinstance(mask, Volume) else np.asarray(mask, bool)
         if mask_array.shape != spatial:

@@ -51,6 +51,7 @@ from KneeSegLogic.quantification.relaxometry import (
     _noise_floor_table,
     estimate_noise_sigma,
     expected_magnitude,
+    fittable,
     levenberg_marquardt,
 )
 
@@ -258,7 +259,7 @@ def fit_epg(
         sigma = None
     spatial_shape = signal.shape[:-1]
     flat = signal.reshape(-1, echo_times.size)
-    fitted = np.all(np.isfinite(flat), axis=1) & np.any(flat > 0, axis=1)
+    fitted = fittable(flat)
     if mask is not None:
         mask = np.asarray(mask, dtype=bool)
         if mask.shape != spatial_shape:

@@ -84,12 +84,12 @@ from KneeSegLogic.quantification.regions import (
     FEMORAL,
     PLATES,
     REGION_NAMES,
-    T2_MAX_MS,
     divide_cartilage,
     division_thickness,
     femoral_projection_maps,
     read_region_spec,
     region_statistics,
+    valid_relaxation,
 )
 from KneeSegLogic.tissues import tissue
 
@@ -273,7 +273,7 @@ def resample_followup(followup: TimePoint, reference: Volume, transform: sitk.Tr
     """The follow-up on the baseline grid: labels nearest neighbour, T2 normalised-linear in cartilage."""
     labels = _resample(followup.labels.array, followup.labels, reference, transform, sitk.sitkNearestNeighbor)
     t2 = followup.t2.array
-    valid = (np.isin(followup.labels.array, PLATES) & np.isfinite(t2) & (t2 > 0) & (t2 <= T2_MAX_MS)).astype(np.float32)
+    valid = (np.isin(followup.labels.array, PLATES) & valid_relaxation(t2)).astype(np.float32)
     weighted = _resample(
         np.where(valid > 0, t2, 0).astype(np.float32), followup.t2, reference, transform, sitk.sitkLinear
     )

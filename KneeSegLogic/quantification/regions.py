@@ -84,7 +84,19 @@ BONE_OF_PLATE = {
     PATELLAR: tissue("patella").label,
 }
 
+#: Upper end (ms) of the T2 values counted in statistics; see :func:`valid_relaxation`.
 T2_MAX_MS = 100.0
+
+
+def valid_relaxation(values: np.ndarray, max_ms: float = T2_MAX_MS) -> np.ndarray:
+    """Where ``values`` (T2, T1rho or T2* in ms) count in statistics: finite and in (0, max_ms].
+
+    The one home of this rule (statistics, projection maps, follow-up resampling): 0 or NaN
+    marks a voxel without a fit, and values above ``max_ms`` are fluid or a failed fit.
+    """
+    with np.errstate(invalid="ignore"):
+        return np.isfinite(values) & (values > 0) & (values <= max_ms)
+
 
 SIDES = ("medial", "lateral")
 
@@ -228,6 +240,16 @@ class DivisionGeometry:
         }
 
 
+Index = tuple[np.ndarray, np.ndarray, np.ndarray]
+"""Array indices ``(k, j, i)`` of a set of voxels, as :func:`numpy.nonzero` gives them."""
+
+
+def voxel_index(mask: np.ndarray) -> Index:
+    """The :data:`Index` of the non-zero voxels of a 3D ``mask`` (``[k, j, i]``)."""
+    k, j, i = np.nonzero(mask)
+    return k, j, i
+
+
 @dataclass(frozen=True)
 class Plate:
     """The voxels of one cartilage plate and their subregion values.
@@ -238,7 +260,7 @@ class Plate:
     """
 
     label: int
-    index: tuple[np.ndarray, np.ndarray, np.ndarray]
+    index: Index
     coordinates: np.ndarray
     region: np.ndarray
     bone_direction: np.ndarray
@@ -296,7 +318,7 @@ def divide_cartilage(
     plates: dict[int, Plate] = {}
     fitted: dict[str, Any] = {}
     for label in PLATES:
-        index = np.nonzero(labels.array == label)
+        index = voxel_index(labels.array == label)
         if index[0].size == 0:
             continue
         coordinates = frame.coordinates(labels, index)
@@ -345,9 +367,6 @@ def _in_plane_key(index: tuple[np.ndarray, ...], frame: KneeFrame, shape: tuple[
     return index[a].astype(np.int64) * shape[b] + index[b]
 
 
-Index = tuple[np.ndarray, np.ndarray, np.ndarray]
-
-
 def _femoral(
     labels: Volume,
     frame: KneeFrame,
@@ -358,9 +377,11 @@ def _femoral(
 ) -> tuple[Plate, Circle, tuple[float, float]]:
     """The 12 femoral subregions; returns the plate, its circle and its medial/lateral splits."""
     lr, inferior, posterior = coordinates.T
-    fixed = geometry is not None and geometry.circle is not None
-    if fixed:
-        circle = geometry.circle
+    # A baseline's geometry (set when it had femoral cartilage) fixes circle and splits.
+    fixed_circle = None if geometry is None else geometry.circle
+    fixed_split = None if geometry is None else geometry.femoral_split_lr
+    if fixed_circle is not None:
+        circle = fixed_circle
     else:
         _, first = np.unique(_in_plane_key(index, frame, labels.array.shape), return_index=True)
         circle = fit_circle(coordinates[first][:, 1:])
@@ -369,8 +390,8 @@ def _femoral(
     rho = np.hypot(d_inferior, d_posterior)
     columns = projection.angle_bin(theta)
 
-    if fixed:
-        split = geometry.femoral_split_lr
+    if fixed_split is not None:
+        split = fixed_split
     elif variant.medial_lateral_split == "centre_of_mass":
         centre = float(lr.mean())
         split = (centre, centre)
@@ -398,7 +419,7 @@ def _field_of_view_centre_lr(labels: Volume, frame: KneeFrame) -> float:
     n = labels.array.shape[frame.lr_axis]
     ends = [np.zeros(2, np.int64) for _ in range(3)]
     ends[frame.lr_axis] = np.array([0, n - 1])
-    return float(frame.coordinates(labels, tuple(ends))[:, 0].mean())
+    return float(frame.coordinates(labels, (ends[0], ends[1], ends[2]))[:, 0].mean())
 
 
 def _tibial(
@@ -468,7 +489,7 @@ def _t2_statistics(
 
     With ``excluded`` the row also says which fraction of the region's voxels it removed.
     """
-    usable = np.isfinite(values) & (values > 0) & (values <= value_max_ms)
+    usable = valid_relaxation(values, value_max_ms)
     extra: dict[str, float | int | None] = {}
     if excluded is not None:
         extra["fraction_excluded"] = round(float(excluded.mean()), 6) if excluded.size else None
@@ -504,18 +525,21 @@ def region_statistics(
     """
     # Column ids over all plates, looked up by flat voxel index, so one rule serves user regions
     # that span plates or reach outside the cartilage (those voxels have no column).
-    plate_voxels, plate_columns, column_thickness, offset = [], [], [], 0
+    voxels_per_plate: list[np.ndarray] = []
+    columns_per_plate: list[np.ndarray] = []
+    thickness_per_plate: list[np.ndarray] = []
+    offset = 0
     for label, plate in division.plates.items():
         columns = thickness[label].voxel_column
-        plate_voxels.append(np.ravel_multi_index(plate.index, regions.array.shape))
-        plate_columns.append(np.where(columns >= 0, columns + offset, -1))
-        column_thickness.append(thickness[label].column_thickness_mm)
+        voxels_per_plate.append(np.ravel_multi_index(plate.index, regions.array.shape))
+        columns_per_plate.append(np.where(columns >= 0, columns + offset, -1))
+        thickness_per_plate.append(thickness[label].column_thickness_mm)
         offset += len(thickness[label].column_thickness_mm)
-    plate_voxels = np.concatenate(plate_voxels) if plate_voxels else np.zeros(0, np.int64)
+    plate_voxels = np.concatenate(voxels_per_plate) if voxels_per_plate else np.zeros(0, np.int64)
     order = np.argsort(plate_voxels)
     plate_voxels = plate_voxels[order]
-    plate_columns = np.concatenate(plate_columns)[order] if plate_columns else np.zeros(0, np.int64)
-    column_thickness = np.concatenate(column_thickness) if column_thickness else np.zeros(0)
+    plate_columns = np.concatenate(columns_per_plate)[order] if columns_per_plate else np.zeros(0, np.int64)
+    column_thickness = np.concatenate(thickness_per_plate) if thickness_per_plate else np.zeros(0)
 
     def columns_of(voxels: np.ndarray) -> np.ndarray:
         position = np.clip(np.searchsorted(plate_voxels, voxels), 0, max(len(plate_voxels) - 1, 0))
@@ -614,11 +638,15 @@ def femoral_cells(
     """
     plate = division.plates[FEMORAL]
     frame = division.geometry.frame
+    circle = division.geometry.circle
+    # _femoral sets both for every femoral plate; a division built otherwise cannot be projected.
+    if circle is None or plate.theta_deg is None:
+        raise ValueError("the femoral plate of this division has no circle or angles to project on")
     n_rows = labels.array.shape[frame.lr_axis]
     slice_index = plate.index[frame.lr_axis].astype(np.int64)
     # Rows lateral to medial: index order when increasing index moves medially.
     rows = slice_index if frame.lr_step_sign * frame.medial_sign > 0 else n_rows - 1 - slice_index
-    grid = projection.ProjectionGrid(n_rows, labels.spacing[2 - frame.lr_axis], division.geometry.circle.radius)
+    grid = projection.ProjectionGrid(n_rows, labels.spacing[2 - frame.lr_axis], circle.radius)
     return grid, rows, projection.angle_bin(plate.theta_deg)
 
 
@@ -642,7 +670,7 @@ def femoral_projection_maps(
     maps = {"thickness": projection.project_mean(grid, rows[defined], columns[defined], voxel_thickness[defined])}
     if t2 is not None:
         values = t2.array[plate.index].astype(float)
-        valid = np.isfinite(values) & (values > 0) & (values <= T2_MAX_MS)
+        valid = valid_relaxation(values)
         maps["t2"] = projection.project_mean(grid, rows[valid], columns[valid], values[valid])
     return grid, maps
 

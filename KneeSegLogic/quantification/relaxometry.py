@@ -211,6 +211,15 @@ class T2Fit:
         return stats
 
 
+def fittable(signal: np.ndarray) -> np.ndarray:
+    """Voxels of ``signal`` (echoes on the last axis) worth a fit: every echo finite, one above 0.
+
+    The one rule of every relaxation fit (multi-echo, EPG, DESS); the result has the shape of
+    ``signal`` without its last axis.
+    """
+    return np.all(np.isfinite(signal), axis=-1) & np.any(signal > 0, axis=-1)
+
+
 def estimate_noise_sigma(signal: np.ndarray, channels: int = 1) -> float:
     """Noise SD per receiver channel from the signal-free background of a magnitude image.
 
@@ -335,6 +344,8 @@ def _make_ncexp(table: torch.Tensor) -> ModelFunction:
     def ncexp(
         params: list[torch.Tensor], te: torch.Tensor, sigma: torch.Tensor | None
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        if sigma is None:
+            raise ValueError("the ncexp model needs the noise sigma")
         amplitude, rate = params
         decay = torch.exp(te * -rate)
         signal = decay * amplitude
@@ -451,11 +462,11 @@ def levenberg_marquardt(
         # A parameter on its bound with the descent direction pointing outwards is held there.
         gradient_rows = torch.stack(gradient)
         held = ((params <= lower) & (gradient_rows < 0)) | ((params >= upper) & (gradient_rows > 0))
-        system = _hold(hessian, gradient, held) if bool(held.any()) else (hessian, gradient)
+        system_h, system_g = _hold(hessian, gradient, held) if bool(held.any()) else (hessian, gradient)
         # Converged when the undamped (Gauss-Newton) step is negligible: a stationary point.
-        newton = torch.stack(_solve_damped(*system, torch.zeros_like(damping)))
+        newton = torch.stack(_solve_damped(system_h, system_g, torch.zeros_like(damping)))
         done = (newton.abs() <= xtol * (params.abs() + typical)).all(0) | (cost == 0)
-        step = torch.stack(_solve_damped(*system, damping))
+        step = torch.stack(_solve_damped(system_h, system_g, damping))
         trial = torch.maximum(torch.minimum(params + step, upper), lower)
         hessian_t, gradient_t, cost_t = evaluate(trial)
         accept = (cost_t < cost) & ~done
@@ -660,7 +671,7 @@ def fit_t2(
         sigma = None
 
     flat = used.reshape(-1, len(echoes_used))
-    fitted = np.all(np.isfinite(flat), axis=1) & np.any(flat > 0, axis=1)
+    fitted = fittable(flat)
     if mask is not None:
         mask = np.asarray(mask, dtype=bool)
         if mask.shape != spatial_shape:
@@ -746,8 +757,10 @@ def fit_t2_volume(volume: Volume, mask: Volume | np.ndarray | None = None, **opt
             raise InputError(
                 None, f"mask grid (size {mask.size}) differs from the scan grid (size {volume.size}); resample it first"
             )
-        mask = mask.array != 0
-    return fit_t2(volume.array, volume.echo_times_ms, mask=mask, **options)
+        mask_array: np.ndarray | None = mask.array != 0
+    else:
+        mask_array = mask
+    return fit_t2(volume.array, volume.echo_times_ms, mask=mask_array, **options)
 
 
 def t2_volumes(fit: T2Fit, grid: Volume) -> dict[str, Volume]:
