@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -31,7 +32,12 @@ def test_help_lists_every_command(capsys):
     out = capsys.readouterr().out
     for command in ("info", *RESERVED):
         assert command in out
-    assert run(capsys, )[0] == 2  # no command: help, usage exit code
+    assert (
+        run(
+            capsys,
+        )[0]
+        == 2
+    )  # no command: help, usage exit code
 
 
 @pytest.mark.parametrize("command", ["info", *RESERVED])
@@ -88,8 +94,9 @@ def bad_inputs(tmp_path_factory) -> dict[str, tuple[list[str], str]]:
     pixels = np.random.default_rng(0).integers(0, 1000, (4, 6, 6, 1)).astype(np.int16)
     # Two series in one folder (sub-folders are not searched: that is a different message).
     write_dicom_series(root / "mixed", pixels, (10.0,), names=[f"a{k}.dcm" for k in range(4)])
-    write_dicom_series(root / "mixed", pixels, (10.0,), orientation=rotation((0, 1, 0), 90),
-                       names=[f"b{k}.dcm" for k in range(4)])
+    write_dicom_series(
+        root / "mixed", pixels, (10.0,), orientation=rotation((0, 1, 0), 90), names=[f"b{k}.dcm" for k in range(4)]
+    )
     write_dicom_series(root / "no_echo_time", np.concatenate([pixels, pixels], axis=-1), (10.0, None))
     return {
         "missing": ([root / "absent.nii.gz"], "absent.nii.gz: no such file or folder"),
@@ -109,8 +116,19 @@ def bad_inputs(tmp_path_factory) -> dict[str, tuple[list[str], str]]:
     }
 
 
-CASES = ["missing", "unreadable", "2D", "empty", "NaN", "inf", "mixed series", "echo times missing (DICOM)",
-         "echo times missing (4D NIfTI)", "echo times not increasing", "empty folder"]
+CASES = [
+    "missing",
+    "unreadable",
+    "2D",
+    "empty",
+    "NaN",
+    "inf",
+    "mixed series",
+    "echo times missing (DICOM)",
+    "echo times missing (4D NIfTI)",
+    "echo times not increasing",
+    "empty folder",
+]
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -131,7 +149,9 @@ def test_console_script_bad_input_has_no_traceback(tmp_path, bad_inputs):
     arguments, problem = bad_inputs["NaN"]
     result = subprocess.run(
         [sys.executable, "-m", "KneeSegLogic", "segment", *map(str, arguments), "-o", str(tmp_path / "OUT")],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 1
     assert result.stderr.strip().count("\n") == 0 and problem in result.stderr
@@ -183,8 +203,9 @@ def test_handler_return_value_is_the_exit_code(capsys, monkeypatch):
 # --- devices, terminal progress, options ----------------------------------------------------------
 
 
-@pytest.mark.parametrize(("spelled", "normal"), [("auto", "auto"), ("CPU", "cpu"), ("gpu", "cuda"), ("cuda:1", "cuda:1"),
-                                                 ("mps", "mps")])
+@pytest.mark.parametrize(
+    ("spelled", "normal"), [("auto", "auto"), ("CPU", "cpu"), ("gpu", "cuda"), ("cuda:1", "cuda:1"), ("mps", "mps")]
+)
 def test_device_spellings(spelled, normal):
     args = cli.build_parser().parse_args(["segment", "x.nrrd", "-o", "out", "--device", spelled])
     assert args.device == normal
@@ -217,8 +238,16 @@ def test_terminal_bar_never_goes_backwards_across_stages():
 
     progress = TerminalProgress(SEGMENT_STAGES, stream=io.StringIO())
     reached = []
-    for stage, fraction in [("read", 1.0), ("inference", 0.0), ("inference", 0.5), ("inference", 0.25),
-                            ("fusion", 0.0), ("t2_fit", 0.5), ("t2", 1.0), ("report", 0.5)]:
+    for stage, fraction in [
+        ("read", 1.0),
+        ("inference", 0.0),
+        ("inference", 0.5),
+        ("inference", 0.25),
+        ("fusion", 0.0),
+        ("t2_fit", 0.5),
+        ("t2", 1.0),
+        ("report", 0.5),
+    ]:
         progress(stage, fraction)
         reached.append(progress.done)
     assert reached == sorted(reached)
@@ -233,13 +262,82 @@ def test_command_constants_match_the_library():
     from KneeSegLogic.io.export import FORMATS
     from KneeSegLogic.tissues import BY_KEY
 
-    assert segment.FORMATS == FORMATS and segment.STRUCTURES == tuple(BY_KEY)
+    assert segment.FORMATS == FORMATS and tuple(BY_KEY) == segment.STRUCTURES
 
 
 def test_roi_subset_and_format_parse_and_unknown_structure_is_refused(capsys):
-    args = cli.build_parser().parse_args(["segment", "x.nrrd", "-o", "o", "--roi-subset", "femur", "tibia",
-                                          "--format", "nifti", "dicom-seg", "--fast", "--no-report", "--threads", "2"])
+    args = cli.build_parser().parse_args(
+        [
+            "segment",
+            "x.nrrd",
+            "-o",
+            "o",
+            "--roi-subset",
+            "femur",
+            "tibia",
+            "--format",
+            "nifti",
+            "dicom-seg",
+            "--fast",
+            "--no-report",
+            "--threads",
+            "2",
+        ]
+    )
     assert args.roi_subset == ["femur", "tibia"] and args.formats == ["nifti", "dicom-seg"]
     assert args.fast and args.no_report and args.threads == 2
     with pytest.raises(SystemExit):
         cli.build_parser().parse_args(["segment", "x.nrrd", "-o", "o", "--roi-subset", "kneecap"])
+
+
+# --- start-up: commands import only what they use ------------------------------------------------
+
+HEAVY = ("torch", "monai", "safetensors", "vtkmodules")
+
+
+def imported_top_level(stderr: str) -> set[str]:
+    """Top-level packages named in ``python -X importtime`` output (lines ``... | cumulative | name``)."""
+    return {
+        line.rsplit("|", 1)[1].strip().split(".")[0] for line in stderr.splitlines() if line.startswith("import time:")
+    }
+
+
+@pytest.mark.parametrize(
+    "argv, needed",
+    [
+        (["--help"], set()),
+        (["models", "--json"], set()),
+        (["info", str(SAMPLE_SCAN), "--json"], {"numpy", "SimpleITK"}),
+    ],
+)
+def test_listing_commands_do_not_import_torch(tmp_path, argv, needed):
+    environment = {**os.environ, "KNEESEG_HOME": str(tmp_path / "home")}
+    environment.pop("KNEESEG_MODELS_PATH", None)
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "KneeSegLogic", *argv],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=environment,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    modules = imported_top_level(result.stderr)
+    assert "KneeSegLogic" in modules and needed <= modules
+    assert not modules & set(HEAVY), sorted(modules & set(HEAVY))
+    if argv[0] == "models":  # the bundled package is listed all the same, read from model.json alone
+        assert [p["origin"] for p in json.loads(result.stdout)["packages"]] == ["bundled"]
+
+
+@pytest.mark.parametrize("name", ["monai.UNet", "monai.BasicUNet"])
+def test_recorded_architecture_signatures_are_monai_s(name):
+    """model.json is checked against signatures recorded without importing MONAI: they must be MONAI's."""
+    import inspect
+
+    from monai.networks import nets
+
+    from KneeSegLogic.segmentation.networks import ARCHITECTURES, signature
+
+    actual = inspect.signature(getattr(nets, ARCHITECTURES[name][0]))
+    assert [(p.name, p.default) for p in signature(name).parameters.values()] == [
+        (p.name, p.default) for p in actual.parameters.values()
+    ]
