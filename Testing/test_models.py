@@ -9,6 +9,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+import safetensors.torch
 import torch
 
 from KneeSegLogic.commands.main import main
@@ -141,7 +142,7 @@ def test_torch_pt_weights_load_with_weights_only(tmp_path):
 def test_weights_of_another_architecture_do_not_fit(tmp_path):
     package, _ = make_package(tmp_path / "pkg")
     other = build_network("monai.UNet", {**unet_args(), "channels": [4, 16]})
-    contract.safetensors.torch.save_file(other.state_dict(), str(package.weights_path(0)))
+    safetensors.torch.save_file(other.state_dict(), str(package.weights_path(0)))
     edit_manifest(package.path, lambda r: r["members"][0].update(sha256=contract.sha256_of(package.weights_path(0))))
     with pytest.raises(KneeSegError, match="do not fit monai.UNet"):
         contract.load_package(package.path).load_member(0)

@@ -58,7 +58,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import inspect
 import io
 import json
 import math
@@ -68,16 +67,19 @@ import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any, NoReturn
-
-import safetensors.torch
-import torch
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from KneeSegLogic.errors import InputError, KneeSegError, one_line
 from KneeSegLogic.io.outputs import atomic_folder, sha256_of, write_json
 from KneeSegLogic.resources import kneeseg_home
-from KneeSegLogic.segmentation.networks import ARCHITECTURES, build_network
+from KneeSegLogic.segmentation.networks import ARCHITECTURES, build_network, signature
 from KneeSegLogic.tissues import BY_KEY
+
+if TYPE_CHECKING:
+    import torch
+
+# torch and safetensors are imported where weights are read or written: reading and checking
+# model.json (find_packages, `kneeseg models`) does not pay seconds for them.
 
 FORMAT_VERSION = 1
 
@@ -273,6 +275,9 @@ class ModelPackage:
             The file is missing, its sha256 differs (refused), it cannot be read as weights, or
             its tensors do not fit the architecture exactly.
         """
+        import safetensors.torch
+        import torch
+
         member = self.members[index]
         path = self.weights_path(index)
         data = _read_verified(path, member.sha256)
@@ -486,9 +491,8 @@ def _parse_architecture(
     if name not in ARCHITECTURES:
         fail(f"{where}.name", f"unknown architecture {name!r}; known: {sorted(ARCHITECTURES)}")
     args = _get(spec, "args", dict, f"{where}.args", fail)
-    signature = inspect.signature(ARCHITECTURES[name])
     try:
-        bound = signature.bind(**args)
+        bound = signature(name).bind(**args)
     except TypeError as error:
         fail(f"{where}.args", f"do not fit {name}: {error}")
     bound.apply_defaults()
@@ -584,6 +588,8 @@ def save_package(
     ModelPackage
         The written package, read back; every member has been loaded once to prove it fits.
     """
+    import safetensors.torch
+
     folder = Path(folder)
     if folder.exists() and not overwrite:
         raise KneeSegError(f"{folder}: exists; choose another folder or pass overwrite=True")
