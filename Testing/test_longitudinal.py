@@ -52,7 +52,9 @@ def pair(tmp_path_factory):
     t2 = lookup[knee.array]
     division = divide_cartilage(knee)
     grid, rows, columns = femoral_cells(knee, division)
-    in_patch = (rows >= PATCH_ROWS[0]) & (rows < PATCH_ROWS[1]) & (columns >= PATCH_COLUMNS[0]) & (columns < PATCH_COLUMNS[1])
+    in_patch = (
+        (rows >= PATCH_ROWS[0]) & (rows < PATCH_ROWS[1]) & (columns >= PATCH_COLUMNS[0]) & (columns < PATCH_COLUMNS[1])
+    )
     plate = division.plates[1]
     followup_t2 = t2.copy()
     followup_t2[tuple(axis[in_patch] for axis in plate.index)] += INCREASE_MS
@@ -63,7 +65,9 @@ def pair(tmp_path_factory):
 
     def moved(array: np.ndarray) -> np.ndarray:
         image = knee.with_array(array).to_sitk()
-        return sitk.GetArrayFromImage(sitk.Resample(image, image, motion, sitk.sitkNearestNeighbor, 0.0, image.GetPixelID()))
+        return sitk.GetArrayFromImage(
+            sitk.Resample(image, image, motion, sitk.sitkNearestNeighbor, 0.0, image.GetPixelID())
+        )
 
     rng = np.random.default_rng(7)
     root = tmp_path_factory.mktemp("t2_change")
@@ -78,15 +82,26 @@ def pair(tmp_path_factory):
         write_volume(knee.with_array(labels.astype(np.uint8)), root / name / "labels.nrrd")
     t2_change_folders(root / "baseline", root / "followup", root / "out")
     results = json.loads((root / "out" / "results.json").read_text())
-    return {"root": root, "knee": knee, "results": results["t2_change"], "motion": motion,
-            "grid": grid, "division": division, "in_patch": in_patch, "rows": rows, "columns": columns}
+    return {
+        "root": root,
+        "knee": knee,
+        "results": results["t2_change"],
+        "motion": motion,
+        "grid": grid,
+        "division": division,
+        "in_patch": in_patch,
+        "rows": rows,
+        "columns": columns,
+    }
 
 
 def test_the_patch_is_found_where_it_is_and_as_large_as_it_is(pair):
     grid: ProjectionGrid = pair["grid"]
     covered = np.zeros(grid.shape, bool)
     covered[pair["rows"], pair["columns"]] = True
-    assert covered[PATCH_ROWS[0]:PATCH_ROWS[1], PATCH_COLUMNS[0]:PATCH_COLUMNS[1]].all()  # a full rectangle of cartilage
+    assert covered[
+        PATCH_ROWS[0] : PATCH_ROWS[1], PATCH_COLUMNS[0] : PATCH_COLUMNS[1]
+    ].all()  # a full rectangle of cartilage
     rows_mm = (PATCH_ROWS[1] - PATCH_ROWS[0]) * grid.row_spacing_mm
     arc_mm = (PATCH_COLUMNS[1] - PATCH_COLUMNS[0]) * grid.column_width_mm
     centre_lr = np.mean(PATCH_ROWS) * grid.row_spacing_mm
@@ -121,13 +136,37 @@ def test_region_changes_have_the_right_sign_and_size(pair):
         assert abs(changes[value]) < 0.5
 
 
+def test_t2_change_takes_a_region_file(pair, tmp_path):
+    """A user label map replaces the built-in regions: the patch as region 7, the rest of the
+    femoral cartilage as region 3; their changes are the known +20 ms and 0 ms."""
+    knee, plate = pair["knee"], pair["division"].plates[1]
+    regions = np.zeros(knee.array.shape, np.uint8)
+    regions[plate.index] = np.where(pair["in_patch"], 7, 3)
+    region_file = write_volume(knee.with_array(regions), tmp_path / "my_regions.nrrd")
+    root, out = pair["root"], tmp_path / "out"
+    code = main(
+        ["t2-change", str(root / "baseline"), str(root / "followup"), "-o", str(out), "--regions", str(region_file)]
+    )
+    assert code == 0
+    section = json.loads((out / "results.json").read_text())["t2_change"]
+    assert section["user_regions"] is True
+    changes = {row["label_value"]: row["t2_mean_change_ms"] for row in section["regions"]}
+    assert sorted(changes) == [3, 7]
+    assert abs(changes[7] - INCREASE_MS) < 0.2 * INCREASE_MS
+    assert abs(changes[3]) < 0.5
+    assert np.array_equal(read_volume(out / "regions.nrrd").array, regions)
+    assert len((out / "t2_change.csv").read_text().splitlines()) == 1 + 2
+
+
 def test_registration_recovers_the_motion(pair):
     transform = sitk.ReadTransform(str(pair["root"] / "out" / "followup_to_baseline.tfm"))
     truth = pair["motion"].GetInverse()  # a baseline point sits at motion^-1(point) in the follow-up
     knee = pair["knee"]
     k, j, i = np.nonzero(knee.array == 1)
     points = np.asarray(knee.origin) + (np.stack([i, j, k], 1)[::50] * np.asarray(knee.spacing)) @ knee.direction.T
-    error = [np.linalg.norm(np.subtract(transform.TransformPoint(tuple(p)), truth.TransformPoint(tuple(p)))) for p in points]
+    error = [
+        np.linalg.norm(np.subtract(transform.TransformPoint(tuple(p)), truth.TransformPoint(tuple(p)))) for p in points
+    ]
     assert max(error) < 0.5  # mm, at 0.73 x 0.73 x 1.4 mm voxels
     assert pair["results"]["registration"]["femoral_cartilage_dice_after"] > 0.95
 
@@ -137,8 +176,14 @@ def test_outputs_overlay_the_baseline(pair):
     knee = pair["knee"]
     for name in ("regions.nrrd", "followup_t2_registered.nrrd", "followup_labels_registered.nrrd"):
         assert read_volume(out / name).same_grid(knee), name
-    for name in ("t2_change.csv", "projection_t2_difference.png", "projection_t2_difference.nrrd",
-                 "projection_t2_baseline.nrrd", "projection_t2_followup.nrrd", "clusters.nrrd"):
+    for name in (
+        "t2_change.csv",
+        "projection_t2_difference.png",
+        "projection_t2_difference.nrrd",
+        "projection_t2_baseline.nrrd",
+        "projection_t2_followup.nrrd",
+        "clusters.nrrd",
+    ):
         assert (out / name).is_file(), name
     lines = (out / "t2_change.csv").read_text().splitlines()
     assert len(lines) == 1 + 22

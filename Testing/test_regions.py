@@ -23,7 +23,9 @@ from KneeSegLogic.quantification.regions import (
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE_LABELS = REPO / "Resources" / "SampleData" / "knee_labels.nrrd"
-SHARED_LABELS = REPO.parent / "shared" / "data" / "knee_labels_pymskt" / "SAG_3D_DESS_RIGHT_bones_cart_men_fib-label.nrrd"
+SHARED_LABELS = (
+    REPO.parent / "shared" / "data" / "knee_labels_pymskt" / "SAG_3D_DESS_RIGHT_bones_cart_men_fib-label.nrrd"
+)
 
 FEMORAL_REGIONS = set(range(101, 113))
 MEDIAL_FEMORAL = set(range(101, 107))
@@ -154,7 +156,9 @@ def test_tibial_and_patellar_regions(knee, division):
     assert set(np.unique(regions[knee.array == 2])) == {201, 202, 203}
     assert set(np.unique(regions[knee.array == 3])) == {204, 205, 206}
     assert set(np.unique(regions[knee.array == 4])) == {301, 302, 303, 304}
-    posterior = {value: division.plates[2].coordinates[division.plates[2].region == value, 2].mean() for value in (201, 202, 203)}
+    posterior = {
+        value: division.plates[2].coordinates[division.plates[2].region == value, 2].mean() for value in (201, 202, 203)
+    }
     assert posterior[201] < posterior[202] < posterior[203]  # anterior, central, posterior thirds
     patella = division.plates[4]
     deep = np.isin(patella.region, [301, 303])
@@ -213,8 +217,14 @@ def test_analyse_cartilage_writes_regions_table_and_maps(knee, tmp_path):
     rng = np.random.default_rng(1)
     t2 = knee.with_array(lookup[knee.array] + rng.normal(0, 2.0, knee.array.shape).astype(np.float32))
     result = analyse_cartilage(knee, t2, tmp_path)
-    for name in ("regions.nrrd", "regions.csv", "projection_t2.nrrd", "projection_t2.png",
-                 "projection_thickness.nrrd", "projection_thickness.png"):
+    for name in (
+        "regions.nrrd",
+        "regions.csv",
+        "projection_t2.nrrd",
+        "projection_t2.png",
+        "projection_thickness.nrrd",
+        "projection_thickness.png",
+    ):
         assert (tmp_path / name).is_file(), name
     regions = read_volume(tmp_path / "regions.nrrd")
     assert regions.same_grid(knee)
@@ -267,7 +277,9 @@ def test_user_regions_replace_the_built_in_division(knee, division, tmp_path):
     result = analyse_cartilage(knee, None, tmp_path, user_regions=knee.with_array(user))
     assert result["user_regions"] is True
     assert {row["name"]: row["voxels"] for row in result["regions"]} == {
-        "region_7": int((halves == 7).sum()), "region_9": int((halves == 9).sum())}
+        "region_7": int((halves == 7).sum()),
+        "region_9": int((halves == 9).sum()),
+    }
     assert np.array_equal(read_volume(tmp_path / "regions.nrrd").array, user)
     assert all(1.0 < row["thickness_mean_mm"] < 3.0 for row in result["regions"])
 

@@ -239,7 +239,9 @@ def phantom():
     """Synthetic MESE of the real bundled knee label map (every 4th voxel in-plane, 2nd slice)."""
     full = read_volume(SAMPLE_DATA / "knee_labels.nrrd")
     sx, sy, sz = full.spacing
-    labels = Volume(np.ascontiguousarray(full.array[::2, ::4, ::4]), (4 * sx, 4 * sy, 2 * sz), full.origin, full.direction)
+    labels = Volume(
+        np.ascontiguousarray(full.array[::2, ::4, ::4]), (4 * sx, 4 * sy, 2 * sz), full.origin, full.direction
+    )
     return labels, synthesize_mese(labels, snr=40.0, seed=3)
 
 

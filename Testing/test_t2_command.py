@@ -61,7 +61,9 @@ def phantom_files(tmp_path_factory):
     folder = tmp_path_factory.mktemp("phantom")
     full = read_volume(SAMPLE_DATA / "knee_labels.nrrd")
     sx, sy, sz = full.spacing
-    labels = Volume(np.ascontiguousarray(full.array[::2, ::4, ::4]), (4 * sx, 4 * sy, 2 * sz), full.origin, full.direction)
+    labels = Volume(
+        np.ascontiguousarray(full.array[::2, ::4, ::4]), (4 * sx, 4 * sy, 2 * sz), full.origin, full.direction
+    )
     scan = synthesize_mese(labels, snr=60.0, seed=1)
     return write_volume(scan.image, folder / "scan.nrrd"), write_volume(labels, folder / "labels.nrrd"), scan
 
@@ -70,8 +72,20 @@ def test_t2_with_a_mask_divides_the_cartilage(capsys, tmp_path, phantom_files):
     scan_path, labels_path, scan = phantom_files
     out = tmp_path / "out"
     code, _, err = run(
-        capsys, "t2", scan_path, "-o", out, "--mask", labels_path, "--regions", "thomas",
-        "--sigma", scan.sigma, "--keep-first-echo", "--min-r2", 0.5,
+        capsys,
+        "t2",
+        scan_path,
+        "-o",
+        out,
+        "--mask",
+        labels_path,
+        "--regions",
+        "thomas",
+        "--sigma",
+        scan.sigma,
+        "--keep-first-echo",
+        "--min-r2",
+        0.5,
     )
     assert code == 0, err
     results = json.loads((out / "results.json").read_text())
@@ -86,8 +100,12 @@ def test_t2_with_a_mask_divides_the_cartilage(capsys, tmp_path, phantom_files):
     flags = read_volume(out / "t2_flags.nrrd").array
     np.testing.assert_array_equal(flags > 0, labels > 0)  # the fit is limited to the mask
     rows = {row["name"]: row for row in section["cartilage"]["regions"]}
-    femoral_rows = [rows[f"femoral_{side}_{third}_{layer}"] for side in ("medial", "lateral")
-                    for third in ("anterior", "central", "posterior") for layer in ("deep", "superficial")]
+    femoral_rows = [
+        rows[f"femoral_{side}_{third}_{layer}"]
+        for side in ("medial", "lateral")
+        for third in ("anterior", "central", "posterior")
+        for layer in ("deep", "superficial")
+    ]
     # The phantom's femoral cartilage is 40 ms throughout: every populated subregion says so.
     means = [row["t2_mean_ms"] for row in femoral_rows if row["voxels"] >= 20]
     assert len(means) >= 10 and all(abs(mean - 40.0) < 2.0 for mean in means)
