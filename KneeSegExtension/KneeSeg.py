@@ -105,11 +105,23 @@ UNCERTAIN_SLICES_ATTRIBUTE = "KneeSeg.UncertainSlices"
 MODEL_ROLE = "kneeSegSurfaceModel"
 UNCERTAINTY_ROLE = "kneeSegUncertainty"
 T2_ROLE = "kneeSegT2Map"
+B1_ROLE = "kneeSegB1Map"
 VOLUMES_TABLE_ROLE = "kneeSegVolumesTable"
 REGIONS_TABLE_ROLE = "kneeSegRegionsTable"
 
 T2_WINDOW_MS = (0.0, 100.0)
 T2_THRESHOLD_MS = 1.0  # the engine writes 0 where it fitted nothing: those voxels stay transparent
+# Relaxation maps a T2 folder may hold (t2.nrrd from MESE, EPG or DESS; t1rho.nrrd and t2star.nrrd
+# from `kneeseg relax`): file stem -> (name suffix, quantity coded entry, window in ms). T2 and T2*
+# are DICOM CID 7180 codes; DICOM has no T1rho code, so it gets a private (99-prefixed) scheme.
+RELAXATION_MAPS = {
+    "t2": ("T2", ("113065", "DCM", "T2"), T2_WINDOW_MS),
+    "t2star": ("T2*", ("113064", "DCM", "T2*"), T2_WINDOW_MS),
+    "t1rho": ("T1rho", ("T1rho", "99KNEESEG", "T1rho"), (0.0, 200.0)),
+}
+B1_FILE = "t2_b1.nrrd"  # EPG fit: refocusing angle over nominal (unitless, at most 1; 0 where not fitted)
+B1_WINDOW = (0.6, 1.0)
+B1_THRESHOLD = 0.01
 UNCERTAINTY_THRESHOLD = 0.05  # below it the heatmap is transparent, so it does not dim the scan
 UNCERTAINTY_OPACITY = 0.5
 T2_OPACITY = 0.7  # the anatomy stays visible under fitted voxels
@@ -1541,13 +1553,20 @@ class KneeSegLogic(ScriptedLoadableModuleLogic, VTKObservationMixin):
         return result
 
     def loadT2Outputs(self, result: SceneResult, folder: Path | None, t2Series, parameters: dict) -> None:
-        """The T2 map and the per-region T2 table of an output folder (replacing the segmentation's old ones)."""
+        """The relaxation map (and the EPG B1 map) and the per-region table of an output folder
+        (replacing the segmentation's old ones)."""
+        b1 = None
         if folder is not None:
             t2Results = readResults(folder)
-            result.t2 = self.loadT2Map(folder / T2_FILE, t2Series, t2Results, parameters)
+            kind = next((k for k in RELAXATION_MAPS if (folder / f"{k}.nrrd").is_file()), "t2")
+            result.t2 = self.loadT2Map(folder / f"{kind}.nrrd", t2Series, t2Results, parameters)
+            if (folder / B1_FILE).is_file():
+                b1 = self.loadScalarMap(folder / B1_FILE, f"{t2Series.GetName()} B1", t2Series, ("1", "UCUM", "no units"),
+                                        "vtkMRMLColorTableNodeFileViridis.txt", B1_WINDOW, B1_THRESHOLD, t2Results, parameters)
             if (folder / REGIONS_TABLE_FILE).is_file():
                 result.regionsTable = self.loadTable(folder / REGIONS_TABLE_FILE, f"{t2Series.GetName()} T2 per region", t2Series)
         self.replaceDerived(result.segmentation, T2_ROLE, [result.t2] if result.t2 is not None else [])
+        self.replaceDerived(result.segmentation, B1_ROLE, [b1] if b1 is not None else [])
         self.replaceDerived(result.segmentation, REGIONS_TABLE_ROLE, [result.regionsTable] if result.regionsTable is not None else [])
 
     @staticmethod
@@ -1665,12 +1684,13 @@ class KneeSegLogic(ScriptedLoadableModuleLogic, VTKObservationMixin):
                                   "vtkMRMLColorTableNodeFileInferno.txt", (0.0, 1.0), UNCERTAINTY_THRESHOLD, results, parameters)
 
     def loadT2Map(self, path: Path, seriesVolume, results: dict, parameters: dict):
-        """T2 in ms: colour map, fixed 0-100 ms window with a colour bar, unfitted voxels transparent,
-        quantity and units coded (DICOM / UCUM)."""
-        volume = self.loadScalarMap(path, f"{seriesVolume.GetName()} T2", seriesVolume, ("ms", "UCUM", "millisecond"),
-                                    "vtkMRMLColorTableNodeFileViridis.txt", T2_WINDOW_MS, T2_THRESHOLD_MS, results, parameters)
+        """A relaxation map in ms (T2, T2* or T1rho by file name, :data:`RELAXATION_MAPS`): colour map,
+        fixed window with a colour bar, unfitted voxels transparent, quantity and units coded."""
+        suffix, code, window = RELAXATION_MAPS[path.name[: -len(".nrrd")]]
+        volume = self.loadScalarMap(path, f"{seriesVolume.GetName()} {suffix}", seriesVolume, ("ms", "UCUM", "millisecond"),
+                                    "vtkMRMLColorTableNodeFileViridis.txt", window, T2_THRESHOLD_MS, results, parameters)
         quantity = slicer.vtkCodedEntry()
-        quantity.SetValueSchemeMeaning("113065", "DCM", "T2")
+        quantity.SetValueSchemeMeaning(*code)
         volume.SetVoxelValueQuantity(quantity)
         legend = slicer.vtkSlicerColorLogic.AddDefaultColorLegendDisplayNode(volume)
         if legend is not None:

@@ -37,7 +37,7 @@ EXIT_CANCELLED = 130
 # "mps" (Apple GPUs) is offered only where the device probe finds it.
 DEVICES = ("auto", "cpu", "cuda", "mps")
 # First entry of each: the engine's default.
-T2_MODELS = ("ncexp", "mono", "mono-offset", "loglinear")
+T2_MODELS = ("ncexp", "mono", "mono-offset", "loglinear", "epg")  # epg also writes t2_b1.nrrd
 SURFACE_SMOOTHING = ("windowed-sinc", "laplacian-idw", "none")
 REGION_VARIANTS = ("default", "dosma", "thomas")  # "default": the engine's own choice, no flag passed
 
