@@ -37,8 +37,9 @@ PIR_DIRECTION = np.array([[0.0, 0.0, -1.0], [1.0, 0.0, 0.0], [0.0, -1.0, 0.0]])
 
 
 def tiny_spec(name: str = "tiny", seed: int = 0) -> MemberRecipe:
-    return MemberRecipe(name, pixel_mm=3.0, context_slices=1, crop=32, channels=(4, 8), strides=(2,),
-                      slices_per_box=2, seed=seed)
+    return MemberRecipe(
+        name, pixel_mm=3.0, context_slices=1, crop=32, channels=(4, 8), strides=(2,), slices_per_box=2, seed=seed
+    )
 
 
 def knee_like_labels() -> Volume:
@@ -71,7 +72,9 @@ def test_train_member_writes_checkpoints_and_resumes(anatomies: list[Anatomy], t
     first = checkpoint_state(folder)
     assert first["iteration"] >= 3 and first["elapsed_s"] >= 1.5
     history = json.loads((folder / "history.json").read_text())
-    assert history == first["history"] and [h["iteration"] for h in history] == list(range(3, first["iteration"] + 1, 3))
+    assert history == first["history"] and [h["iteration"] for h in history] == list(
+        range(3, first["iteration"] + 1, 3)
+    )
     # Validation-Dice checkpointing: the best score is the best validation mean seen.
     assert first["best_dice"] == pytest.approx(max(h["val_dice_mean"] for h in history), abs=1e-4)
     assert all(len(h["val_dice"]) == training.NUM_CLASSES - 1 for h in history)
@@ -92,6 +95,40 @@ def test_train_member_writes_checkpoints_and_resumes(anatomies: list[Anatomy], t
     # A spent budget trains no further.
     train_member(anatomies, spec, tmp_path, time_budget_s=second["elapsed_s"] - 0.5, validate_every=3)
     assert checkpoint_state(folder)["iteration"] == second["iteration"]
+
+
+def other_knee_labels() -> Volume:
+    """A knee shaped unlike :func:`knee_like_labels` (thinner femur, thicker cartilage, no meniscus)."""
+    array = np.zeros((16, 36, 36), np.uint8)
+    array[2:14, 4:14, 12:24] = 5  # femur
+    array[2:14, 14:18, 12:24] = 1  # femoral cartilage
+    array[2:14, 19:23, 12:26] = 2  # tibial cartilage
+    array[2:14, 23:32, 12:26] = 6  # tibia
+    return Volume(array, (1.5, 1.5, 1.5), (0.0, 0.0, 0.0), PIR_DIRECTION)
+
+
+def test_checkpoint_is_chosen_on_heldout_knees_when_there_are_any(anatomies: list[Anatomy], tmp_path: Path) -> None:
+    spec = tiny_spec("tiny-heldout", seed=3)
+    heldout = [Anatomy.from_volume(other_knee_labels())]
+    best = train_member(anatomies, spec, tmp_path, time_budget_s=1.5, validate_every=2, heldout=heldout)
+    state = checkpoint_state(tmp_path / spec.name)
+    assert state["validation"] == "heldout" and {h["validation"] for h in state["history"]} == {"heldout"}
+    assert state["best_dice"] == pytest.approx(max(h["val_dice_mean"] for h in state["history"]), abs=1e-4)
+    # The kept weights score best_dice on the held-out boxes, not on boxes of the training knee.
+    network = build_network(**spec.architecture())
+    network.load_state_dict(load_file(str(best)))
+    on_heldout = float(
+        np.nanmean(training.validate(network, training._validation_set(anatomies, spec, heldout=heldout)))
+    )
+    on_training = float(np.nanmean(training.validate(network, training._validation_set(anatomies, spec))))
+    assert on_heldout == pytest.approx(state["best_dice"], abs=1e-4)
+    assert on_training != pytest.approx(on_heldout, abs=1e-3)
+    # Resumed without held-out knees (old behaviour), the best score restarts on the training boxes.
+    train_member(anatomies, spec, tmp_path, time_budget_s=state["elapsed_s"] + 1.0, validate_every=2)
+    resumed = checkpoint_state(tmp_path / spec.name)
+    assert resumed["validation"] == "training" and resumed["history"][-1]["validation"] == "training"
+    later = [h["val_dice_mean"] for h in resumed["history"] if h["iteration"] > state["iteration"]]
+    assert resumed["best_dice"] == pytest.approx(max(later), abs=1e-4)
 
 
 def test_stacks_from_box_pairs_each_centre_slice_with_its_neighbours() -> None:
@@ -147,7 +184,10 @@ def canonical_normalised(array: np.ndarray, grid: Volume) -> np.ndarray:
 def test_load_anatomies_reads_label_maps_and_pairs(tmp_path: Path) -> None:
     written = write_training_folder(tmp_path / "data")
     pairs = find_training_pairs(tmp_path / "data")
-    assert [(image.name, label.name) for image, label in pairs] == [("case-1.nrrd", "case-1.seg.nrrd"), ("knee.v2.nii.gz", "knee.v2.nrrd")]
+    assert [(image.name, label.name) for image, label in pairs] == [
+        ("case-1.nrrd", "case-1.seg.nrrd"),
+        ("knee.v2.nii.gz", "knee.v2.nrrd"),
+    ]
     anatomies = load_anatomies(tmp_path / "data")
     assert [a.image is None for a in anatomies] == [True, False, False]
     reference = Anatomy.from_volume(knee_like_labels())
@@ -187,12 +227,25 @@ def tiny_ensemble(monkeypatch: pytest.MonkeyPatch) -> tuple[MemberRecipe, ...]:
 
 
 def train_command(data: Path, tmp_path: Path, *extra: str) -> list[str]:
-    return ["--debug", "train", str(data), "-o", str(tmp_path / "package"), "--workdir", str(tmp_path / "work"),
-            "--time-budget-min", "0.02", "--threads", "1", *extra]
+    return [
+        "--debug",
+        "train",
+        str(data),
+        "-o",
+        str(tmp_path / "package"),
+        "--workdir",
+        str(tmp_path / "work"),
+        "--time-budget-min",
+        "0.02",
+        "--threads",
+        "1",
+        *extra,
+    ]
 
 
-def test_kneeseg_train_only_member(tiny_ensemble, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                   capsys: pytest.CaptureFixture) -> None:
+def test_kneeseg_train_only_member(
+    tiny_ensemble, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
     # Progress binds sys.stdout when its module is imported, before pytest's capsys: collect its
     # lines through an explicit stream instead.
     stream = io.StringIO()
@@ -243,7 +296,9 @@ def test_kneeseg_train_assembles_a_package(tiny_ensemble, tmp_path: Path, monkey
     assert "## Calibration" in card and "Predicted / true volume" in card
 
 
-def test_heldout_repeats_add_new_scans_and_keep_the_first(anatomies: list[Anatomy], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_heldout_repeats_add_new_scans_and_keep_the_first(
+    anatomies: list[Anatomy], monkeypatch: pytest.MonkeyPatch
+) -> None:
     from KneeSegLogic.training import heldout
 
     monkeypatch.setattr(heldout, "BOX_SHAPE", (6, 24, 24))

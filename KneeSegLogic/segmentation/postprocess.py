@@ -61,7 +61,7 @@ def _threads(threads: int | None) -> int:
         return os.cpu_count() or 1
 
 
-def _bounding_box(mask: np.ndarray, margin: Sequence[int]) -> tuple[slice, ...]:
+def _bounding_box(mask: np.ndarray, margin: Sequence[int] | np.ndarray) -> tuple[slice, ...]:
     """Slices of the mask's bounding box widened by ``margin`` voxels per axis, clipped to the array."""
     box = []
     for axis, (size, extra) in enumerate(zip(mask.shape, margin)):
@@ -226,7 +226,7 @@ def fill_holes(mask: np.ndarray) -> np.ndarray:
 
 
 def _label_boxes(
-    labels: np.ndarray, label_values: Sequence[int] | None, margin: Sequence[int] | int = 0
+    labels: np.ndarray, label_values: Sequence[int] | None, margin: Sequence[int] | np.ndarray | int = 0
 ) -> list[tuple[int, tuple[slice, ...]]]:
     """``(value, bounding box)`` of each label value present, from one pass over the map.
 
@@ -506,14 +506,15 @@ def keep_major_components(
     """
     out = np.array(labels, copy=True)
     structure = ndimage.generate_binary_structure(labels.ndim, connectivity or labels.ndim)
-    for value in _present(labels, label_values):
-        mask = labels == value
+    # Each label's pieces all lie inside its bounding box: label there, not in the whole volume.
+    for value, box in _label_boxes(labels, label_values):
+        mask = labels[box] == value
         pieces, count = ndimage.label(mask, structure)
         if count < 2:
             continue
         sizes = np.bincount(pieces.ravel())[1:]
         small = np.flatnonzero(sizes < min_fraction * sizes.max()) + 1
-        out[np.isin(pieces, small)] = 0
+        out[box][np.isin(pieces, small)] = 0
     return out
 
 
@@ -609,9 +610,9 @@ def clear_fibula_contact(
     near = np.zeros(labels.shape, bool)
     near[box] = ndimage.distance_transform_edt(~fibula[box], sampling=step) <= distance_mm
     structure = ndimage.generate_binary_structure(labels.ndim, labels.ndim)
-    for value in _present(labels, _SOFT_LABELS):
-        mask = labels == value
-        touching = mask & near
+    for value, own in _label_boxes(labels, _SOFT_LABELS):
+        mask = labels[own] == value
+        touching = mask & near[own]
         if not touching.any():
             continue
         pieces, _ = ndimage.label(mask, structure)
@@ -619,8 +620,8 @@ def clear_fibula_contact(
         sizes[0] = 0
         largest = int(np.argmax(sizes))
         contact = np.unique(pieces[touching])
-        out[np.isin(pieces, contact[contact != largest])] = 0
-        out[touching] = 0
+        out[own][np.isin(pieces, contact[contact != largest])] = 0
+        out[own][touching] = 0
     return out
 
 

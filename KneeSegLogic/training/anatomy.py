@@ -339,31 +339,62 @@ class Registration:
     transform: Similarity
     rms_mm: float  # trimmed RMS distance from transformed source points to the target surface
     inlier_fraction: float
+    iterations: int = 0  # ICP iterations of the refinement
+
+
+@dataclass(frozen=True)
+class IcpSettings:
+    """Sizes of :func:`register_surfaces`: points and iterations of the coarse search over starting
+    orientations and of the refinement, and the change of RMS (mm) below which ICP has converged.
+
+    The defaults build the bank; tests on coarse grids use fewer points (the result differs by a
+    fraction of the grid spacing)."""
+
+    coarse_points: int = 600
+    coarse_iterations: int = 30
+    fine_points: int = 6000
+    fine_iterations: int = 200
+    tolerance_mm: float = 1e-6
+
+
+def _trim_threshold(distance: np.ndarray, trim: float) -> float:
+    """The ``trim`` quantile of ``distance`` (the order statistic below it; ``np.partition`` is
+    several times faster than ``np.quantile`` and ICP takes it twice per iteration)."""
+    rank = min(int(trim * (len(distance) - 1)), len(distance) - 1)
+    return float(np.partition(distance, rank)[rank])
 
 
 def _icp(
-    source: np.ndarray, target: cKDTree, start: Similarity, iterations: int, trim: float, with_scale: bool
+    source: np.ndarray,
+    target: cKDTree,
+    start: Similarity,
+    iterations: int,
+    trim: float,
+    with_scale: bool,
+    tolerance_mm: float = 1e-6,
 ) -> Registration:
     """Symmetric trimmed ICP: pairs from source to target and from target to source, each direction's
     worst ``1 - trim`` dropped, so a bone cut shorter in either surface still finds its match."""
     transform = start
     rms = np.inf
     kept = np.ones(len(source), bool)
-    for _ in range(iterations):
+    done = 0
+    while done < iterations:
+        done += 1
         moved = transform.apply(source)
         distance, nearest = target.query(moved)
-        kept = distance <= np.quantile(distance, trim)
+        kept = distance <= _trim_threshold(distance, trim)
         back_distance, back_nearest = cKDTree(moved).query(target.data)
-        back_kept = back_distance <= np.quantile(back_distance, trim)
+        back_kept = back_distance <= _trim_threshold(back_distance, trim)
         pairs_from = np.concatenate([moved[kept], moved[back_nearest[back_kept]]])
         pairs_to = np.concatenate([target.data[nearest[kept]], target.data[back_kept]])
         transform = transform.then(umeyama(pairs_from, pairs_to, with_scale))
         new_rms = float(np.sqrt(np.mean(np.concatenate([distance[kept], back_distance[back_kept]]) ** 2)))
-        converged = abs(rms - new_rms) < 1e-6
+        converged = abs(rms - new_rms) < tolerance_mm
         rms = new_rms
         if converged:
             break
-    return Registration(transform, rms, float(kept.mean()))
+    return Registration(transform, rms, float(kept.mean()), done)
 
 
 def register_surfaces(
@@ -373,6 +404,7 @@ def register_surfaces(
     trim: float = 0.85,
     with_scale: bool = True,
     seed: int = 0,
+    settings: IcpSettings | None = None,
 ) -> Registration:
     """Similarity transform taking surface points ``source`` onto surface points ``target`` (mm).
 
@@ -380,14 +412,17 @@ def register_surfaces(
     worst ``1 - trim`` (a distal femur mesh covers only part of a femur with a long shaft, or the
     reverse) and solves for the best similarity in closed form. Meshes come in unrelated frames, so
     ICP starts from the 24 axis-aligned orientations about the centroids (48 with mirror images when
-    ``allow_mirror``, for a mesh whose side is unknown), scaled to equal RMS radius, on 600 points;
-    the best start is refined on up to 6000 points.
+    ``allow_mirror``, for a mesh whose side is unknown), scaled to equal RMS radius, on
+    ``settings.coarse_points`` points (default 600); the best start is refined on up to
+    ``settings.fine_points`` (6000).
     """
+    settings = settings or IcpSettings()
     rng = np.random.default_rng(seed)
-    rng_target = target[rng.choice(len(target), min(6000, len(target)), replace=False)]
-    tree, coarse_tree = cKDTree(rng_target), cKDTree(rng_target[:1500])
-    coarse = source[rng.choice(len(source), min(600, len(source)), replace=False)]
-    fine = source[rng.choice(len(source), min(6000, len(source)), replace=False)]
+    rng_target = target[rng.choice(len(target), min(settings.fine_points, len(target)), replace=False)]
+    tree = cKDTree(rng_target)
+    coarse_tree = cKDTree(rng_target[: int(2.5 * settings.coarse_points)])
+    coarse = source[rng.choice(len(source), min(settings.coarse_points, len(source)), replace=False)]
+    fine = source[rng.choice(len(source), min(settings.fine_points, len(source)), replace=False)]
     centre_s, centre_t = source.mean(0), target.mean(0)
     radius_ratio = np.sqrt(np.mean(np.sum((target - centre_t) ** 2, 1)) / np.mean(np.sum((source - centre_s) ** 2, 1)))
     mirrors = [np.eye(3), np.diag([-1.0, 1.0, 1.0])] if allow_mirror else [np.eye(3)]
@@ -396,11 +431,13 @@ def register_surfaces(
         for rotation in _axis_rotations():
             matrix = radius_ratio * rotation @ mirror
             start = Similarity(matrix, centre_t - matrix @ centre_s)
-            result = _icp(coarse, coarse_tree, start, 30, trim, with_scale)
+            result = _icp(
+                coarse, coarse_tree, start, settings.coarse_iterations, trim, with_scale, settings.tolerance_mm
+            )
             if best is None or result.rms_mm < best.rms_mm:
                 best = result
     assert best is not None
-    return _icp(fine, tree, best.transform, 200, trim, with_scale)
+    return _icp(fine, tree, best.transform, settings.fine_iterations, trim, with_scale, settings.tolerance_mm)
 
 
 def surface_points(mask: np.ndarray, grid: Volume, limit: int = 20_000, seed: int = 0) -> np.ndarray:
@@ -408,8 +445,16 @@ def surface_points(mask: np.ndarray, grid: Volume, limit: int = 20_000, seed: in
 
     Where the mask touches the array border (a bone cut by the field of view) the cut face is not
     bone surface and is left out (the erosion treats outside the array as mask)."""
-    boundary = mask & ~ndimage.binary_erosion(mask, border_value=1)
+    found = ndimage.find_objects(mask.astype(np.uint8))
+    if not found or found[0] is None:
+        return np.zeros((0, 3))
+    # Eroded inside the mask's box plus one voxel (clipped: a mask on the array border stays on the
+    # box border, where the erosion again treats outside as mask), not over the whole scan.
+    box = tuple(slice(max(b.start - 1, 0), min(b.stop + 1, n)) for b, n in zip(found[0], mask.shape))
+    inner = mask[box]
+    boundary = inner & ~ndimage.binary_erosion(inner, border_value=1)
     k, j, i = np.nonzero(boundary)
+    k, j, i = k + box[0].start, j + box[1].start, i + box[2].start
     if len(k) > limit:
         pick = np.random.default_rng(seed).choice(len(k), limit, replace=False)
         k, j, i = k[pick], j[pick], i[pick]
@@ -474,6 +519,7 @@ def _registration_record(name: str, result: Registration) -> dict[str, Any]:
     return {
         "onto": name,
         "rms_mm": round(result.rms_mm, 3),
+        "iterations": result.iterations,
         "scale": round(result.transform.scale, 4),
         "mirrored": result.transform.mirrored,
     }
@@ -494,11 +540,13 @@ class Composer:
 
     ``host`` is a complete label map (KneeSeg values), resampled to ``spacing_mm`` (isotropic);
     every replacement bone is registered onto the host's bone of the same kind unless a transform
-    is given, and its attached structures are carried by the same transform.
+    is given (``icp`` sizes the registrations), and its attached structures are carried by the same
+    transform.
     """
 
-    def __init__(self, host: Volume, spacing_mm: float = 0.5) -> None:
+    def __init__(self, host: Volume, spacing_mm: float = 0.5, icp: IcpSettings | None = None) -> None:
         self.grid = resample_to_spacing(host, (spacing_mm,) * 3, is_label=True)
+        self.icp = icp or IcpSettings()
         self.host = self.grid.array.astype(np.uint8)
         self.spacing_kji = np.asarray(self.grid.spacing_kji)
 
@@ -506,7 +554,9 @@ class Composer:
         return surface_points(self.host == label, self.grid)
 
     def register(self, mesh: vtk.vtkPolyData, label: int, allow_mirror: bool = False) -> Registration:
-        return register_surfaces(points_of(mesh), self.host_surface(label), allow_mirror=allow_mirror)
+        return register_surfaces(
+            points_of(mesh), self.host_surface(label), allow_mirror=allow_mirror, settings=self.icp
+        )
 
     def compose(
         self,
@@ -614,8 +664,8 @@ def ssm_knee(composer: Composer, anatomy: Path) -> ComposedKnee:
     jam_folder = anatomy / "jam_smith2019_knee"
     jam_tibia = closed(read_mesh(jam_folder / JAM_FILES[TIBIA], scale=1000.0))
     jam_patella = closed(read_mesh(jam_folder / JAM_FILES[PATELLA], scale=1000.0))
-    onto_tibia = register_surfaces(points_of(jam_tibia), points_of(tibia))
-    onto_patella = register_surfaces(points_of(jam_patella), points_of(patella))
+    onto_tibia = register_surfaces(points_of(jam_tibia), points_of(tibia), settings=composer.icp)
+    onto_patella = register_surfaces(points_of(jam_patella), points_of(patella), settings=composer.icp)
     bones, soft, _ = composer.jam_tibia_and_patella(jam_folder, onto_tibia.transform, onto_patella.transform)
     bones.update({FEMUR: femur, TIBIA: tibia, PATELLA: patella})
     soft[FEMORAL_CARTILAGE] = composer.femoral_cartilage(femur)

@@ -269,7 +269,7 @@ def train_package(
     progress("data", 0.0, f"{sources['label_maps']} label maps, {sources['image_label_pairs']} image/label pairs")
     budget = options.time_budget_min * 60
     weights = [
-        train_member(anatomies, spec, workdir, budget, progress, loss=options.loss, device=str(device))
+        train_member(anatomies, spec, workdir, budget, progress, loss=options.loss, device=str(device), heldout=heldout)
         for spec in members
     ]
     if options.only_member:

@@ -6,7 +6,10 @@ resolutions (scale space) and noise settings (noise space), fused by mean softma
 
 Training is time-budgeted and resumable: ``workdir/<member>/checkpoint.pt`` holds the network,
 optimiser, iteration and elapsed time; ``best.safetensors`` the weights with the best validation
-Dice (checkpointing on validation Dice); ``history.json`` the curves. Seeds make runs repeatable
+Dice (checkpointing on validation Dice); ``history.json`` the curves. Validation boxes come from
+held-out anatomies (whole knees never trained on, e.g. an anatomy bank's ``heldout/``) when there
+are any, so the checkpoint kept is the one that generalises to new knees; otherwise from the
+training anatomies. Seeds make runs repeatable
 up to thread scheduling.
 """
 
@@ -17,7 +20,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -27,7 +30,7 @@ from KneeSegLogic.io.outputs import atomic_file, write_json
 from KneeSegLogic.segmentation.networks import build_network
 from KneeSegLogic.tissues import TISSUES
 from KneeSegLogic.training.losses import make_loss
-from KneeSegLogic.training.synthesis import Anatomy, SynthesisSettings, Synthesizer
+from KneeSegLogic.training.synthesis import Anatomy, AnatomySettings, SynthesisSettings, Synthesizer
 
 NUM_CLASSES = 1 + max(t.label for t in TISSUES)
 
@@ -80,13 +83,16 @@ class TrainingState:
     elapsed_s: float = 0.0
     best_dice: float = -1.0
     history: list[dict] = field(default_factory=list)
+    validation: str = "training"  # the anatomies best_dice was measured on: "training" or "heldout"
 
 
-def _synthesizer(anatomies: list[Anatomy], spec: MemberRecipe, seed: int) -> Synthesizer:
+def _synthesizer(
+    anatomies: Sequence[Anatomy], spec: MemberRecipe, seed: int, settings: SynthesisSettings | None = None
+) -> Synthesizer:
     depth = 2 * spec.context_slices + spec.slices_per_box
-    settings = SynthesisSettings(noise_range=spec.noise_range)
+    settings = settings or SynthesisSettings(noise_range=spec.noise_range)
     return Synthesizer(
-        anatomies, (depth, spec.crop, spec.crop), (spec.slice_mm, spec.pixel_mm, spec.pixel_mm), settings, seed
+        list(anatomies), (depth, spec.crop, spec.crop), (spec.slice_mm, spec.pixel_mm, spec.pixel_mm), settings, seed
     )
 
 
@@ -111,9 +117,17 @@ def dice_per_class(prediction: torch.Tensor, target: torch.Tensor, classes: int)
 
 
 def _validation_set(
-    anatomies: list[Anatomy], spec: MemberRecipe, boxes: int = 6
+    anatomies: Sequence[Anatomy], spec: MemberRecipe, boxes: int = 6, heldout: Sequence[Anatomy] = ()
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    synthesizer = _synthesizer(anatomies, spec, seed=10_000 + spec.seed)
+    """Fixed validation boxes (seeded): from ``heldout`` anatomies when given, each knee as it is (no
+    anatomy augmentation: the held-out shapes are what is measured) and at least two boxes per knee;
+    otherwise from the training ``anatomies`` with the training augmentation."""
+    if heldout:
+        settings = SynthesisSettings(noise_range=spec.noise_range, anatomy=AnatomySettings(probability=0.0))
+        synthesizer = _synthesizer(heldout, spec, seed=20_000 + spec.seed, settings=settings)
+        boxes = max(boxes, 2 * len(heldout))
+    else:
+        synthesizer = _synthesizer(anatomies, spec, seed=10_000 + spec.seed)
     return [stacks_from_box(*synthesizer.sample(), spec.context_slices) for _ in range(boxes)]
 
 
@@ -138,10 +152,14 @@ def train_member(
     validate_every: int = 150,
     loss: str = "dice-ce",
     device: str = "cpu",
+    heldout: Sequence[Anatomy] = (),
 ) -> Path:
     """Train (or resume) one member for ``time_budget_s`` seconds in total; return best weights.
 
     ``loss`` is a key of :data:`KneeSegLogic.training.losses.LOSSES`; ``device`` a torch device.
+    With ``heldout`` anatomies the best checkpoint is chosen on boxes of those knees (history
+    entries say ``"validation": "heldout"``); a run resumed on another validation set than it was
+    started with forgets its best score, since Dice on different knees does not compare.
     """
     folder = Path(workdir) / spec.name
     folder.mkdir(parents=True, exist_ok=True)
@@ -155,16 +173,19 @@ def train_member(
         network.load_state_dict(saved["network"])
         optimiser.load_state_dict(saved["optimiser"])
         state = TrainingState(**json.loads(saved["state"]))
+    validation_name = "heldout" if heldout else "training"
+    if state.validation != validation_name:
+        state.best_dice, state.validation = -1.0, validation_name
     (folder / "spec.json").write_text(json.dumps(asdict(spec), indent=2))
     synthesizer = _synthesizer(anatomies, spec, seed=spec.seed + state.iteration)
-    validation = _validation_set(anatomies, spec)
-    counts = sum(
-        torch.bincount(a.labels.reshape(-1).long(), minlength=NUM_CLASSES)[:NUM_CLASSES].double() for a in anatomies
-    )
+    validation = _validation_set(anatomies, spec, heldout=heldout)
+    counts = torch.stack(
+        [torch.bincount(a.labels.reshape(-1).long(), minlength=NUM_CLASSES)[:NUM_CLASSES].double() for a in anatomies]
+    ).sum(0)
     loss_function = make_loss(loss, counts.tolist())
     best = folder / "best.safetensors"
     started = time.perf_counter() - state.elapsed_s
-    running = []
+    running: list[float] = []
 
     def save() -> None:
         state.elapsed_s = time.perf_counter() - started
@@ -184,12 +205,12 @@ def train_member(
         boxes = [stacks_from_box(*synthesizer.sample(), spec.context_slices) for _ in range(spec.boxes_per_batch)]
         inputs = torch.cat([b[0] for b in boxes]).to(device)
         targets = torch.cat([b[1] for b in boxes]).to(device)
-        loss = loss_function(network(inputs), targets)
+        batch_loss = loss_function(network(inputs), targets)
         optimiser.zero_grad()
-        loss.backward()
+        batch_loss.backward()
         optimiser.step()
         state.iteration += 1
-        running.append(loss.item())
+        running.append(batch_loss.item())
         if state.iteration % validate_every == 0:
             dice = validate(network, validation)
             mean_dice = float(np.nanmean(dice))
@@ -199,6 +220,7 @@ def train_member(
                     "elapsed_s": round(elapsed, 1),
                     "loss": round(float(np.mean(running)), 4),
                     "val_dice_mean": round(mean_dice, 4),
+                    "validation": validation_name,
                     "val_dice": [None if np.isnan(d) else round(float(d), 4) for d in dice],
                 }
             )
