@@ -13,6 +13,7 @@ import hashlib
 import os
 import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -21,7 +22,7 @@ import pytest
 from conftest import write_dicom_series
 
 from KneeSegLogic.commands.main import main
-from KneeSegLogic.io.scans import write_volume
+from KneeSegLogic.io.scans import read_volume, write_volume
 from KneeSegLogic.io.segfile import write_segmentation
 from KneeSegLogic.io.volume import Volume
 
@@ -80,6 +81,73 @@ def _pydicom_file(name: str, folder: Path) -> Path:
     if source is None:
         pytest.skip(f"pydicom's test file {name} is not installed")
     return Path(shutil.copy(source, folder / name))
+
+
+def _tiny_package(folder: Path, package_id: str = "tiny", default: bool = False, seed: int = 0) -> Path:
+    """An untrained one-member 2.5D package (a few kB of safetensors weights)."""
+    import torch
+
+    from KneeSegLogic.segmentation.networks import build_network
+    from KneeSegLogic.segmentation.package import save_package
+    from KneeSegLogic.tissues import TISSUES
+
+    architecture = {
+        "name": "monai.UNet",
+        "args": {
+            "spatial_dims": 2,
+            "in_channels": 1,
+            "out_channels": 1 + len(TISSUES),
+            "channels": [2, 4],
+            "strides": [2],
+        },
+    }
+    member = {
+        "name": "only",
+        "weight": 1.0,
+        "architecture": architecture,
+        "input": {"kind": "2d", "plane": "sagittal", "spacing_mm": [2.0, 2.0], "normalisation": {"name": "zscore"}},
+    }
+    spec = {
+        "id": package_id,
+        "version": "1.0.0",
+        "description": "untrained, for tests",
+        "license": "Apache-2.0",
+        "default": default,
+        "labels": {str(t.label): t.key for t in TISSUES},
+        "members": [member],
+        "postprocessing": [],
+    }
+    torch.manual_seed(seed)
+    state = build_network(architecture["name"], architecture["args"]).state_dict()
+    save_package(folder, spec, [state])
+    return folder
+
+
+def _replace_weights(package: Path, name: str, data: bytes | None) -> None:
+    """Swap the member's weights for ``data`` in a file ``name`` (None: a folder), with a matching
+    sha256 in model.json, so only the weights' content is wrong, not the checksum."""
+    import json
+
+    manifest = json.loads((package / "model.json").read_text())
+    member = manifest["members"][0]
+    (package / member["weights"]).unlink()
+    if data is None:
+        (package / name).mkdir()
+    else:
+        (package / name).write_bytes(data)
+        member["sha256"] = hashlib.sha256(data).hexdigest()
+    member["weights"] = name
+    (package / "model.json").write_text(json.dumps(manifest))
+
+
+class _RunsCode:
+    """Unpickling this would run ``touch PWNED``: a malicious "checkpoint"."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -350,6 +418,26 @@ def output_under_a_file(tmp):
     return ["t2", str(scan), "-o", str(tmp / "afile" / "OUT")], [scan], None
 
 
+def _segment_with(tmp: Path, package: Path) -> tuple[list[str], list[Path], Path]:
+    scan = write_volume(_scan(1, shape=(12, 24, 24)), tmp / "knee.nrrd")
+    argv = ["segment", str(scan), "-o", str(tmp / "OUT"), "--model", str(package), "--device", "cpu"]
+    return argv, [scan, package], tmp / "OUT"
+
+
+def pickled_pt_weights(tmp):
+    import pickle
+
+    package = _tiny_package(tmp / "pkg")
+    _replace_weights(package, "member0.pt", pickle.dumps({"weight": _RunsCode(tmp / "PWNED")}))
+    return _segment_with(tmp, package)
+
+
+def weights_path_is_a_folder(tmp):
+    package = _tiny_package(tmp / "pkg")
+    _replace_weights(package, "member0.safetensors", None)
+    return _segment_with(tmp, package)
+
+
 CASES: dict[str, tuple[Callable, int, str]] = {
     "overwrite_dicom_self": (overwrite_dicom_self, 1, r"output folder is the input"),
     "overwrite_parent_of_input": (overwrite_parent_of_input, 1, r"output folder contains the input"),
@@ -393,7 +481,33 @@ CASES: dict[str, tuple[Callable, int, str]] = {
     "t2_mask_not_overlapping": (t2_mask_not_overlapping, 1, r"far\.seg\.nrrd: does not overlap the scan"),
     "partial_is_a_file": (partial_is_a_file, 1, r"OUT\.partial: exists and is not a folder"),
     "output_under_a_file": (output_under_a_file, 1, r"afile/OUT(\.partial)?: cannot be written \(Not a directory\)"),
+    "pickled_pt_weights": (pickled_pt_weights, 1, r"member0\.pt: refused: not a torch file of tensors only"),
+    "weights_path_is_a_folder": (weights_path_is_a_folder, 1, r"member0\.safetensors: is a folder"),
 }
+
+
+@pytest.fixture(autouse=True)
+def no_installed_models(tmp_path, monkeypatch):
+    """Empty bundled, extra and user model folders: only the packages a case builds are found."""
+    from KneeSegLogic.segmentation import registry
+
+    for name in ("bundled", "extra", "home"):
+        (tmp_path / name).mkdir()
+    monkeypatch.setattr(registry, "BUNDLED_MODELS_DIR", tmp_path / "bundled")
+    monkeypatch.setenv("KNEESEG_MODELS_PATH", str(tmp_path / "extra"))
+    monkeypatch.setenv("KNEESEG_HOME", str(tmp_path / "home"))
+
+
+def _run(argv: list[str], capsys) -> tuple[int, list[str], str]:
+    """Exit code, the non-blank stderr lines and stdout of ``kneeseg ARGV``; no Python warning
+    may escape (it would be a second, unpromised line on a user's terminal)."""
+    capsys.readouterr()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        code = main(argv)
+    captured = capsys.readouterr()
+    assert not caught, [str(w.message) for w in caught]
+    return code, [line for line in captured.err.splitlines() if line.strip()], captured.out
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -401,9 +515,8 @@ def test_bad_input_is_refused_cleanly(name, tmp_path, capsys):
     make, code, pattern = CASES[name]
     argv, inputs, out = make(tmp_path)
     before = {str(p): _digest(p) for p in inputs}
-    capsys.readouterr()
-    assert main(argv) == code
-    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    exit_code, lines, _ = _run(argv, capsys)
+    assert exit_code == code
     assert len(lines) == 1, lines
     assert re.search(pattern, lines[0]), lines[0]
     assert lines[0].startswith(f"kneeseg {argv[0]}: error: ")
@@ -411,3 +524,89 @@ def test_bad_input_is_refused_cleanly(name, tmp_path, capsys):
         assert not out.exists()
         assert not out.with_name(out.name + ".partial").is_dir()
     assert {str(p): _digest(p) for p in inputs} == before
+    assert not (tmp_path / "PWNED").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# Accepted with a warning: exit 0, the warning on ONE stderr line, and in results.json.
+
+
+def test_models_warns_of_a_tampered_package_and_lists_it_not(tmp_path, capsys):
+    good = _tiny_package(tmp_path / "extra" / "good", package_id="good", default=True)
+    bad = _tiny_package(tmp_path / "extra" / "bad", package_id="bad", seed=1)
+    weights = bad / "member0.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0x01  # one flipped bit in a tensor, model.json untouched
+    weights.write_bytes(bytes(data))
+    before = {**_digest(good), **_digest(bad)}
+    code, lines, out = _run(["models"], capsys)
+    assert code == 0
+    assert len(lines) == 1, lines
+    assert re.fullmatch(r"kneeseg models: warning: skipped .*bad/member0\.safetensors: sha256 mismatch.*", lines[0])
+    assert re.search(r"^good 1\.0\.0 \(default\)", out, re.M) and not re.search(r"^bad ", out, re.M)
+    assert {**_digest(good), **_digest(bad)} == before
+
+
+def test_models_lists_one_id_and_version_once(tmp_path, capsys):
+    # The same package in the extra folder and imported into the user cache: one entry, one default.
+    source = _tiny_package(tmp_path / "extra" / "knee", package_id="knee", default=True)
+    shutil.copytree(source, tmp_path / "home" / "models" / "knee-1.0.0")
+    code, lines, out = _run(["models"], capsys)
+    assert code == 0 and lines == []
+    assert re.findall(r"^knee 1\.0\.0.*$", out, re.M) == [f"knee 1.0.0 (default)  licence Apache-2.0  [extra] {source}"]
+    # Another package under the same id and version: still listed once (the one that runs), and
+    # the other is named in one warning line.
+    shutil.rmtree(tmp_path / "home" / "models" / "knee-1.0.0")
+    other = _tiny_package(tmp_path / "home" / "models" / "knee-1.0.0", package_id="knee", default=True, seed=2)
+    code, lines, out = _run(["models"], capsys)
+    assert code == 0
+    assert len(out.split("(default)")) == 2 and len(re.findall(r"^knee 1\.0\.0", out, re.M)) == 1
+    assert len(lines) == 1, lines
+    assert lines[0] == (
+        f"kneeseg models: warning: skipped {other}: another knee 1.0.0 than {source}, which is used; "
+        "give one of them another version"
+    )
+
+
+def test_t2_mask_on_another_grid_is_resampled_with_a_warning(tmp_path, capsys):
+    import json
+
+    scan = write_volume(_scan(), tmp_path / "me.nrrd")
+    # The mask of a crop of the same scan: same voxels, half the slices, shifted origin.
+    labels = _labels()
+    cropped = Volume(labels.array[2:6], labels.spacing, (0.0, 0.0, 6.0))
+    mask = write_segmentation(cropped, tmp_path / "crop.seg.nrrd")
+    before = {**_digest(scan), **_digest(mask)}
+    code, lines, _ = _run(
+        ["t2", str(scan), "-o", str(tmp_path / "OUT"), "--mask", str(mask), "--model", "loglinear", "--quiet"], capsys
+    )
+    assert code == 0, lines
+    expected = f"{mask}: mask was on another grid; resampled onto the scan grid (nearest neighbour)"
+    assert lines == [f"kneeseg t2: warning: {expected}"]
+    results = json.loads((tmp_path / "OUT" / "results.json").read_text())
+    assert expected in results["warnings"]
+    # The crop lies on the scan's voxels, so nearest neighbour puts every label back in place.
+    from KneeSegLogic.io.segfile import read_labels
+
+    written = read_labels(tmp_path / "OUT" / "segmentation.seg.nrrd")
+    assert written.same_grid(read_volume(scan).echo(0), atol=1e-6)
+    np.testing.assert_array_equal(written.array, labels.array)
+    assert {**_digest(scan), **_digest(mask)} == before
+
+
+def test_t2_refuses_bad_input_before_importing_torch(tmp_path):
+    """Refusing a bad scan must not wait for torch's import (10-18 s on a loaded machine): checked
+    by which modules are loaded at the refusal, in a fresh interpreter, not by seconds."""
+    import subprocess
+    import sys
+
+    bad = _truncate(write_volume(_scan(), tmp_path / "s.nrrd"))
+    probe = (
+        "import sys; from KneeSegLogic.commands.main import main; "
+        f"code = main(['t2', {str(bad)!r}, '-o', {str(tmp_path / 'OUT')!r}]); "
+        "print(code, sorted(m for m in ('torch', 'monai', 'scipy.optimize') if m in sys.modules))"
+    )
+    run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert run.stdout.split("\n")[0] == "1 []", run.stdout + run.stderr
+    assert re.fullmatch(r"kneeseg t2: error: .*s\.nrrd: compressed pixel data are cut short.*\n", run.stderr)
+    assert not (tmp_path / "OUT").exists()

@@ -30,6 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from KneeSegLogic.segmentation.package import describe_input, package_summary
     from KneeSegLogic.segmentation.registry import (
+        default_package,
         download_package,
         find_packages,
         import_package,
@@ -46,9 +47,9 @@ def run(args: argparse.Namespace) -> int:
     for package in installed:
         print(f"installed {package.id} {package.version} in {package.path}", file=sys.stderr)
     problems: list[str] = []
-    packages = find_packages(problems)
+    packages = find_packages(problems, verify=True)
     for problem in problems:
-        print(f"warning: skipped {problem}", file=sys.stderr)
+        print(f"kneeseg models: warning: skipped {problem}", file=sys.stderr)
     if args.json:
         print(
             json.dumps(
@@ -62,8 +63,9 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if not packages:
         print("no model packages found; searched " + ", ".join(str(root) for _, root in search_roots()))
+    default = default_package(packages)
     for package in packages:
-        flag = " (default)" if package.default else ""
+        flag = " (default)" if package is default else ""
         print(f"{package.id} {package.version}{flag}  licence {package.license}  [{package.origin}] {package.source}")
         print("  labels:  " + ", ".join(f"{c} {k}" for c, k in sorted(package.labels.items())))
         for m in package.members:

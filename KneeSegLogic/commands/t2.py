@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from KneeSegLogic.commands import add_console_options, add_device, add_output, add_scan, prepare_device, read_scan
@@ -94,11 +95,15 @@ def add_change_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from KneeSegLogic.commands.console import T2_STAGES, finish, make_progress
+    from KneeSegLogic.commands.console import T2_STAGES, TerminalProgress, finish, make_progress
     from KneeSegLogic.io.outputs import Results
-    from KneeSegLogic.quantification.t2maps import T2Options, t2_scan
 
+    # The scan is read and checked before anything imports torch (the device check and the fit
+    # modules do), so bad input is refused in the time `kneeseg info` takes, not after 10-18 s.
+    progress, results = make_progress(args, T2_STAGES), Results("t2")
+    volume = read_scan(args.input, args.echo_times, results, progress)
     notices = prepare_device(args)
+    from KneeSegLogic.quantification.t2maps import T2Options, t2_scan
 
     options = T2Options(
         model=args.model,
@@ -113,11 +118,12 @@ def run(args: argparse.Namespace) -> int:
         epg_t1_ms=args.epg_t1,
         exclude_surface=args.exclude_surface,
     )
-    progress, results = make_progress(args, T2_STAGES), Results("t2")
-    volume = read_scan(args.input, args.echo_times, results, progress)
     for notice in notices:
         progress("device", 1.0, notice)
     t2_scan(volume, args.output, options, scan_path=args.input, mask_path=args.mask, results=results, progress=progress)
+    if not isinstance(progress, TerminalProgress):  # the terminal summary lists them itself
+        for warning in results.data["warnings"]:
+            print(f"kneeseg t2: warning: {warning}", file=sys.stderr)
     finish(args, progress, results.data, args.output)
     return 0
 

@@ -13,6 +13,7 @@ list of their SeriesInstanceUIDs; ``FOLDER::UID`` chooses one.
 
 from __future__ import annotations
 
+import warnings
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -124,8 +125,12 @@ def _read_headers(folder: Path) -> list[_Slice]:
     slices = []
     for path in sorted(p for p in folder.iterdir() if p.is_file()):
         try:
-            # Pixel data are deferred: their length and offset are read, not their bytes.
-            header = pydicom.dcmread(path, defer_size=256)
+            # Pixel data are deferred: their length and offset are read, not their bytes. pydicom
+            # warns on stderr of what it tolerates (implicit VR where explicit was declared): the
+            # checks below decide, and the user gets one line, not a library's warning as well.
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                header = pydicom.dcmread(path, defer_size=256)
         except Exception as error:  # pydicom raises many kinds for a corrupt file
             if _has_dicom_preamble(path):  # a DICOM file cut short or damaged: never skip it silently
                 raise InputError(path, f"DICOM file is truncated or corrupt ({one_line(error, 200)})") from None

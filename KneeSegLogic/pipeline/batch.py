@@ -28,6 +28,7 @@ process.
 
 from __future__ import annotations
 
+import asyncio
 import codecs
 import contextlib
 import csv
@@ -316,12 +317,12 @@ def dask_runner(
                 ) from None
             described = f"Dask scheduler {scheduler}"
         else:
-            cluster = stack.enter_context(
-                distributed.LocalCluster(
-                    n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None
-                )
+            cluster = distributed.LocalCluster(
+                n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None
             )
-            client = stack.enter_context(distributed.Client(cluster))
+            stack.callback(_close_local_cluster, cluster)
+            client = distributed.Client(cluster)
+            stack.callback(client.close, timeout=CLOSE_TIMEOUT_S)  # first out: before the cluster
             described = f"Dask LocalCluster, {workers} worker process(es) x 1 thread"
 
         def run(cases: list[Case], out_root: str, options: BatchOptions) -> Iterator[CaseOutcome]:
@@ -336,10 +337,30 @@ def dask_runner(
                 case = futures[future]
                 try:
                     yield future.result()
+                except CancelledError:
+                    raise  # SIGTERM/Ctrl-C in this process stops the batch; no case failed
                 except Exception as error:
                     yield CaseOutcome(case.case_id, "failed", one_line(f"worker lost: {type(error).__name__}: {error}"))
 
         yield described, run
+
+
+#: Seconds each local worker process is given to exit when the batch ends (Dask's own 4 s are
+#: too short for a process that imported torch on a loaded machine: it is killed, with a warning).
+CLOSE_TIMEOUT_S = 60.0
+
+
+def _close_local_cluster(cluster: Any) -> None:
+    """Close a ``LocalCluster``: its nannies stop their worker processes with
+    :data:`CLOSE_TIMEOUT_S` to exit cleanly, then the cluster closes (nothing is left to kill)."""
+
+    async def close_workers() -> None:
+        await asyncio.gather(*(nanny.close(timeout=CLOSE_TIMEOUT_S) for nanny in list(cluster.workers.values())))
+
+    try:
+        cluster.sync(close_workers)
+    finally:
+        cluster.close(timeout=CLOSE_TIMEOUT_S)
 
 
 def _run_in_process(cases: list[Case], out_root: str, options: BatchOptions) -> Iterator[CaseOutcome]:

@@ -31,7 +31,7 @@ from KneeSegLogic.io.outputs import (
     output_folder,
 )
 from KneeSegLogic.io.scans import write_volume
-from KneeSegLogic.io.volume import Volume
+from KneeSegLogic.io.volume import Volume, resample_to_grid
 from KneeSegLogic.quantification.dess import DessParameters, fit_dess_volume
 from KneeSegLogic.quantification.relaxometry import (
     DEFAULT_MODEL,
@@ -337,11 +337,20 @@ def dess_t2_with_regions(
     )
 
 
-def _read_mask(path: Path, volume: Volume) -> Volume:
-    """The label map in ``path`` on the scan grid (nearest-neighbour resampling when needed)."""
+def _read_mask(path: Path, volume: Volume, results: Results) -> Volume:
+    """The label map in ``path`` on the scan grid.
+
+    A mask on another grid (e.g. cropped in Slicer, or of another scan) is resampled by
+    nearest neighbour, with a warning in ``results``: region statistics then rest on labels
+    moved by up to half a mask voxel, which the reader of results.json must know.
+    """
     from KneeSegLogic.io.segfile import read_labels
 
-    labels = read_labels(path, reference=volume.echo(0))
+    reference = volume.echo(0)
+    labels = read_labels(path)
+    if not labels.same_grid(reference, atol=1e-6):
+        labels = resample_to_grid(labels, reference, is_label=True)
+        results.warn(f"{path}: mask was on another grid; resampled onto the scan grid (nearest neighbour)")
     if not labels.array.any():  # a mask of another scan: fitting 0 voxels would "succeed"
         raise InputError(path, "does not overlap the scan: no voxel of its structures lies inside the scan's grid")
     return labels
@@ -372,7 +381,7 @@ def t2_scan(
         raise InputError(
             scan_path, f"is a single 3D volume (size {volume.size}); a relaxation map needs a multi-echo scan"
         )
-    labels = _read_mask(mask_path, volume) if mask_path is not None else None
+    labels = _read_mask(mask_path, volume, results) if mask_path is not None else None
     device = select_device(options.device)
     results["device"] = describe_device(device)
     if scan_path is not None:

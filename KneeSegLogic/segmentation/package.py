@@ -61,9 +61,11 @@ import hashlib
 import io
 import json
 import math
+import pickle
 import re
 import shutil
 import tempfile
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -285,7 +287,16 @@ class ModelPackage:
             if path.suffix == ".safetensors":
                 state = safetensors.torch.load(data)
             else:
-                state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+                # torch warns about pickle protocols and explains weights_only at length (advising
+                # to turn it off): the user gets one line of ours instead.
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:
+            raise KneeSegError(
+                f"{path}: refused: not a torch file of tensors only (a pickle of other objects is never "
+                "unpickled, as it could run code); save the weights as .safetensors"
+            ) from None
         except Exception as error:  # safetensors, the unpickler and torch each raise their own kinds
             raise KneeSegError(f"{path}: cannot be read as weights ({one_line(error)})") from None
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -553,6 +564,10 @@ def _read_verified(path: Path, expected: str) -> bytes:
         data = path.read_bytes()
     except FileNotFoundError:
         raise KneeSegError(f"{path}: weights file missing from the model package") from None
+    except IsADirectoryError:
+        raise KneeSegError(f"{path}: is a folder; the model package's weights must be a file") from None
+    except OSError as error:
+        raise KneeSegError(f"{path}: weights file cannot be read ({one_line(error)})") from None
     actual = hashlib.sha256(data).hexdigest()
     if actual != expected:
         raise KneeSegError(f"{path}: sha256 mismatch, weights refused (expected {expected}, found {actual})")

@@ -39,26 +39,55 @@ def search_roots() -> list[tuple[str, Path]]:
     return [("bundled", BUNDLED_MODELS_DIR)] + [("extra", p) for p in extra] + [("user", user_models_dir())]
 
 
-def find_packages(problems: list[str] | None = None) -> list[ModelPackage]:
-    """Every valid package in the search roots, in search order.
+def find_packages(problems: list[str] | None = None, verify: bool = False) -> list[ModelPackage]:
+    """Every valid package in the search roots, in search order, each id and version once.
 
     A package that cannot be read is skipped: its error goes to ``problems`` when a list is
     given, else it is issued as a warning, so one broken package does not hide the others.
+    The same id and version found again in a later root is dropped (the first one is what
+    :func:`get_package` runs); when it is a different package (another ``model.json``) that is
+    a problem too. With ``verify`` every weights file is also checked against its sha256 (it
+    reads all weights, so only ``kneeseg models`` does it) and a tampered package is skipped.
     """
-    packages = []
+
+    def problem(message: str) -> None:
+        if problems is None:
+            warnings.warn(message, stacklevel=3)
+        else:
+            problems.append(message)
+
+    packages: list[ModelPackage] = []
+    first: dict[tuple[str, str], ModelPackage] = {}
     for origin, root in search_roots():
         for candidate in _candidates(root):
             try:
                 package = load_package(candidate)
+                if verify:
+                    package.verify()
             except KneeSegError as error:
-                if problems is None:
-                    warnings.warn(str(error), stacklevel=2)
-                else:
-                    problems.append(str(error))
+                problem(str(error))
                 continue
             package.origin = origin
+            key = (package.id, package.version)
+            if key in first:
+                if first[key].sha256 != package.sha256:
+                    problem(
+                        f"{package.path}: another {package.id} {package.version} than {first[key].path}, "
+                        "which is used; give one of them another version"
+                    )
+                continue
+            first[key] = package
             packages.append(package)
     return packages
+
+
+def default_package(packages: list[ModelPackage]) -> ModelPackage | None:
+    """The package run when none is named: the first marked ``"default": true``, else the first
+    bundled one, at the highest version of its id; None when there is neither."""
+    preferred = [p for p in packages if p.default] or [p for p in packages if p.origin == "bundled"]
+    if not preferred:
+        return None
+    return max((p for p in packages if p.id == preferred[0].id), key=_version_key)
 
 
 def _candidates(root: Path) -> list[Path]:
@@ -90,13 +119,13 @@ def get_package(name: str | None = None) -> ModelPackage:
     packages = find_packages()
     searched = ", ".join(str(root) for _, root in search_roots())
     if name is None:
-        preferred = [p for p in packages if p.default] or [p for p in packages if p.origin == "bundled"]
-        if not preferred:
+        default = default_package(packages)
+        if default is None:
             raise KneeSegError(
                 f"no model package found (searched {searched}); import one with "
                 "`kneeseg models --import PACKAGE.zip` or pass --model PATH"
             )
-        name = preferred[0].id
+        return default
     package_id, _, version = name.partition("@")
     matches = [p for p in packages if p.id == package_id and (not version or p.version == version)]
     if not matches:
