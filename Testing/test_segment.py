@@ -7,7 +7,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import SimpleITK as sitk
 import torch
+from scipy import ndimage
 
 from KneeSegLogic.commands.main import main
 from KneeSegLogic.io.scans import read_volume, write_volume
@@ -46,15 +48,25 @@ def test_multi_echo_scan_gives_the_whole_output_folder(tmp_path, package):
     out = tmp_path / "out"
     assert main(["segment", str(SAMPLE), "-o", str(out), "--model", str(package)]) == 0
     scan = read_volume(SAMPLE)
-    for name in ("segmentation.seg.nrrd", "uncertainty.nrrd", "uncertainty_foreground.nrrd", "mutual_information.nrrd",
+    for name in ("segmentation.seg.nrrd", "uncertainty.nrrd", "mutual_information.nrrd",
                  "t2.nrrd", "t2_r2.nrrd", "t2_s0.nrrd", "regions.nrrd", "report.png", "report.html", "results.json"):
         assert (out / name).is_file(), name
+    assert not (out / "uncertainty_foreground.nrrd").exists()  # uncertainty.nrrd is the masked map
     assert not (tmp_path / "out.partial").exists()
     uncertainty = read_volume(out / "uncertainty.nrrd")
     assert uncertainty.same_grid(scan, atol=1e-6)
-    assert 0.0 <= uncertainty.array.min() and uncertainty.array.max() <= 1.0
+    assert uncertainty.array.min() >= 0.0 and uncertainty.array.max() <= 1.0
     labels, segments = read_segmentation(out / "segmentation.seg.nrrd")
     assert labels.same_grid(scan, atol=1e-6)
+    # Quantised to 1/1000 and, by default, 0 farther than 2 voxels (city-block) from any structure.
+    thousandths = uncertainty.array * 1000
+    assert np.abs(thousandths - np.round(thousandths)).max() < 1e-3
+    header = sitk.ReadImage(str(out / "uncertainty.nrrd"))
+    assert header.GetMetaData("KneeSeg.quantisation_step") == "0.001"
+    assert header.GetMetaData("KneeSeg.uncertainty_mask").startswith("within 2 voxels")
+    near = ndimage.binary_dilation(labels.array > 0, iterations=2)
+    assert not uncertainty.array[~near].any() and uncertainty.array[near].any()
+    assert not read_volume(out / "mutual_information.nrrd").array[~near].any()
     names = {s.name for s in segments}
     assert names <= {t.name for t in TISSUES} and names
     results = json.loads((out / "results.json").read_text())
@@ -80,11 +92,14 @@ def test_oblique_single_echo_input_overlays_exactly(tmp_path, package):
     oblique = Volume(scan.array, scan.spacing, (3.5, -20.25, 41.0), tilt @ scan.direction)
     write_volume(oblique, tmp_path / "oblique.nii.gz")
     out = tmp_path / "out"
-    assert main(["segment", str(tmp_path / "oblique.nii.gz"), "-o", str(out), "--model", str(package), "--no-surfaces"]) == 0
+    assert main(["segment", str(tmp_path / "oblique.nii.gz"), "-o", str(out), "--model", str(package), "--no-surfaces",
+                 "--full-uncertainty"]) == 0
     written = read_volume(tmp_path / "oblique.nii.gz")
     labels, _ = read_segmentation(out / "segmentation.seg.nrrd")
     assert labels.same_grid(written, atol=1e-5)
-    assert read_volume(out / "uncertainty.nrrd").same_grid(written, atol=1e-5)
+    uncertainty = read_volume(out / "uncertainty.nrrd")
+    assert uncertainty.same_grid(written, atol=1e-5)
+    assert sitk.ReadImage(str(out / "uncertainty.nrrd")).GetMetaData("KneeSeg.uncertainty_mask") == "none"
     assert not (out / "surfaces").exists() and not (out / "t2.nrrd").exists()
 
 

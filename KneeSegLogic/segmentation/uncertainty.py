@@ -35,8 +35,8 @@ def entropy_tensor(probabilities: torch.Tensor) -> torch.Tensor:
     """:func:`entropy` in torch, on the tensor's device: over dim 0 of a (C, ...) tensor."""
     classes = probabilities.shape[0]
     total = torch.zeros(probabilities.shape[1:], dtype=torch.float32, device=probabilities.device)
-    for channel in probabilities:
-        total -= channel * channel.clamp(1e-12, 1.0).log()
+    for channel in probabilities:  # xlogy: p log p, 0 at p = 0, in one pass
+        total -= torch.special.xlogy(channel, channel)
     return (total / float(np.log(classes))).clamp_(0.0, 1.0)
 
 
@@ -132,7 +132,7 @@ def most_uncertain_slices(
     order = [int(i) for i in np.argsort(scores)[::-1] if scores[i] > 0][:count]
     entries = []
     for index in order:
-        selector = [slice(None)] * masked.ndim
+        selector: list[slice | int] = [slice(None)] * masked.ndim
         selector[slice_axis] = index
         slice_labels = labels[tuple(selector)]
         present = [BY_LABEL[int(v)].key for v in np.unique(slice_labels) if v and int(v) in BY_LABEL]
