@@ -110,6 +110,14 @@ def _folder_megabytes(folder: Path) -> float:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 1e6
 
 
+def _peak_resident_kb() -> int:
+    """VmHWM of this process (reset by exec, unlike ru_maxrss, which a child inherits)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
 def measure(variant: str, scan: str, out: str, threads: int, device: str) -> dict:
     """One whole ``segment`` run (called in a fresh subprocess)."""
     import torch
@@ -138,7 +146,7 @@ def measure(variant: str, scan: str, out: str, threads: int, device: str) -> dic
         "read_s": round(read_s, 2),
         "segment_s": round(total, 2),
         "stages_s": {k: round(v, 2) for k, v in results["timings_s"].items() if k in STAGES},
-        "peak_memory_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 2),
+        "peak_memory_gb": round(_peak_resident_kb() / 1e6, 2),
         "output_mb": round(_folder_megabytes(Path(out)), 1),
         "files_mb": {
             p.name: round(p.stat().st_size / 1e6, 1) for p in sorted(Path(out).iterdir()) if p.suffix == ".nrrd"
