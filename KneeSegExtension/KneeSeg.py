@@ -10,7 +10,7 @@ responsive. The Logic class below carries the scripted-module template's ``<Modu
 it is not the engine package, which the module names only in ``KneeSegLib.engine.ENGINE_PACKAGE``.
 
 Supported: Slicer 5.8, 5.10 and 5.12 (Python 3.9 and 3.12). Calls newer than Slicer 5.8 sit behind
-a version or ``hasattr`` check, which ``Testing/test_slicer_module.py`` verifies.
+a version or ``hasattr`` check, which ``Testing/slicer/test_slicer_module.py`` verifies.
 """
 
 from __future__ import annotations

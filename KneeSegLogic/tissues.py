@@ -104,7 +104,7 @@ def _rgb(r: int, g: int, b: int) -> tuple[float, float, float]:
 # cartilage, femur, lateral meniscus); elsewhere Slicer gives neighbours the same hue (femur and
 # tibia both yellow, patella and tibial cartilage both salmon, medial meniscus and patellar
 # cartilage both green), so those take distinct hues. Every pair differs by CIEDE2000 > 20
-# (Testing/test_report.py checks it).
+# (Testing/pipeline/test_report.py checks it).
 TISSUES: tuple[Tissue, ...] = (
     Tissue(1, "femoral_cartilage", "Femoral cartilage", _rgb(111, 184, 210), "cartilage", TISSUE, CARTILAGE, FEMUR),
     Tissue(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,9 @@ import pytest
 from KneeSegLogic.io.volume import Volume
 
 REPO = Path(__file__).resolve().parents[1]
+# Tests live in folders that mirror the engine's subpackages; a few share module fixtures across
+# folders (`from test_segment import package`), so every test folder is importable by name.
+sys.path[:0] = [str(folder) for folder in sorted(Path(__file__).parent.iterdir()) if folder.is_dir() and not folder.name.startswith((".", "_"))]
 SAMPLE_DATA = REPO / "Resources" / "SampleData"
 # Real scans for development live beside the repository (../shared/data); a fresh clone lacks them.
 SHARED_DATA = REPO.parent / "shared" / "data"

@@ -161,3 +161,11 @@ def test_readme_code_map_matches_the_tree():
     packages = {f"{p.name}/" for p in ENGINE.iterdir() if (p / "__init__.py").is_file()}
     top_modules = {p.name for p in ENGINE.glob("*.py") if p.name not in ("__init__.py", "__main__.py")}
     assert named == packages | top_modules, f"README code map {sorted(named)} vs tree {sorted(packages | top_modules)}"
+
+
+def test_tests_mirror_the_subpackages():
+    testing = ENGINE.parent / "Testing"
+    packages = {p.name for p in ENGINE.iterdir() if (p / "__init__.py").is_file()}
+    folders = {p.name for p in testing.iterdir() if p.is_dir() and list(p.glob("test_*.py"))}
+    assert packages <= folders | {"commands"} and folders <= packages | {"slicer"}, (packages, folders)
+    assert sorted(p.name for p in testing.glob("test_*.py")) == ["test_architecture.py"]

@@ -1,6 +1,6 @@
 """Throughput of ``kneeseg batch`` on a local Dask cluster: cases per hour with 1 and 2 workers.
 
-Builds, like Testing/test_batch.py, an untrained one-member 2.5D model package (so the numbers
+Builds, like Testing/pipeline/test_batch.py, an untrained one-member 2.5D model package (so the numbers
 measure the batch machinery and a small network, not a real model) and N small single-echo
 cases cropped from the bundled sample scan, then runs ``kneeseg batch`` in a fresh process with
 ``--workers 1`` and ``--workers 2``. Reported per run: wall time, cases per hour, the mean

@@ -2,5 +2,5 @@
 
 Nothing here imports ``slicer``, ``qt``, ``vtk`` or the engine (``engine.ENGINE_PACKAGE``): the module
 talks to the engine only through its command line and its output folder, and these helpers are
-unit-tested outside Slicer (``Testing/test_slicer_module.py``).
+unit-tested outside Slicer (``Testing/slicer/test_slicer_module.py``).
 """

@@ -1,7 +1,7 @@
 """Which Slicer and Python the module supports, checked before anything is installed.
 
 Slicer 5.8 ships Python 3.9, Slicer 5.10 and 5.12 ship Python 3.12. The module's own files are
-kept valid Python 3.9 (``Testing/test_slicer_module.py`` compiles them with a 3.9 grammar), and
+kept valid Python 3.9 (``Testing/slicer/test_slicer_module.py`` compiles them with a 3.9 grammar), and
 the Slicer calls they make are checked against the API lists of Slicer 5.8.1.
 """
 

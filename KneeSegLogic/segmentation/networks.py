@@ -5,7 +5,7 @@ here can be built, so a package cannot make the engine import or run arbitrary c
 
 torch and MONAI are imported only when a network is built: checking a ``model.json`` (and so
 ``kneeseg models``) binds its arguments to the constructor signatures recorded here instead,
-which ``Testing/test_cli.py`` checks against the installed MONAI's own.
+which ``Testing/commands/test_cli.py`` checks against the installed MONAI's own.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ from KneeSegLogic.io.segfile import read_segmentation
 from KneeSegLogic.segmentation.registry import get_package
 from KneeSegLogic.tissues import TISSUES
 
-SAMPLE = Path(__file__).resolve().parents[1] / "Resources" / "SampleData" / "mese_t2_knee.nrrd"
+SAMPLE = Path(__file__).resolve().parents[2] / "Resources" / "SampleData" / "mese_t2_knee.nrrd"
 
 # Plausible adult-knee volumes (mm^3) inside a knee MRI field of view: wide on purpose, they
 # catch a model that misses or floods a structure, not a few percent of boundary.

@@ -19,7 +19,7 @@ from KneeSegLogic.segmentation.networks import build_network
 from KneeSegLogic.segmentation.package import save_package
 from KneeSegLogic.tissues import TISSUES
 
-SAMPLE = Path(__file__).resolve().parents[1] / "Resources" / "SampleData" / "mese_t2_knee.nrrd"
+SAMPLE = Path(__file__).resolve().parents[2] / "Resources" / "SampleData" / "mese_t2_knee.nrrd"
 
 
 def _member(name: str, pixel_mm: float, context: int) -> dict:

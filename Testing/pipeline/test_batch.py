@@ -20,7 +20,7 @@ from KneeSegLogic.segmentation.networks import build_network
 from KneeSegLogic.segmentation.package import save_package
 from KneeSegLogic.tissues import TISSUES
 
-SAMPLE = Path(__file__).resolve().parents[1] / "Resources" / "SampleData" / "mese_t2_knee.nrrd"
+SAMPLE = Path(__file__).resolve().parents[2] / "Resources" / "SampleData" / "mese_t2_knee.nrrd"
 GOOD_CASES = ("knee0", "knee1", "knee2")
 
 

@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 MODULE_DIR = REPO / "KneeSegExtension"
 MODULE_FILE = MODULE_DIR / "KneeSeg.py"
 UI_FILE = MODULE_DIR / "Resources" / "UI" / "KneeSeg.ui"

@@ -31,7 +31,7 @@ from KneeSegLogic.segmentation.networks import build_network
 from KneeSegLogic.segmentation.package import save_package
 from KneeSegLogic.tissues import BY_KEY, BY_LABEL, TISSUES
 
-SAMPLE = Path(__file__).resolve().parents[1] / "Resources" / "SampleData" / "mese_t2_knee.nrrd"
+SAMPLE = Path(__file__).resolve().parents[2] / "Resources" / "SampleData" / "mese_t2_knee.nrrd"
 
 # (name, in-plane working spacing in mm): --fast keeps the coarsest.
 MEMBERS = (("fine", 1.5), ("coarse", 2.5))

@@ -21,7 +21,7 @@ from KneeSegLogic.quantification.regions import (
     femoral_projection_maps,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SAMPLE_LABELS = REPO / "Resources" / "SampleData" / "knee_labels.nrrd"
 SHARED_LABELS = (
     REPO.parent / "shared" / "data" / "knee_labels_pymskt" / "SAG_3D_DESS_RIGHT_bones_cart_men_fib-label.nrrd"

@@ -22,7 +22,7 @@ from KneeSegLogic.quantification.longitudinal import (
 from KneeSegLogic.quantification.projection import ProjectionGrid
 from KneeSegLogic.quantification.regions import divide_cartilage, femoral_cells
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SAMPLE_LABELS = REPO / "Resources" / "SampleData" / "knee_labels.nrrd"
 
 T2_MS = {1: 40.0, 2: 33.0, 3: 35.0, 4: 42.0, 5: 60.0, 6: 60.0, 7: 60.0, 8: 60.0, 9: 15.0, 10: 14.0}
