@@ -52,6 +52,7 @@ from KneeSegLogic.quantification.relaxometry import (
     estimate_noise_sigma,
     expected_magnitude,
     fittable,
+    flagged_fit,
     levenberg_marquardt,
 )
 
@@ -315,33 +316,25 @@ def fit_epg(
         if on_chunk is not None:
             on_chunk(begin + chunk.size, index.size)
 
-    out_of_bounds = fitted & ((t2 < low) | (t2 > high) | at_limit)
-    low_r2 = fitted & (r2 < min_r2) if min_r2 is not None else np.zeros(voxels, bool)
-    valid = fitted & converged & ~out_of_bounds & ~low_r2
-    t2 = np.where(valid, t2, np.nan)
-
-    def shaped(array: np.ndarray, dtype_out: type = np.float32) -> np.ndarray:
-        return array.astype(dtype_out).reshape(spatial_shape)
-
-    return T2Fit(
-        t2_ms=shaped(t2),
-        s0=shaped(s0),
-        r2=shaped(r2),
-        fitted=shaped(fitted, bool),
-        converged=shaped(converged, bool),
-        out_of_bounds=shaped(out_of_bounds, bool),
-        low_r2=shaped(low_r2, bool),
+    return flagged_fit(
+        t2,
+        s0,
+        r2,
+        fitted,
+        converged,
+        at_limit,
+        spatial_shape,
         model="epg",
         echo_times_ms=tuple(float(t) for t in echo_times),
         echoes_used=tuple(range(echoes)),
-        sigma=None if sigma is None else float(sigma),
+        sigma=sigma,
         sigma_source=sigma_source,
         channels=channels,
         t2_bounds_ms=(low, high),
         min_r2=min_r2,
-        device=str(torch_device),
-        dtype=str(dtype).replace("torch.", ""),
+        device=torch_device,
+        dtype=dtype,
         iterations=iterations,
-        seconds=time.perf_counter() - started,
-        b1=shaped(np.where(fitted, b1, np.nan)),
+        started=started,
+        b1=b1,
     )

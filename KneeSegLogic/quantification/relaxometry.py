@@ -699,16 +699,67 @@ def fit_t2(
         if on_chunk is not None:
             on_chunk(begin + chunk.size, index.size)
 
+    return flagged_fit(
+        t2,
+        s0,
+        r2,
+        fitted,
+        converged,
+        at_limit,
+        spatial_shape,
+        model=model,
+        echo_times_ms=tuple(float(echo_times[e]) for e in echoes_used),
+        echoes_used=echoes_used,
+        sigma=sigma,
+        sigma_source=sigma_source,
+        channels=channels,
+        t2_bounds_ms=(low, high),
+        min_r2=min_r2,
+        device=torch_device,
+        dtype=dtype,
+        iterations=iterations,
+        started=started,
+    )
+
+
+def flagged_fit(
+    t2: np.ndarray,
+    s0: np.ndarray,
+    r2: np.ndarray,
+    fitted: np.ndarray,
+    converged: np.ndarray,
+    at_limit: np.ndarray,
+    spatial_shape: tuple[int, ...],
+    *,
+    model: str,
+    echo_times_ms: tuple[float, ...],
+    echoes_used: tuple[int, ...],
+    sigma: float | None,
+    sigma_source: str | None,
+    channels: int,
+    t2_bounds_ms: tuple[float, float],
+    min_r2: float | None,
+    device: torch.device,
+    dtype: torch.dtype,
+    iterations: int,
+    started: float,
+    b1: np.ndarray | None = None,
+) -> T2Fit:
+    """Per-voxel fit results (flat over the fitted voxels' grid) flagged and shaped as a :class:`T2Fit`.
+
+    A voxel's T2 is kept (else NaN) when it was fitted, converged, lies within ``t2_bounds_ms``
+    and off the solver's rate limits, and reaches ``min_r2``; every fit model shares this rule.
+    """
+    low, high = t2_bounds_ms
     out_of_bounds = fitted & ((t2 < low) | (t2 > high) | at_limit)
-    low_r2 = fitted & (r2 < min_r2) if min_r2 is not None else np.zeros(voxels, bool)
+    low_r2 = fitted & (r2 < min_r2) if min_r2 is not None else np.zeros(fitted.shape, bool)
     valid = fitted & converged & ~out_of_bounds & ~low_r2
-    t2 = np.where(valid, t2, np.nan)
 
     def shaped(array: np.ndarray, dtype_out: type = np.float32) -> np.ndarray:
         return array.astype(dtype_out).reshape(spatial_shape)
 
     return T2Fit(
-        t2_ms=shaped(t2),
+        t2_ms=shaped(np.where(valid, t2, np.nan)),
         s0=shaped(s0),
         r2=shaped(r2),
         fitted=shaped(fitted, bool),
@@ -716,17 +767,18 @@ def fit_t2(
         out_of_bounds=shaped(out_of_bounds, bool),
         low_r2=shaped(low_r2, bool),
         model=model,
-        echo_times_ms=tuple(float(echo_times[e]) for e in echoes_used),
+        echo_times_ms=echo_times_ms,
         echoes_used=echoes_used,
         sigma=None if sigma is None else float(sigma),
         sigma_source=sigma_source,
         channels=channels,
         t2_bounds_ms=(low, high),
         min_r2=min_r2,
-        device=str(torch_device),
+        device=str(device),
         dtype=str(dtype).replace("torch.", ""),
         iterations=iterations,
         seconds=time.perf_counter() - started,
+        **({} if b1 is None else {"b1": shaped(np.where(fitted, b1, np.nan))}),
     )
 
 
