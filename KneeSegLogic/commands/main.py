@@ -107,10 +107,12 @@ _signalled = threading.Event()
 
 
 def _terminate(signum: int, frame: object) -> None:
-    # Only the first SIGTERM interrupts: a second one must not break the clean-up of the first
-    # (nor surface as a traceback from whatever finaliser it happens to land in).
+    # Only the first SIGTERM or SIGINT interrupts: a second one must not break the clean-up of the
+    # first (nor surface as a traceback from whatever finaliser it happens to land in).
     if not _signalled.is_set():
         _signalled.set()
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
         raise CancelledError("terminated (SIGTERM)")
 
 
@@ -139,6 +141,8 @@ def _install_signal_handlers(command: str) -> None:
     global _watchdog_started
     _signalled.clear()
     signal.signal(signal.SIGTERM, _terminate)
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not where SIGINT is ignored (nohup, &)
+        signal.signal(signal.SIGINT, _terminate)
     if _watchdog_started or threading.current_thread() is not threading.main_thread():
         return
     read_end, write_end = os.pipe()
@@ -180,6 +184,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     # Schedulers and process managers stop jobs with SIGTERM: turn it into a cancellation so the
     # partial output folder is removed like on any other error.
+    interrupt_handler = signal.getsignal(signal.SIGINT)
     _install_signal_handlers(args.command)
     try:
         check_output_free(args)
@@ -200,6 +205,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 3
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, interrupt_handler)  # callers in-process keep their own Ctrl-C
 
 
 if __name__ == "__main__":

@@ -269,33 +269,44 @@ def atomic_folder(folder: str | Path) -> Iterator[Path]:
     """
     folder = Path(folder)
     partial = folder.with_name(folder.name + ".partial")
-    lock = _claim_partial(partial)
-    ACTIVE.add(partial)
+    lock: int | None = None
+    claimed = False
     try:
-        try:
-            yield partial
-        except BaseException:
+        # Claimed with signals held: a SIGTERM between creating the folder and recording it as
+        # ours would otherwise leave it behind (the clean-up below removes it only once claimed).
+        with _signals_held():
+            lock = _claim_partial(partial)
+            ACTIVE.add(partial)
+            claimed = True
+        yield partial
+        # Published with signals held: a signal between the two renames would lose the old folder.
+        with _signals_held():
+            try:
+                _publish(partial, folder)
+            except OSError as error:
+                raise write_error(folder, error) from None
+            PUBLISHED.add(folder.resolve())
+    except BaseException:
+        if claimed:
             with _signals_held():
                 shutil.rmtree(partial, ignore_errors=True)
-            raise
-        try:
-            if folder.exists():
-                previous = folder.with_name(folder.name + ".previous")
-                shutil.rmtree(previous, ignore_errors=True)
-                folder.rename(previous)
-                partial.rename(folder)
-                shutil.rmtree(previous, ignore_errors=True)
-            else:
-                partial.rename(folder)
-        except OSError as error:
-            with _signals_held():
-                shutil.rmtree(partial, ignore_errors=True)
-            raise write_error(folder, error) from None
-        PUBLISHED.add(folder.resolve())
+        raise
     finally:
         ACTIVE.discard(partial)
         if lock is not None:
             os.close(lock)
+
+
+def _publish(partial: Path, folder: Path) -> None:
+    """Rename ``partial`` to ``folder``, replacing an existing ``folder`` (removed only afterwards)."""
+    if folder.exists():
+        previous = folder.with_name(folder.name + ".previous")
+        shutil.rmtree(previous, ignore_errors=True)
+        folder.rename(previous)
+        partial.rename(folder)
+        shutil.rmtree(previous, ignore_errors=True)
+    else:
+        partial.rename(folder)
 
 
 #: Folders published by this process (so the CLI knows a late Ctrl-C came after a complete run).
