@@ -29,6 +29,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--time-budget-min", type=float, default=60.0, help="training time per member in minutes")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
     parser.add_argument(
+        "--init-from",
+        metavar="MODEL",
+        help="start each member from the same-named member of this model (id or package path): fine-tuning",
+    )
+    parser.add_argument("--learning-rate", type=float, help="peak learning rate (default: each member's recipe, 0.002)")
+    parser.add_argument(
         "--loss",
         default="dice-ce",
         choices=LOSSES,
@@ -48,6 +54,8 @@ def run(args: argparse.Namespace) -> int:
         workdir=args.workdir,
         only_member=args.only_member,
         overwrite=args.overwrite,
+        init_from=args.init_from,
+        learning_rate=args.learning_rate,
     )
     train_package(args.data, args.output, options)
     return 0

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import platform
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -207,7 +207,9 @@ def _mean_dice(per_case: dict, variant: str) -> float:
 class TrainOptions:
     """How ``kneeseg train`` trains: minutes per member, CPU threads (0: torch's default), the
     loss (:data:`KneeSegLogic.training.losses.LOSSES`), the device, the work folder holding
-    checkpoints (None: ``OUT.work``) and, to run members in parallel processes, one member name."""
+    checkpoints (None: ``OUT.work``), to run members in parallel processes one member name, and a
+    model package (id or path) whose members of the same name and architecture start training, and
+    the peak learning rate (None: each recipe's; fine-tuning wants a lower one)."""
 
     time_budget_min: float = 60.0
     threads: int = 0
@@ -216,6 +218,8 @@ class TrainOptions:
     workdir: Path | None = None
     only_member: str | None = None
     overwrite: bool = False
+    init_from: str | None = None
+    learning_rate: float | None = None
 
 
 def describe_data(paths: Sequence[Path], anatomies: Sequence[Anatomy]) -> dict:
@@ -241,6 +245,27 @@ def _hardware(device: torch.device) -> str:
     return f"{_cpu_name()}, {torch.get_num_threads()} CPU threads, device {device} ({where})"
 
 
+def _initial_networks(init_from: str | None, members: Sequence[MemberRecipe]) -> dict[str, torch.nn.Module]:
+    """The members of package ``init_from`` that share a recipe's name and architecture, by name."""
+    if init_from is None:
+        return {}
+    from KneeSegLogic.segmentation.registry import get_package
+
+    package = get_package(init_from)
+    wanted = {spec.name: spec.architecture() for spec in members}
+    found = {
+        member.name: package.load_member(index)
+        for index, member in enumerate(package.members)
+        if wanted.get(member.name) == {"name": member.architecture, "args": member.architecture_args}
+    }
+    if not found:
+        raise KneeSegError(
+            f"--init-from {init_from}: no member shares a name and architecture with {sorted(wanted)}; "
+            "nothing to start from"
+        )
+    return found
+
+
 def train_package(
     data: Sequence[Path], out: Path, options: TrainOptions, progress: Progress | None = None
 ) -> ModelPackage | None:
@@ -256,6 +281,8 @@ def train_package(
     if options.threads:
         torch.set_num_threads(options.threads)
     members = [m for m in DEFAULT_MEMBERS if options.only_member in (None, m.name)]
+    if options.learning_rate is not None:
+        members = [replace(m, learning_rate=options.learning_rate) for m in members]
     if not members:
         raise KneeSegError(f"unknown member {options.only_member!r}; known: {[m.name for m in DEFAULT_MEMBERS]}")
     if options.loss not in LOSSES:
@@ -268,8 +295,19 @@ def train_package(
     sources["heldout_knees"] = len(heldout)
     progress("data", 0.0, f"{sources['label_maps']} label maps, {sources['image_label_pairs']} image/label pairs")
     budget = options.time_budget_min * 60
+    initial = _initial_networks(options.init_from, members)
     weights = [
-        train_member(anatomies, spec, workdir, budget, progress, loss=options.loss, device=str(device), heldout=heldout)
+        train_member(
+            anatomies,
+            spec,
+            workdir,
+            budget,
+            progress,
+            loss=options.loss,
+            device=str(device),
+            heldout=heldout,
+            initial=initial.get(spec.name),
+        )
         for spec in members
     ]
     if options.only_member:
@@ -278,11 +316,13 @@ def train_package(
     command = (
         f"kneeseg train {' '.join(map(str, data))} -o {out} --workdir {workdir} --time-budget-min "
         f"{options.time_budget_min} --loss {options.loss} --device {options.device} "
-        "(members may be trained in parallel with --only-member NAME --threads 1)"
+        + (f"--init-from {options.init_from} " if options.init_from else "")
+        + (f"--learning-rate {options.learning_rate:g} " if options.learning_rate is not None else "")
+        + "(members may be trained in parallel with --only-member NAME --threads 1)"
     )
     training = {"data": sources, "loss": options.loss, "hardware": _hardware(device), "command": command}
     package = assemble_package(
-        out, DEFAULT_MEMBERS, weights, workdir, anatomies, training, overwrite=options.overwrite, heldout=heldout
+        out, members, weights, workdir, anatomies, training, overwrite=options.overwrite, heldout=heldout
     )
     progress("package", 1.0, f"model package written to {out}")
     return package

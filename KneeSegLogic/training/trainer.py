@@ -153,6 +153,7 @@ def train_member(
     loss: str = "dice-ce",
     device: str = "cpu",
     heldout: Sequence[Anatomy] = (),
+    initial: torch.nn.Module | None = None,
 ) -> Path:
     """Train (or resume) one member for ``time_budget_s`` seconds in total; return best weights.
 
@@ -160,6 +161,8 @@ def train_member(
     With ``heldout`` anatomies the best checkpoint is chosen on boxes of those knees (history
     entries say ``"validation": "heldout"``); a run resumed on another validation set than it was
     started with forgets its best score, since Dice on different knees does not compare.
+    ``initial`` (a network of the same architecture, e.g. a shipped member) gives the starting
+    weights of a run that has no checkpoint yet: fine-tuning, with a fresh optimiser state.
     """
     folder = Path(workdir) / spec.name
     folder.mkdir(parents=True, exist_ok=True)
@@ -173,6 +176,8 @@ def train_member(
         network.load_state_dict(saved["network"])
         optimiser.load_state_dict(saved["optimiser"])
         state = TrainingState(**json.loads(saved["state"]))
+    elif initial is not None:
+        network.load_state_dict(initial.state_dict())
     validation_name = "heldout" if heldout else "training"
     if state.validation != validation_name:
         state.best_dice, state.validation = -1.0, validation_name
