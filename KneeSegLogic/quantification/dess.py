@@ -54,6 +54,10 @@ SPOILER_DURATION_TAG = (0x0019, 0x10B7)  # us
 # 1 G us / cm = 1e-4 T * 1e-6 s / 1e-2 m = 1e-8 T s / m = 1e-2 mT ms / m.
 GAUSS_US_PER_CM_IN_MT_MS_PER_M = 1e-2
 
+#: What a DESS map's times are (``results.json`` ``"times"``): the FISP echo at TE and the PSIF
+#: echo, not a spin-echo train.
+DESS_TIMES = "echo times (DESS: FISP and PSIF echoes)"
+
 
 @dataclass(frozen=True)
 class DessParameters:
@@ -182,13 +186,16 @@ def fit_dess_volume(
 
 
 def _first_dicom(path: Path) -> Path | None:
+    """The first DICOM file of a folder, or the file itself when it is DICOM; None for NRRD, NIfTI..."""
     if path.is_file():
-        return path
-    if not path.is_dir():
+        candidates = [path]
+    elif path.is_dir():
+        candidates = sorted(p for p in path.rglob("*") if p.is_file())
+    else:
         return None
     import pydicom
 
-    for candidate in sorted(p for p in path.rglob("*") if p.is_file()):
+    for candidate in candidates:
         try:
             pydicom.dcmread(candidate, stop_before_pixels=True)
         except Exception:  # not DICOM (pydicom raises several types); try the next file

@@ -32,7 +32,7 @@ from KneeSegLogic.io.outputs import (
 )
 from KneeSegLogic.io.scans import write_volume
 from KneeSegLogic.io.volume import Volume, resample_to_grid
-from KneeSegLogic.quantification.dess import DessParameters, fit_dess_volume
+from KneeSegLogic.quantification.dess import DESS_TIMES, DessParameters, fit_dess_volume
 from KneeSegLogic.quantification.relaxometry import (
     DEFAULT_MODEL,
     DEFAULT_T2_BOUNDS_MS,
@@ -54,7 +54,8 @@ class RelaxationKind:
     """One relaxation time the same solver maps: its name, unit and sequence conventions.
 
     ``prefix`` names the output files and the results.json section (``t1rho.nrrd``,
-    ``"t1rho"``); ``times`` what the fitted times are; ``bounds_ms`` the plausible range
+    ``"t1rho"``); ``times`` what the fitted times are
+    (:meth:`times_for` says it per signal model); ``bounds_ms`` the plausible range
     (reporting bounds; values outside are flagged, as for T2); ``skip_first`` whether the first
     time is left out by default (only MESE trains carry the stimulated-echo error).
     """
@@ -68,6 +69,12 @@ class RelaxationKind:
     @property
     def prefix(self) -> str:
         return self.key
+
+    def times_for(self, model: str) -> str:
+        """What the fitted times are with ``model``: a DESS scan's two echoes are no MESE train."""
+        if self.key == "t2" and model == "dess":
+            return DESS_TIMES
+        return self.times
 
 
 #: The kinds ``kneeseg relax --kind`` maps. Cartilage T1rho at 3 T reads 30-60 ms and rises with
@@ -282,7 +289,7 @@ def t2_with_regions(
         )
     section = _fit_section(fit, volume)
     section["quantity"] = relaxation.quantity
-    section["times"] = relaxation.times
+    section["times"] = relaxation.times_for(model)
     if dess_parameters is not None and model == "dess":
         section["dess_parameters"] = dess_parameters.to_json()
     converged = section["all_fitted_voxels"]["fraction_converged"]
