@@ -647,6 +647,20 @@ def _fibula_contact_step(
     return clear_fibula_contact(label_map, volume.spacing_kji, float(distance_mm))
 
 
+#: Anatomical consistency after the bone steps: cartilage and menisci touching the fibula go, each
+#: plate and meniscus keeps its major piece(s) (>= 10 % of the largest), and medial/lateral
+#: structures are put on their own side of the knee. The side rule comes last: its boundary is
+#: computed from the voxels left, so no later step may move it.
+CONSISTENCY_STEPS: list[dict[str, Any]] = [
+    {"name": "fibula_contact", "distance_mm": 1.0},
+    {
+        "name": "major_components",
+        "labels": list(_SOFT_LABELS),
+        "min_fraction": 0.1,
+    },
+    {"name": "medial_lateral_sides"},
+]
+
 STEPS: dict[str, Callable[..., np.ndarray]] = {
     "largest_component": _largest_component_step,
     "fill_holes": _fill_holes_step,

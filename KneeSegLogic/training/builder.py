@@ -25,7 +25,7 @@ from KneeSegLogic.segmentation.inference import (
     member_probabilities,
 )
 from KneeSegLogic.segmentation.package import ModelPackage, save_package
-from KneeSegLogic.segmentation.postprocess import apply_postprocessing
+from KneeSegLogic.segmentation.postprocess import CONSISTENCY_STEPS, apply_postprocessing
 from KneeSegLogic.tissues import TISSUES
 from KneeSegLogic.training.anatomy import read_bank_record
 from KneeSegLogic.training.data import load_anatomies, load_heldout_anatomies
@@ -51,6 +51,7 @@ POSTPROCESSING: list[dict[str, Any]] = [
     {"name": "opening", "radius_mm": 2.0, "labels": OPENED_BONES},
     {"name": "largest_component", "labels": BONE_LABELS, "components": 1},
     {"name": "fill_holes", "labels": BONE_LABELS},
+    *CONSISTENCY_STEPS,
 ]
 
 WEIGHT_GRID = (0.3, 0.5, 0.7)

@@ -11,6 +11,7 @@ from scipy import ndimage
 from KneeSegLogic.io.scans import read_volume
 from KneeSegLogic.io.volume import Volume
 from KneeSegLogic.segmentation.postprocess import (
+    CONSISTENCY_STEPS,
     apply_postprocessing,
     clear_fibula_contact,
     enforce_medial_lateral_sides,
@@ -24,13 +25,6 @@ MEDIAL_MENISCUS, LATERAL_MENISCUS = tissue("medial_meniscus").label, tissue("lat
 MEDIAL_TIBIAL, LATERAL_TIBIAL = tissue("medial_tibial_cartilage").label, tissue("lateral_tibial_cartilage").label
 FIBULA = tissue("fibula").label
 SOFT = [t.label for t in (tissue(k) for k in range(1, 11)) if t.group in ("cartilage", "meniscus")]
-
-CONSISTENCY_STEPS = [
-    {"name": "fibula_contact", "distance_mm": 1.0},
-    {"name": "major_components", "labels": SOFT, "min_fraction": 0.1},
-    # Last: the side boundary is computed from the voxels left, so no later step may move it.
-    {"name": "medial_lateral_sides"},
-]
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +113,7 @@ def test_specks_away_from_a_plate_are_removed_and_big_pieces_kept(knee):
 
 
 def test_real_mese_scan_has_no_soft_tissue_on_the_wrong_side_or_on_the_fibula():
-    """The shipped model on the real MESE scan, then the consistency steps."""
+    """The shipped model on the real MESE scan, with the post-processing its package records."""
     import torch
 
     from KneeSegLogic.io.outputs import Progress, Results
@@ -139,8 +133,9 @@ def test_real_mese_scan_has_no_soft_tissue_on_the_wrong_side_or_on_the_fibula():
         scan.echo_times_ms,
     )
     package = load_package(BUNDLED_MODELS_DIR / "kneeseg-knee-2p5d")
+    assert [step for step in package.postprocessing if step in CONSISTENCY_STEPS] == CONSISTENCY_STEPS
     labels, _, _ = segment_volume(scan, package, torch.device("cpu"), Results("segment"), Progress())
-    result = apply_postprocessing(labels, CONSISTENCY_STEPS).array
+    result = labels.array
     boundary, medial_sign = medial_lateral_split(labels.with_array(result))
     for label, medial_side in ((MEDIAL_MENISCUS, True), (MEDIAL_TIBIAL, True), (LATERAL_MENISCUS, False)):
         positions = left_right_coordinates(labels, result == label)

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from KneeSegLogic.commands.main import main
-from KneeSegLogic.errors import InputError
+from KneeSegLogic.errors import InputError, KneeSegError
 from KneeSegLogic.io import outputs
 from KneeSegLogic.io.scans import write_volume
 from KneeSegLogic.io.segfile import write_segmentation
@@ -294,6 +294,26 @@ def test_kneeseg_train_assembles_a_package(tiny_ensemble, tmp_path: Path, monkey
         assert set(final["volume_ratio"]) <= set(final["dice"]) and all(0 <= d <= 1 for d in final["dice"].values())
     card = (tmp_path / "package" / "MODEL_CARD.md").read_text()
     assert "## Calibration" in card and "Predicted / true volume" in card
+
+
+def test_train_init_from_starts_each_member_from_the_same_named_one(anatomies: list[Anatomy], tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    from KneeSegLogic.segmentation.package import save_package
+    from KneeSegLogic.training.builder import _initial_networks, _spec
+
+    spec = tiny_spec("tiny-a", seed=3)
+    first = load_file(str(train_member(anatomies, spec, tmp_path / "first", time_budget_s=1.0, validate_every=2)))
+    package = tmp_path / "package"
+    save_package(package, _spec([spec], [1.0], training={}, metrics={}), [first])
+    initial = _initial_networks(str(package), [spec, tiny_spec("tiny-b", seed=4)])
+    assert list(initial) == ["tiny-a"]  # tiny-b has no same-named member to start from
+    # Zero seconds of training from it: the best weights are exactly the package's.
+    start = load_file(str(train_member(anatomies, spec, tmp_path / "second", 0.0, initial=initial["tiny-a"])))
+    assert start.keys() == first.keys() and all(torch.equal(start[k], first[k]) for k in first)
+    # Different architecture (wider): refused, nothing to start from.
+    with pytest.raises(KneeSegError, match="no member shares a name and architecture"):
+        _initial_networks(str(package), [MemberRecipe("tiny-a", pixel_mm=3.0, channels=(8, 16), strides=(2,))])
 
 
 def test_heldout_repeats_add_new_scans_and_keep_the_first(
