@@ -34,6 +34,7 @@ import contextlib
 import csv
 import io
 import json
+import os
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -56,6 +57,12 @@ from KneeSegLogic.io.scans import IMAGE_SUFFIXES
 from KneeSegLogic.tissues import TISSUES
 
 LOG_FOLDER = "logs"
+
+CANCELLED = "cancelled"
+
+#: Seconds a cancelled batch waits for the cases running on workers to stop (they notice the stop
+#: file at their next progress report) before it closes the cluster; within the CLI's grace period.
+STOP_WAIT_S = 5.0
 
 CSV_COLUMNS = ("case_id", "path")
 
@@ -86,7 +93,8 @@ class Case:
 
 @dataclass(frozen=True)
 class CaseOutcome:
-    """What happened to a case: ``status`` is ``ok``, ``failed`` or ``skipped``."""
+    """What happened to a case: ``status`` is ``ok``, ``failed``, ``skipped`` or ``cancelled``
+    (the batch was stopped before the case ended; never written to ``summary.csv``)."""
 
     case_id: str
     status: str
@@ -240,7 +248,7 @@ class BatchOptions:
     workers: int = 1
 
 
-def run_case(case: Case, out_root: str, options: BatchOptions) -> CaseOutcome:
+def run_case(case: Case, out_root: str, options: BatchOptions, stop_file: str | None = None) -> CaseOutcome:
     """Segment one case into ``out_root/<case_id>/``; never raises for a failure of the case.
 
     Parameters
@@ -250,16 +258,31 @@ def run_case(case: Case, out_root: str, options: BatchOptions) -> CaseOutcome:
     out_root : str
         The batch output folder (must exist; seen by the worker at this path).
     options : BatchOptions
-        ``model``, ``device``, ``surfaces`` and ``overwrite`` as for ``kneeseg segment``.
+        ``model``, ``device``, ``surfaces`` and ``overwrite`` as for ``kneeseg batch``.
+    stop_file : str, optional
+        A file whose appearance stops the case (checked at every progress report): the batch
+        creates it when it is cancelled, so cases running in worker processes, local or remote,
+        stop and remove their partial folder.
 
     Returns
     -------
     CaseOutcome
-        ``ok`` with the seconds taken, or ``failed`` with one error line.
+        ``ok`` with the seconds taken, ``failed`` with one error line, or ``cancelled`` when
+        ``stop_file`` appeared (nothing of the case is left).
+
+    Raises
+    ------
+    CancelledError
+        SIGTERM/Ctrl-C in this process: the batch stops, the case is not a failure.
     """
     from KneeSegLogic.io.scans import read_volume
     from KneeSegLogic.pipeline.segment import SegmentOptions, segment_scan
 
+    def stopped() -> bool:
+        return stop_file is not None and os.path.exists(stop_file)
+
+    if stopped():  # queued before the batch was cancelled: do not start
+        return CaseOutcome(case.case_id, CANCELLED)
     out_root_path = Path(out_root)
     segment_options = SegmentOptions(
         model=options.model, device=options.device, surfaces=options.surfaces, overwrite=options.overwrite
@@ -275,10 +298,18 @@ def run_case(case: Case, out_root: str, options: BatchOptions) -> CaseOutcome:
             with results.stage("read"):
                 volume = read_volume(case.path, case.echo_times_ms)
             segment_scan(
-                volume, out_root_path / case.case_id, segment_options, scan_path=Path(case.path), results=results
+                volume,
+                out_root_path / case.case_id,
+                segment_options,
+                scan_path=Path(case.path),
+                results=results,
+                progress=Progress(cancel=stopped),
             )
         except CancelledError:
-            raise  # SIGTERM/Ctrl-C stops the batch, it is not a failure of this case
+            if not stopped():
+                raise  # SIGTERM/Ctrl-C stops the batch, it is not a failure of this case
+            Progress(stream=log)("batch", 1.0, "cancelled: the batch was stopped")
+            return CaseOutcome(case.case_id, CANCELLED)
         except KneeSegError as failure:
             error = str(failure)
         except Exception as failure:
@@ -305,8 +336,11 @@ def dask_runner(
     """Connect to ``scheduler`` or start a ``LocalCluster``; yield (description, run function).
 
     The run function submits every case and yields outcomes as they finish. A worker lost while
-    running a case (killed, out of memory) makes that case ``failed``, not the batch.
+    running a case (killed, out of memory) makes that case ``failed``, not the batch. When the
+    ``with`` block ends in an exception (SIGTERM, Ctrl-C), the cases still running are stopped
+    through their stop file and given :data:`STOP_WAIT_S` to clean up before the cluster closes.
     """
+    submitted: dict[str, Any] = {}
     with contextlib.ExitStack() as stack:
         if scheduler:
             try:
@@ -318,7 +352,12 @@ def dask_runner(
             described = f"Dask scheduler {scheduler}"
         else:
             cluster = distributed.LocalCluster(
-                n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None
+                n_workers=workers,
+                threads_per_worker=1,
+                processes=True,
+                dashboard_address=None,
+                # No dashboard; its HTTP server (health checks) on any free port, not 8787.
+                scheduler_kwargs={"dashboard_address": "127.0.0.1:0"},
             )
             stack.callback(_close_local_cluster, cluster)
             client = distributed.Client(cluster)
@@ -329,10 +368,14 @@ def dask_runner(
             # Keys name the case (on the dashboard, and for whoever inspects the scheduler); the
             # random part keeps a rerun's tasks distinct from a previous run's.
             run_id = uuid.uuid4().hex[:8]
+            stop_file = str(Path(out_root) / f".kneeseg-stop-{run_id}")
             futures = {
-                client.submit(run_case, case, out_root, options, key=f"kneeseg-case-{case.case_id}-{run_id}"): case
+                client.submit(
+                    run_case, case, out_root, options, stop_file, key=f"kneeseg-case-{case.case_id}-{run_id}"
+                ): case
                 for case in cases
             }
+            submitted.update(futures=list(futures), stop_file=stop_file)
             for future in distributed.as_completed(futures):
                 case = futures[future]
                 try:
@@ -342,7 +385,26 @@ def dask_runner(
                 except Exception as error:
                     yield CaseOutcome(case.case_id, "failed", one_line(f"worker lost: {type(error).__name__}: {error}"))
 
-        yield described, run
+        try:
+            yield described, run
+        except BaseException:
+            if submitted:
+                _stop_cases(distributed, submitted["futures"], Path(submitted["stop_file"]))
+            raise
+        finally:
+            if submitted:
+                Path(submitted["stop_file"]).unlink(missing_ok=True)
+
+
+def _stop_cases(distributed, futures: list[Any], stop_file: Path) -> None:
+    """Stop the cases of a cancelled batch: each running case sees ``stop_file`` at its next
+    progress report and removes its partial folder; queued ones return at once. Waits at most
+    :data:`STOP_WAIT_S`, so that the cluster then closes with no task left running."""
+    try:
+        stop_file.touch()
+        distributed.wait(futures, timeout=STOP_WAIT_S)
+    except Exception:  # stopping is best effort (a timeout, a lost scheduler): the cancellation goes on
+        pass
 
 
 #: Seconds each local worker process is given to exit when the batch ends (Dask's own 4 s are

@@ -4,6 +4,11 @@ Each test starts ``kneeseg`` in a fresh interpreter on a tiny model and a small 
 its first progress line (the run is under way: the scan was read) and then signals it. A
 cancelled run exits 130 with ONE line on stderr (no traceback from whatever finaliser the signal
 landed in) and leaves neither ``OUT`` nor ``OUT.partial``.
+
+``batch`` is signalled once its first case is inside inference (seen in the case's log): the batch
+stops with 130 and one line, whether the case runs in the batch's own process (no Dask) or in a
+``LocalCluster`` worker process (which the batch stops through the case's stop file); the case
+is not recorded as failed and leaves no ``OUT/<case>.partial``.
 """
 
 from __future__ import annotations
@@ -23,10 +28,17 @@ from KneeSegLogic.io.scans import write_volume
 ENVIRONMENT = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONWARNINGS": "default"}
 
 
-def _start(argv: list[str], home: Path) -> subprocess.Popen:
+# ``kneeseg`` as if the batch extra were not installed (``from dask import distributed`` fails).
+WITHOUT_DASK = (
+    "import sys; sys.modules['dask'] = None; from KneeSegLogic.commands.main import main; sys.exit(main(sys.argv[1:]))"
+)
+
+
+def _start(argv: list[str], home: Path, dask: bool = True) -> subprocess.Popen:
     environment = {**ENVIRONMENT, "KNEESEG_HOME": str(home), "KNEESEG_MODELS_PATH": ""}
+    launcher = ["-m", "KneeSegLogic.commands.main"] if dask else ["-c", WITHOUT_DASK]
     return subprocess.Popen(
-        [sys.executable, "-m", "KneeSegLogic.commands.main", *argv],
+        [sys.executable, *launcher, *argv],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -69,3 +81,47 @@ def test_a_second_signal_during_segment_leaves_nothing(tmp_path, tiny, signals):
     assert len(lines) == 1, lines
     assert lines[0] in ("kneeseg segment: terminated (SIGTERM)", "kneeseg segment: cancelled"), lines
     assert not out.exists() and not (tmp_path / "OUT.partial").exists()
+
+
+@pytest.fixture(scope="module")
+def cases(tiny, tmp_path_factory) -> Path:
+    """Two cases large enough that the first is still running when it is signalled."""
+    folder = tmp_path_factory.mktemp("batch-cases")
+    for name in ("k0", "k1"):
+        write_volume(_scan(1, shape=(40, 128, 128)), folder / f"{name}.nrrd")
+    return folder
+
+
+def _wait_for(path: Path, text: str, process: subprocess.Popen, timeout_s: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not (path.is_file() and text in path.read_text()):
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, f"{path} never showed {text!r}"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize(
+    "executor, number",
+    [
+        pytest.param("in-process", signal.SIGTERM, id="in-process-SIGTERM"),
+        pytest.param("in-process", signal.SIGINT, id="in-process-SIGINT"),
+        pytest.param("LocalCluster", signal.SIGTERM, id="LocalCluster-SIGTERM"),
+    ],
+)
+def test_a_signal_stops_batch_without_failing_the_running_case(tmp_path, tiny, cases, executor, number):
+    if executor == "LocalCluster":
+        pytest.importorskip("dask.distributed")
+    package, _ = tiny
+    out = tmp_path / "OUT"
+    argv = ["batch", str(cases), "-o", str(out), "--model", str(package), "--device", "cpu"]
+    process = _start(argv, tmp_path, dask=executor == "LocalCluster")
+    _wait_for(out / "logs" / "k0.jsonl", '"stage": "inference"', process)
+    process.send_signal(number)
+    code, lines = _finish(process)
+    assert code == 130, lines
+    assert lines == ["kneeseg batch: terminated (SIGTERM)" if number == signal.SIGTERM else "kneeseg batch: cancelled"]
+    assert not (out / "k0.partial").exists() and not (out / "k1.partial").exists()
+    assert not (out / "summary.csv").exists()  # nothing recorded: no case failed, the batch stopped
+    assert "failed" not in (out / "logs" / "k0.jsonl").read_text()
+    assert not list(out.glob(".kneeseg-stop-*"))
+    assert not (out / "k1").exists()  # the batch stopped: the second case never ran
