@@ -46,6 +46,7 @@ from KneeSegLib.compatibility import unsupportedReason
 from KneeSegLib.dependencies import missingRequirements, protectionConstraints, readRequirements, splitTorch
 from KneeSegLib.engine import (
     REGION_VARIANTS,
+    RELAXATION_KINDS,
     SURFACE_SMOOTHING,
     T2_MODELS,
     PlannedCommand,
@@ -69,14 +70,15 @@ from KneeSegLib.packages import modelCard, normaliseSha256, packageRow
 from KneeSegLib.processtree import killProcessTree
 from KneeSegLib.results import (
     REGIONS_TABLE_FILE,
+    RELAXATION_FILES,
     SEGMENTATION_FILE,
     SURFACES_FOLDER,
-    T2_FILE,
     UNCERTAINTY_FILE,
     UncertainSlice,
     caseName,
     provenanceAttributes,
     readResults,
+    relaxationMapIn,
     replacementWarning,
     sliceCentreIJK,
     surfaceFiles,
@@ -112,8 +114,9 @@ REGIONS_TABLE_ROLE = "kneeSegRegionsTable"
 T2_WINDOW_MS = (0.0, 100.0)
 T2_THRESHOLD_MS = 1.0  # the engine writes 0 where it fitted nothing: those voxels stay transparent
 # Relaxation maps a T2 folder may hold (t2.nrrd from MESE, EPG or DESS; t1rho.nrrd and t2star.nrrd
-# from `kneeseg relax`): file stem -> (name suffix, quantity coded entry, window in ms). T2 and T2*
-# are DICOM CID 7180 codes; DICOM has no T1rho code, so it gets a private (99-prefixed) scheme.
+# from `kneeseg relax`): kind (file stem, KneeSegLib.results.RELAXATION_FILES) -> (name suffix,
+# quantity coded entry, window in ms). T2 and T2* are DICOM CID 7180 codes; DICOM has no T1rho
+# code, so it gets a private (99-prefixed) scheme.
 RELAXATION_MAPS = {
     "t2": ("T2", ("113065", "DCM", "T2"), T2_WINDOW_MS),
     "t2star": ("T2*", ("113064", "DCM", "T2*"), T2_WINDOW_MS),
@@ -231,8 +234,13 @@ class KneeSegParameterNode:
     fastMode - one ensemble member, for laptops.
     closingRadiusMm - morphological closing radius (-1 = as the model package says).
     surfaceSmoothing - smoothing of the surface models.
-    t2Model - T2 signal model.
+    relaxationKind - map fitted on the multi-echo series: t2 (`kneeseg t2`), t1rho or t2star (`kneeseg relax`).
+    t2Model - signal model of that fit (epg: all echoes with a B1 map; dess: two-echo DESS; T2 only).
     regionVariant - femoral cartilage subregion recipe ("default": the engine's).
+    regionFile - region file replacing the recipe (label volume or .json; empty path "." = none).
+    excludeSurface - leave the articular-surface voxel layer (partial volume) out of region statistics.
+    dessRepetitionTimeMs, dessFlipAngleDeg - DESS TR and flip angle (0 = not given; the engine gets
+        an NRRD copy of the scan, without its DICOM header).
     outputSegmentation - segmentation to write into (none = a new one).
     showUncertainty, computeT2, computeSurfaces - which outputs to produce.
     trainingFolder - where corrected cases are saved for fine-tuning.
@@ -249,6 +257,11 @@ class KneeSegParameterNode:
     surfaceSmoothing: Annotated[str, Choice(list(SURFACE_SMOOTHING))] = "windowed-sinc"
     t2Model: Annotated[str, Choice(list(T2_MODELS))] = "ncexp"
     regionVariant: Annotated[str, Choice(list(REGION_VARIANTS))] = "default"
+    relaxationKind: Annotated[str, Choice(list(RELAXATION_KINDS))] = "t2"
+    regionFile: Path = Path()
+    excludeSurface: bool = False
+    dessRepetitionTimeMs: Annotated[float, WithinRange(0.0, 1000.0)] = 0.0
+    dessFlipAngleDeg: Annotated[float, WithinRange(0.0, 179.0)] = 0.0
     outputSegmentation: vtkMRMLSegmentationNode
     showUncertainty: bool = True
     computeT2: bool = True
@@ -503,12 +516,28 @@ class RunOptions:
             t2=parameters.computeT2,
             t2Model=parameters.t2Model,
             regionVariant=parameters.regionVariant,
+            relaxationKind=parameters.relaxationKind,
+            regionFile=optionalPath(parameters.regionFile),
+            excludeSurface=parameters.excludeSurface,
+            repetitionTimeMs=parameters.dessRepetitionTimeMs or None,
+            flipAngleDeg=parameters.dessFlipAngleDeg or None,
         )
         return RunOptions(engine, parameters.echoTimes, parameters.showUncertainty)
 
     def asParameters(self) -> dict:
         """The choices as plain values, recorded with the results (provenance)."""
         return asdict(self)
+
+    @property
+    def zeroTimeAllowed(self) -> bool:
+        """Typed times may start at 0 ms: spin-lock times of a T1rho series."""
+        return self.engine.relaxationKind == "t1rho"
+
+
+def optionalPath(path: Path | None) -> str:
+    """A path chosen in a path line edit, or "" when none was (an empty edit reads as ``Path(".")``)."""
+    text = str(path or "")
+    return "" if text in ("", ".") else text
 
 
 #
@@ -546,7 +575,7 @@ class KneeSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
 
-        for key, label in zip(OVERLAYS, (_("Uncertainty heatmap"), _("T2 map (ms)"), _("None"))):
+        for key, label in zip(OVERLAYS, (_("Uncertainty heatmap"), _("Relaxation map: T2, T1rho or T2* (ms)"), _("None"))):
             self.ui.overlayComboBox.addItem(label, key)
         self._fillDeviceComboBox(availableDevices(None))
 
@@ -633,6 +662,9 @@ class KneeSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             button.enabled = hasSegmentation and not running and not self._unsupported
         self.ui.modelPackagesButton.enabled = not running and not self._unsupported
         self.ui.ensembleMembersSpinBox.enabled = not (parameters and parameters.fastMode)
+        t2Map = not parameters or parameters.relaxationKind == "t2"  # DESS maps T2 only
+        self.ui.dessRepetitionTimeSpinBox.enabled = t2Map
+        self.ui.dessFlipAngleSpinBox.enabled = t2Map
         self._describeInput()
 
     def _describeInput(self) -> None:
@@ -642,13 +674,14 @@ class KneeSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.inputInfoLabel.text = ""
             return
         key = (parameters.inputVolume.GetID(), parameters.t2Volume.GetID() if parameters.t2Volume else "",
-               parameters.computeT2, parameters.echoTimes)
+               parameters.computeT2, parameters.echoTimes, parameters.relaxationKind)
         if key == self._describedInput:
             return
         self._describedInput = key
         try:
             self.ui.inputInfoLabel.text = self.logic.describeInput(parameters.inputVolume, parameters.t2Volume,
-                                                                   parameters.computeT2, parameters.echoTimes)
+                                                                   parameters.computeT2, parameters.echoTimes,
+                                                                   parameters.relaxationKind == "t1rho")
         except ValueError as error:
             self.ui.inputInfoLabel.text = str(error)
 
@@ -1294,26 +1327,28 @@ class KneeSegLogic(ScriptedLoadableModuleLogic, VTKObservationMixin):
         imageData = node.GetImageData() if node.IsA("vtkMRMLVolumeNode") else None
         return imageData.GetNumberOfScalarComponents() if imageData else 0
 
-    def describeInput(self, node, t2Volume=None, t2Requested: bool = True, typedEchoTimes: str = "") -> str:
+    def describeInput(self, node, t2Volume=None, t2Requested: bool = True, typedEchoTimes: str = "",
+                      allowZero: bool = False) -> str:
         """One sentence before the run: echoes of the input and what happens with T2.
 
         Raises ``ValueError`` with the reason when an input is a 4D series KneeSeg does not take.
+        ``allowZero``: the typed times are spin-lock times, which may start at 0 ms.
         """
-        typed = parseEchoTimes(typedEchoTimes) if typedEchoTimes.strip() else []
+        typed = parseEchoTimes(typedEchoTimes, allowZero) if typedEchoTimes.strip() else []
         for candidate in (node, t2Volume):
             frames = self.frameIndex(candidate) if candidate is not None else None
             if frames is not None and len(frames[3]) > 1:
                 frameEchoTimes(*frames, typedEchoTimes=typed)
         return echoMessage(node.GetName(), self.echoCount(node), t2Volume is not None, t2Requested)
 
-    def scanInput(self, node, typedEchoTimes: str = "") -> ScanInput:
+    def scanInput(self, node, typedEchoTimes: str = "", allowZero: bool = False) -> ScanInput:
         """What the engine gets for ``node``: the volume itself, or the frames of its sequence or
         multi-volume stacked into one multi-echo volume. A 4D series that is not multi-echo raises
         ``ValueError`` (KneeSeg does not segment frame by frame)."""
         frames = self.frameIndex(node)
         if frames is None:
             return ScanInput(node, node, self.echoCount(node))
-        typed = parseEchoTimes(typedEchoTimes) if typedEchoTimes.strip() else []
+        typed = parseEchoTimes(typedEchoTimes, allowZero) if typedEchoTimes.strip() else []
         name, indexName, indexUnit, values = frames
         if not values:
             raise ValueError(_("'{name}' holds no frames.").format(name=name))
@@ -1362,7 +1397,7 @@ class KneeSegLogic(ScriptedLoadableModuleLogic, VTKObservationMixin):
             return t2Volume
         return inputVolume if self.echoCount(inputVolume) > 1 else None
 
-    def echoTimesOf(self, scan: ScanInput, text: str = "") -> list[float] | None:
+    def echoTimesOf(self, scan: ScanInput, text: str = "", allowZero: bool = False) -> list[float] | None:
         """Echo times (ms) of a multi-echo input: from its frames' index, typed by the user, from the
         node's attributes, else from its file. ``None`` when it has one echo.
 
@@ -1374,7 +1409,7 @@ class KneeSegLogic(ScriptedLoadableModuleLogic, VTKObservationMixin):
         if scan.echoTimesMs:
             return scan.echoTimesMs
         volumeNode = scan.source
-        times = parseEchoTimes(text) if text.strip() else []
+        times = parseEchoTimes(text, allowZero) if text.strip() else []
         if not times and volumeNode.GetAttribute("MultiVolume.FrameLabels"):
             times = parseEchoTimes(volumeNode.GetAttribute("MultiVolume.FrameLabels"))
         storage = volumeNode.GetStorageNode()
@@ -1433,17 +1468,18 @@ class KneeSegLogic(ScriptedLoadableModuleLogic, VTKObservationMixin):
         if inputNode is None:
             raise ValueError(_("Select an input volume."))
         options = options or RunOptions()
-        scan = self.scanInput(inputNode, options.echoTimes)
+        zero = options.zeroTimeAllowed
+        scan = self.scanInput(inputNode, options.echoTimes, zero)
         t2Scan = None
         try:
             if options.engine.t2 and t2Volume is not None and t2Volume is not inputNode:
-                t2Scan = self.scanInput(t2Volume, options.echoTimes)
+                t2Scan = self.scanInput(t2Volume, options.echoTimes, zero)
             elif options.engine.t2 and scan.echoes > 1:
                 t2Scan = scan
             (onLog or logging.info)(echoMessage(scan.node.GetName(), scan.echoes, t2Scan is not None and t2Scan is not scan,
                                                 options.engine.t2))
-            inputEchoTimes = self.echoTimesOf(scan, options.echoTimes)
-            t2EchoTimes = self.echoTimesOf(t2Scan, options.echoTimes) if t2Scan is not None else None
+            inputEchoTimes = self.echoTimesOf(scan, options.echoTimes, zero)
+            t2EchoTimes = self.echoTimesOf(t2Scan, options.echoTimes, zero) if t2Scan is not None else None
             work = self.workFolder()
             inputPath = self.writeScan(scan, work / "input.nrrd")
             t2Input = None
@@ -1469,9 +1505,10 @@ class KneeSegLogic(ScriptedLoadableModuleLogic, VTKObservationMixin):
         if segmentationNode is None:
             raise ValueError(_("Select the segmentation to recompute from."))
         options = options or RunOptions()
-        t2Scan = self.scanInput(t2Volume, options.echoTimes) if t2Volume is not None and options.engine.t2 else None
+        zero = options.zeroTimeAllowed
+        t2Scan = self.scanInput(t2Volume, options.echoTimes, zero) if t2Volume is not None and options.engine.t2 else None
         try:
-            t2EchoTimes = self.echoTimesOf(t2Scan, options.echoTimes) if t2Scan is not None else None
+            t2EchoTimes = self.echoTimesOf(t2Scan, options.echoTimes, zero) if t2Scan is not None else None
             work = self.workFolder()
             segmentationPath = work / "edited.seg.nrrd"
             if not slicer.util.exportNode(segmentationNode, str(segmentationPath), {}):
@@ -1532,8 +1569,8 @@ class KneeSegLogic(ScriptedLoadableModuleLogic, VTKObservationMixin):
         self.replaceDerived(result.segmentation, UNCERTAINTY_ROLE, [result.uncertainty] if result.uncertainty is not None else [])
         surfacesFolder = self.firstFolderWith(SURFACES_FOLDER, work / "surfaces", segmentFolder) if options.engine.surfaces else None
         self.loadSurfaces(result, surfacesFolder, readResults(surfacesFolder) if surfacesFolder else {}, parameters)
-        t2Folder = self.firstFolderWith(T2_FILE, work / "t2", segmentFolder) if t2Series is not None else None
-        self.loadT2Outputs(result, t2Folder, t2Series, parameters)
+        found = relaxationMapIn(work / "relax", work / "t2", segmentFolder) if t2Series is not None else None
+        self.loadT2Outputs(result, found, t2Series, parameters)
         result.volumesTable = self.loadVolumesTable(result.segmentation, results, work, inputVolume)
         self.watchForEdits(result.segmentation)
         return result
@@ -1548,23 +1585,24 @@ class KneeSegLogic(ScriptedLoadableModuleLogic, VTKObservationMixin):
         self.loadSurfaces(result, surfacesFolder, results, parameters)
         result.volumesTable = self.loadVolumesTable(segmentationNode, results, work, reference)
         if t2Series is not None:
-            self.loadT2Outputs(result, self.firstFolderWith(T2_FILE, work / "t2"), t2Series, parameters)
+            self.loadT2Outputs(result, relaxationMapIn(work / "relax", work / "t2"), t2Series, parameters)
         segmentationNode.SetAttribute(RECOMPUTED_FOLDER_ATTRIBUTE, str(work))
         return result
 
-    def loadT2Outputs(self, result: SceneResult, folder: Path | None, t2Series, parameters: dict) -> None:
-        """The relaxation map (and the EPG B1 map) and the per-region table of an output folder
-        (replacing the segmentation's old ones)."""
+    def loadT2Outputs(self, result: SceneResult, found: tuple[Path, str] | None, t2Series, parameters: dict) -> None:
+        """The relaxation map (T2, T1rho or T2*; and the EPG B1 map) and the per-region table of the
+        output folder ``found`` names (``(folder, kind)``), replacing the segmentation's old ones."""
         b1 = None
-        if folder is not None:
+        if found is not None:
+            folder, kind = found
             t2Results = readResults(folder)
-            kind = next((k for k in RELAXATION_MAPS if (folder / f"{k}.nrrd").is_file()), "t2")
-            result.t2 = self.loadT2Map(folder / f"{kind}.nrrd", t2Series, t2Results, parameters)
+            result.t2 = self.loadT2Map(folder / RELAXATION_FILES[kind], t2Series, t2Results, parameters)
             if (folder / B1_FILE).is_file():
                 b1 = self.loadScalarMap(folder / B1_FILE, f"{t2Series.GetName()} B1", t2Series, ("1", "UCUM", "no units"),
                                         "vtkMRMLColorTableNodeFileViridis.txt", B1_WINDOW, B1_THRESHOLD, t2Results, parameters)
             if (folder / REGIONS_TABLE_FILE).is_file():
-                result.regionsTable = self.loadTable(folder / REGIONS_TABLE_FILE, f"{t2Series.GetName()} T2 per region", t2Series)
+                result.regionsTable = self.loadTable(folder / REGIONS_TABLE_FILE,
+                                                     f"{t2Series.GetName()} {RELAXATION_MAPS[kind][0]} per region", t2Series)
         self.replaceDerived(result.segmentation, T2_ROLE, [result.t2] if result.t2 is not None else [])
         self.replaceDerived(result.segmentation, B1_ROLE, [b1] if b1 is not None else [])
         self.replaceDerived(result.segmentation, REGIONS_TABLE_ROLE, [result.regionsTable] if result.regionsTable is not None else [])
@@ -1686,7 +1724,8 @@ class KneeSegLogic(ScriptedLoadableModuleLogic, VTKObservationMixin):
     def loadT2Map(self, path: Path, seriesVolume, results: dict, parameters: dict):
         """A relaxation map in ms (T2, T2* or T1rho by file name, :data:`RELAXATION_MAPS`): colour map,
         fixed window with a colour bar, unfitted voxels transparent, quantity and units coded."""
-        suffix, code, window = RELAXATION_MAPS[path.name[: -len(".nrrd")]]
+        kind = next(k for k, fileName in RELAXATION_FILES.items() if fileName == path.name)
+        suffix, code, window = RELAXATION_MAPS[kind]
         volume = self.loadScalarMap(path, f"{seriesVolume.GetName()} {suffix}", seriesVolume, ("ms", "UCUM", "millisecond"),
                                     "vtkMRMLColorTableNodeFileViridis.txt", window, T2_THRESHOLD_MS, results, parameters)
         quantity = slicer.vtkCodedEntry()

@@ -37,7 +37,15 @@ EXIT_CANCELLED = 130
 # "mps" (Apple GPUs) is offered only where the device probe finds it.
 DEVICES = ("auto", "cpu", "cuda", "mps")
 # First entry of each: the engine's default.
-T2_MODELS = ("ncexp", "mono", "mono-offset", "loglinear", "epg")  # epg also writes t2_b1.nrrd
+# epg fits all echoes with B1 (also writes t2_b1.nrrd); dess is the two-echo DESS formula.
+T2_MODELS = ("ncexp", "mono", "mono-offset", "loglinear", "epg", "dess")
+# Relaxation maps: "t2" runs `kneeseg t2` (or segment's own fit), the others `kneeseg relax --kind`.
+RELAXATION_KINDS = ("t2", "t1rho", "t2star")
+RELAX_MODELS = T2_MODELS[:4]  # epg and dess map T2 only
+DESS_ECHOES = 2  # a two-echo series is DESS (as `kneeseg segment` decides)
+DESS_PARAMETERS_MISSING = (
+    "DESS T2 needs the repetition time and the flip angle: type them under Quantitative MRI, or untick the "
+    "T2 map (the engine gets an NRRD copy of the scan, without its DICOM header)")
 SURFACE_SMOOTHING = ("windowed-sinc", "laplacian-idw", "none")
 REGION_VARIANTS = ("default", "dosma", "thomas")  # "default": the engine's own choice, no flag passed
 
@@ -92,8 +100,20 @@ class SegmentOptions:
     t2 : bool
         Whether to fit T2 when a multi-echo series is given.
     t2Model : one of :data:`T2_MODELS`
+        Signal model (for T1rho and T2* one of :data:`RELAX_MODELS`). A two-echo series with the
+        default model is fitted with ``dess``.
     regionVariant : one of :data:`REGION_VARIANTS`
         Femoral cartilage subregion recipe.
+    relaxationKind : one of :data:`RELAXATION_KINDS`
+        The map fitted on the multi-echo (or multi-spin-lock) series.
+    regionFile : str
+        Region file replacing the recipe: a label volume (every non-zero value a region) or a
+        ``.json`` recipe (empty: none).
+    excludeSurface : bool
+        Leave the articular-surface voxel layer (partial volume with fluid) out of region statistics.
+    repetitionTimeMs, flipAngleDeg : float or None
+        DESS sequence parameters. The module hands the engine an NRRD copy of the scan, without
+        its DICOM header, so DESS needs them typed.
     """
 
     model: str = ""
@@ -106,6 +126,11 @@ class SegmentOptions:
     t2: bool = True
     t2Model: str = T2_MODELS[0]
     regionVariant: str = REGION_VARIANTS[0]
+    relaxationKind: str = RELAXATION_KINDS[0]
+    regionFile: str = ""
+    excludeSurface: bool = False
+    repetitionTimeMs: float | None = None
+    flipAngleDeg: float | None = None
 
 
 @dataclass(frozen=True)
@@ -145,22 +170,94 @@ def segmentCommand(python: str, inputPath: str | Path, outputFolder: str | Path,
     return args
 
 
-def t2Command(python: str, inputPath: str | Path, outputFolder: str | Path, maskPath: str | Path | None,
-              echoTimesMs: Sequence[float] | None = None, model: str = T2_MODELS[0], device: str = "auto",
-              regionVariant: str = REGION_VARIANTS[0]) -> list[str]:
-    """``kneeseg t2`` command line: T2 map of a multi-echo scan, cartilage regions from ``maskPath``."""
-    if model not in T2_MODELS:
-        raise ValueError(f"T2 model must be one of {T2_MODELS}, got {model!r}")
+def _regions(regionVariant: str, regionFile: str | Path = "") -> list[str]:
+    """``--regions``: the region file when one is given, else a recipe other than the engine's default."""
     if regionVariant not in REGION_VARIANTS:
         raise ValueError(f"region variant must be one of {REGION_VARIANTS}, got {regionVariant!r}")
+    if str(regionFile):
+        return ["--regions", str(regionFile)]
+    return ["--regions", regionVariant] if regionVariant != REGION_VARIANTS[0] else []
+
+
+def t2Command(python: str, inputPath: str | Path, outputFolder: str | Path, maskPath: str | Path | None,
+              echoTimesMs: Sequence[float] | None = None, model: str = T2_MODELS[0], device: str = "auto",
+              regionVariant: str = REGION_VARIANTS[0], regionFile: str | Path = "", excludeSurface: bool = False,
+              repetitionTimeMs: float | None = None, flipAngleDeg: float | None = None) -> list[str]:
+    """``kneeseg t2`` command line: T2 map of a multi-echo scan, cartilage regions from ``maskPath``.
+
+    ``model`` ``epg`` fits every echo with B1 (``t2_b1.nrrd``); ``dess`` the two-echo DESS formula
+    with ``repetitionTimeMs`` and ``flipAngleDeg`` (TE comes from the echo times).
+    """
+    if model not in T2_MODELS:
+        raise ValueError(f"T2 model must be one of {T2_MODELS}, got {model!r}")
     args = _base(python, "t2") + [str(inputPath), "-o", str(outputFolder), "--model", model] + _device(device)
     if echoTimesMs:
         args += ["--echo-times", formatEchoTimes(echoTimesMs)]
     if maskPath is not None:
         args += ["--mask", str(maskPath)]
-    if regionVariant != REGION_VARIANTS[0]:
-        args += ["--regions", regionVariant]
+    args += _regions(regionVariant, regionFile)
+    if excludeSurface:
+        args.append("--exclude-surface")
+    if model == "dess":
+        if not (repetitionTimeMs and flipAngleDeg):
+            raise ValueError(DESS_PARAMETERS_MISSING)
+        args += ["--tr", f"{repetitionTimeMs:g}", "--flip-angle", f"{flipAngleDeg:g}"]
     return args
+
+
+def relaxCommand(python: str, inputPath: str | Path, outputFolder: str | Path, maskPath: str | Path | None,
+                 kind: str, timesMs: Sequence[float] | None = None, model: str = RELAX_MODELS[0],
+                 device: str = "auto", regionVariant: str = REGION_VARIANTS[0], regionFile: str | Path = "",
+                 excludeSurface: bool = False) -> list[str]:
+    """``kneeseg relax --kind KIND`` command line: a T1rho, T2* (or T2) map, cartilage regions from ``maskPath``.
+
+    ``timesMs`` are the spin-lock or echo times, one per volume (spin-lock times may start at 0).
+    """
+    if kind not in RELAXATION_KINDS:
+        raise ValueError(f"relaxation kind must be one of {RELAXATION_KINDS}, got {kind!r}")
+    if model not in (T2_MODELS if kind == "t2" else RELAX_MODELS):
+        raise ValueError(f"the {kind} model must be one of {RELAX_MODELS}, got {model!r} (epg and dess map T2 only)")
+    args = _base(python, "relax") + [str(inputPath), "-o", str(outputFolder), "--kind", kind, "--model", model]
+    args += _device(device)
+    if timesMs:
+        args += ["--times", formatTimes(timesMs)]
+    if maskPath is not None:
+        args += ["--mask", str(maskPath)]
+    args += _regions(regionVariant, regionFile)
+    if excludeSurface:
+        args.append("--exclude-surface")
+    return args
+
+
+def effectiveT2Model(options: SegmentOptions, echoCount: int) -> str:
+    """The model a run fits with: ``dess`` for a two-echo T2 series left at the default model."""
+    if options.relaxationKind == "t2" and echoCount == DESS_ECHOES and options.t2Model == T2_MODELS[0]:
+        return "dess"
+    return options.t2Model
+
+
+def quantitativeCommand(python: str, work: Path, seriesPath: Path, maskPath: Path,
+                        timesMs: Sequence[float] | None, options: SegmentOptions) -> PlannedCommand | None:
+    """The ``t2`` or ``relax`` command fitting ``options.relaxationKind`` on the series, or ``None``
+    for a two-echo (DESS) series whose TR and flip angle were not typed (``segment`` then warns itself)."""
+    if options.relaxationKind != "t2":
+        folder = work / "relax"
+        return PlannedCommand("relax", relaxCommand(python, seriesPath, folder, maskPath, options.relaxationKind, timesMs,
+                                                    options.t2Model, options.device, options.regionVariant,
+                                                    options.regionFile, options.excludeSurface), folder)
+    model = effectiveT2Model(options, len(timesMs or ()))
+    if model == "dess" and options.t2Model != "dess" and not (options.repetitionTimeMs and options.flipAngleDeg):
+        return None
+    folder = work / "t2"
+    return PlannedCommand("t2", t2Command(python, seriesPath, folder, maskPath, timesMs, model, options.device,
+                                          options.regionVariant, options.regionFile, options.excludeSurface,
+                                          options.repetitionTimeMs, options.flipAngleDeg), folder)
+
+
+def segmentFitsWhatIsAsked(options: SegmentOptions, echoCount: int) -> bool:
+    """Whether ``segment``'s own T2 fit on its multi-echo input is the one asked for (nothing to add)."""
+    return (options.relaxationKind == "t2" and effectiveT2Model(options, echoCount) == T2_MODELS[0]
+            and options.regionVariant == REGION_VARIANTS[0] and not options.regionFile and not options.excludeSurface)
 
 
 def surfacesCommand(python: str, segmentationPath: str | Path, outputFolder: str | Path,
@@ -178,8 +275,10 @@ def planSegmentRun(python: str, work: Path, inputPath: Path, inputEchoTimesMs: S
 
     ``segment`` does what it can with its defaults: on a multi-echo input it also fits T2 with
     the default model and regions, and it builds surfaces with the default smoothing. Other
-    choices run the ``surfaces`` or ``t2`` command on its segmentation afterwards, so nothing is
-    computed twice with different settings by accident.
+    choices run the ``surfaces``, ``t2`` or ``relax`` command on its segmentation afterwards, so
+    nothing is computed twice with different settings by accident. When the input is itself a
+    T1rho or T2* series, ``segment`` gets its times as echo times: spin-lock times of 0 ms cannot be,
+    and raise ``ValueError`` (segment an anatomical scan and choose the series for the map).
     """
     segmentation = work / "segment" / SEGMENTATION_FILE
     separateSurfaces = options.surfaces and options.surfaceSmoothing != SURFACE_SMOOTHING[0]
@@ -188,12 +287,16 @@ def planSegmentRun(python: str, work: Path, inputPath: Path, inputEchoTimesMs: S
     if separateSurfaces:
         commands.append(PlannedCommand("surfaces", surfacesCommand(python, segmentation, work / "surfaces",
                                                                    options.surfaceSmoothing), work / "surfaces"))
+    if inputEchoTimesMs and any(t <= 0 for t in inputEchoTimesMs):
+        raise ValueError("the input's times start at 0 ms (spin-lock times): segment an anatomical scan and choose "
+                         "this series as the multi-echo series for the map")
     if options.t2 and t2InputPath is not None:
-        defaultT2 = options.t2Model == T2_MODELS[0] and options.regionVariant == REGION_VARIANTS[0]
-        if t2InputPath != inputPath or not defaultT2:
-            commands.append(PlannedCommand("t2", t2Command(python, t2InputPath, work / "t2", segmentation, t2EchoTimesMs,
-                                                           options.t2Model, options.device, options.regionVariant),
-                                           work / "t2"))
+        if t2InputPath != inputPath or not segmentFitsWhatIsAsked(options, len(t2EchoTimesMs or ())):
+            command = quantitativeCommand(python, work, t2InputPath, segmentation, t2EchoTimesMs, options)
+            if command is None and t2InputPath != inputPath:
+                raise ValueError(DESS_PARAMETERS_MISSING)
+            if command is not None:  # else segment tries DESS on its input itself, and warns
+                commands.append(command)
     return commands
 
 
@@ -203,8 +306,10 @@ def planRecompute(python: str, work: Path, segmentationPath: Path, t2InputPath: 
     commands = [PlannedCommand("surfaces", surfacesCommand(python, segmentationPath, work / "surfaces",
                                                            options.surfaceSmoothing), work / "surfaces")]
     if options.t2 and t2InputPath is not None:
-        commands.append(PlannedCommand("t2", t2Command(python, t2InputPath, work / "t2", segmentationPath, t2EchoTimesMs,
-                                                       options.t2Model, options.device, options.regionVariant), work / "t2"))
+        command = quantitativeCommand(python, work, t2InputPath, segmentationPath, t2EchoTimesMs, options)
+        if command is None:
+            raise ValueError(DESS_PARAMETERS_MISSING)
+        commands.append(command)
     return commands
 
 
@@ -352,21 +457,24 @@ def engineErrorMessage(outputLines: Iterable[str], returnCode: int) -> str:
     return text
 
 
-def parseEchoTimes(text: str) -> list[float]:
+def parseEchoTimes(text: str, allowZero: bool = False) -> list[float]:
     """``"10, 20, 30"`` -> ``[10.0, 20.0, 30.0]`` (milliseconds); empty text gives ``[]``.
+
+    ``allowZero``: spin-lock times (T1rho), which may start at 0 ms.
 
     Raises
     ------
     ValueError
-        A value is not a number, not positive, or the times do not increase.
+        A value is not a number, not positive (negative with ``allowZero``), or the times do not increase.
     """
     items = [item for item in text.replace(";", ",").replace(" ", ",").split(",") if item]
     try:
         times = [float(item) for item in items]
     except ValueError:
         raise ValueError(f"echo times must be numbers in ms separated by commas, got {text!r}") from None
-    if any(not math.isfinite(t) or t <= 0 for t in times):
-        raise ValueError(f"echo times must be positive numbers of milliseconds, got {text!r}")
+    if any(not math.isfinite(t) or t < 0 or (t == 0 and not allowZero) for t in times):
+        kind = "spin-lock times must be numbers of milliseconds >= 0" if allowZero else "echo times must be positive numbers of milliseconds"
+        raise ValueError(f"{kind}, got {text!r}")
     if any(b <= a for a, b in zip(times, times[1:])):
         raise ValueError(f"echo times must increase, got {text!r}")
     return times
@@ -374,3 +482,6 @@ def parseEchoTimes(text: str) -> list[float]:
 
 def formatEchoTimes(times: Sequence[float]) -> str:
     return ",".join(f"{t:g}" for t in times)
+
+
+formatTimes = formatEchoTimes  # `relax --times` takes the same list (0 allowed there)

@@ -21,6 +21,8 @@ UNCERTAINTY_FILE = "uncertainty.nrrd"
 T2_FILE = "t2.nrrd"
 REGIONS_TABLE_FILE = "regions.csv"
 SURFACES_FOLDER = "surfaces"
+# Relaxation maps (ms) by kind: `kneeseg t2` and `segment` write t2.nrrd, `kneeseg relax --kind K` K.nrrd.
+RELAXATION_FILES = {"t2": T2_FILE, "t1rho": "t1rho.nrrd", "t2star": "t2star.nrrd"}
 
 # Node attribute names carrying provenance; a saved scene keeps them with the node.
 ATTRIBUTE_PREFIX = "KneeSeg."
@@ -33,6 +35,24 @@ def readResults(folder: str | Path) -> dict[str, Any]:
         return {}
     with open(path, encoding="utf-8") as stream:
         return json.load(stream)
+
+
+def relaxationMapIn(*folders: Path | None) -> tuple[Path, str] | None:
+    """``(folder, kind)`` of the first of ``folders`` holding a relaxation map (list the folder of the
+    command run last first: it wins), or ``None``. ``kind`` is a key of :data:`RELAXATION_FILES`."""
+    for folder in folders:
+        if folder is None:
+            continue
+        for kind, fileName in RELAXATION_FILES.items():
+            if (Path(folder) / fileName).is_file():
+                return Path(folder), kind
+    return None
+
+
+def relaxationSummary(results: Mapping[str, Any], kind: str) -> dict[str, Any]:
+    """What ``results.json`` says about a relaxation map: quantity, unit, model, times and what they are."""
+    section = results.get(kind) or {}
+    return {key: section.get(key) for key in ("quantity", "unit", "model", "times", "echo_times_ms")}
 
 
 def structureVolumes(results: Mapping[str, Any]) -> dict[str, float]:

@@ -936,7 +936,7 @@ def _parse(args: list[str]):
 def test_planned_commands_are_accepted_by_the_engine(tmp_path, options):
     plan = engine.planSegmentRun("python", tmp_path, tmp_path / "in.nrrd", [10, 20, 30], tmp_path / "t2in.nrrd",
                                  [10, 20, 30], options)
-    plan += engine.planRecompute("python", tmp_path, tmp_path / "edit.seg.nrrd", tmp_path / "t2in.nrrd", [10, 20], options)
+    plan += engine.planRecompute("python", tmp_path, tmp_path / "edit.seg.nrrd", tmp_path / "t2in.nrrd", [10, 20, 30], options)
     for command in plan:
         _parse(command.args)
     segment = _parse(plan[0].args)
@@ -970,7 +970,7 @@ def test_plan_runs_only_what_segment_does_not_do_itself(tmp_path):
     assert [c.name for c in plan] == ["segment", "surfaces"] and "--no-surfaces" in plan[0].args
     assert plan[1].args[4] == str(tmp_path / "segment" / results.SEGMENTATION_FILE)
     # A separate T2 series: `t2` runs with the new segmentation as mask; not at all when T2 is off.
-    plan = engine.planSegmentRun("py", tmp_path, scan, None, t2, [8, 16], engine.SegmentOptions())
+    plan = engine.planSegmentRun("py", tmp_path, scan, None, t2, [8, 16, 24], engine.SegmentOptions())
     assert [c.name for c in plan] == ["segment", "t2"]
     assert plan[1].args[plan[1].args.index("--mask") + 1] == str(tmp_path / "segment" / results.SEGMENTATION_FILE)
     assert plan[1].outputFolder == tmp_path / "t2"
