@@ -1184,3 +1184,188 @@ def test_slice_centre_and_training_paths(tmp_path):
     assert results.caseName("***") == "case"
     image, label = results.trainingCasePaths(tmp_path, "case_1")
     assert image == tmp_path / "images" / "case_1.nrrd" and label == tmp_path / "labels" / "case_1.seg.nrrd"
+
+
+# --- Quantitative MRI: what the module starts and shows -------------------------------------
+
+# Parameter -> widget of the "Quantitative MRI" section (relax kinds, T2 model with EPG and DESS,
+# region recipe or file, partial-volume exclusion, DESS sequence parameters).
+QUANTITATIVE_PARAMETERS = {
+    "relaxationKind": "relaxationKindComboBox", "t2Model": "t2ModelComboBox", "regionVariant": "regionVariantComboBox",
+    "regionFile": "regionFilePathLineEdit", "excludeSurface": "excludeSurfaceCheckBox",
+    "dessRepetitionTimeMs": "dessRepetitionTimeSpinBox", "dessFlipAngleDeg": "dessFlipAngleSpinBox",
+}
+
+
+def test_quantitative_controls_sit_in_their_section_and_reach_the_logic():
+    root = ET.parse(UI_FILE).getroot()
+    section = next(w for w in root.iter("widget") if w.get("name") == "quantitativeCollapsibleButton")
+    assert section.get("class") == "ctkCollapsibleButton"
+    assert section.find("property[@name='text']").findtext("string") == "Quantitative MRI"
+    bound = {}
+    for widget in section.iter("widget"):
+        for prop in widget.findall("property"):
+            if prop.get("name") == "SlicerParameterName":
+                bound[prop.findtext("string")] = widget.get("name")
+    assert bound == QUANTITATIVE_PARAMETERS
+    # Every control reaches SegmentOptions in RunOptions.fromParameterNode (the Logic needs no GUI).
+    method = next(n for n in ast.walk(TREE) if isinstance(n, ast.FunctionDef) and n.name == "fromParameterNode")
+    read = {n.attr for n in ast.walk(method) if isinstance(n, ast.Attribute) and getattr(n.value, "id", "") == "parameters"}
+    assert set(QUANTITATIVE_PARAMETERS) <= read
+    call = next(n for n in ast.walk(method) if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "SegmentOptions")
+    assert {"relaxationKind", "regionFile", "excludeSurface", "repetitionTimeMs", "flipAngleDeg"} <= {k.arg for k in call.keywords}
+    # The choices offered are the engine's.
+    from KneeSegLogic.commands.relax import KINDS
+    from KneeSegLogic.commands.t2 import T2_MODELS
+
+    assert set(engine.RELAXATION_KINDS) == set(KINDS) and set(engine.T2_MODELS) == set(T2_MODELS)
+    assert engine.RELAXATION_KINDS[0] == "t2" and engine.T2_MODELS[0] == "ncexp"
+
+
+def test_relaxation_maps_load_with_units_codes_and_colour_maps():
+    assignment = next(n for n in TREE.body if isinstance(n, ast.Assign) and getattr(n.targets[0], "id", "") == "RELAXATION_MAPS")
+    maps = eval(compile(ast.Expression(assignment.value), "RELAXATION_MAPS", "eval"),
+                {"T2_WINDOW_MS": _module_constant("T2_WINDOW_MS")})
+    assert maps["t2"][2] == maps["t2star"][2] == (0.0, 100.0) and maps["t1rho"][2] == (0.0, 200.0)
+    assert set(maps) == set(results.RELAXATION_FILES) == set(engine.RELAXATION_KINDS)
+    assert maps["t2"][1] == ("113065", "DCM", "T2") and maps["t2star"][1] == ("113064", "DCM", "T2*")
+    assert maps["t1rho"][1][1].startswith("99")  # no DICOM code for T1rho: a private scheme
+    source = MODULE_FILE.read_text(encoding="utf-8")
+    loader = source[source.index("    def loadT2Map("):source.index("    def defaultOverlay(")]
+    assert '("ms", "UCUM", "millisecond")' in loader and "ColorTableNodeFileViridis" in loader
+    assert "SetVoxelValueQuantity" in loader and "AddDefaultColorLegendDisplayNode" in loader
+    assert "RELAXATION_FILES[kind]" in source  # the map loaded is the one relax or t2 wrote
+
+
+def _quantitative(tmp_path, **fields):
+    return engine.SegmentOptions(**fields), tmp_path / "scan.nrrd", tmp_path / "series.nrrd"
+
+
+@pytest.mark.parametrize("kind, model", [("t1rho", "ncexp"), ("t2star", "mono"), ("t1rho", "mono-offset")])
+def test_relax_argv_parses_as_the_cli_does(tmp_path, kind, model):
+    options, scan, series = _quantitative(tmp_path, relaxationKind=kind, t2Model=model, regionFile=str(tmp_path / "r.nrrd"),
+                                          excludeSurface=True, device="cpu")
+    times = [0.0, 10.0, 40.0, 80.0] if kind == "t1rho" else [4.0, 8.0, 12.0, 16.0]
+    plan = engine.planSegmentRun("py", tmp_path, scan, None, series, times, options)
+    assert [c.name for c in plan] == ["segment", "relax"] and plan[1].outputFolder == tmp_path / "relax"
+    args = _parse(plan[1].args)
+    assert args.command == "relax" and args.kind == kind and args.model == model and args.times == times
+    assert args.input == series and args.output == tmp_path / "relax"
+    assert args.mask == tmp_path / "segment" / results.SEGMENTATION_FILE
+    assert args.regions == str(tmp_path / "r.nrrd") and args.exclude_surface and args.device == "cpu"
+    recompute = engine.planRecompute("py", tmp_path, tmp_path / "edited.seg.nrrd", series, times, options)
+    assert [c.name for c in recompute] == ["surfaces", "relax"]
+    assert _parse(recompute[1].args).mask == tmp_path / "edited.seg.nrrd"
+    # The input itself a T1rho series: the zero spin-lock time cannot go to segment as an echo time.
+    if kind == "t1rho":
+        with pytest.raises(ValueError, match="spin-lock"):
+            engine.planSegmentRun("py", tmp_path, series, times, series, times, options)
+    # EPG and DESS map T2 only, as the engine says.
+    for t2Only in ("epg", "dess"):
+        with pytest.raises(ValueError, match="T2 only"):
+            engine.planSegmentRun("py", tmp_path, scan, None, series, times,
+                                  engine.SegmentOptions(relaxationKind=kind, t2Model=t2Only))
+
+
+def test_t2_argv_for_epg_regions_and_partial_volume_parses_as_the_cli_does(tmp_path):
+    options, scan, series = _quantitative(tmp_path, t2Model="epg", regionVariant="thomas")
+    plan = engine.planSegmentRun("py", tmp_path, scan, [10, 20, 30, 40], scan, [10, 20, 30, 40], options)
+    assert [c.name for c in plan] == ["segment", "t2"]
+    args = _parse(plan[1].args)
+    assert args.command == "t2" and args.model == "epg" and args.regions == "thomas" and not args.exclude_surface
+    assert args.echo_times == [10, 20, 30, 40]
+    # A region file wins over the recipe; the partial-volume exclusion alone already needs the t2 step.
+    options, _, _ = _quantitative(tmp_path, regionVariant="thomas", regionFile=str(tmp_path / "mine.json"), excludeSurface=True)
+    plan = engine.planSegmentRun("py", tmp_path, scan, [10, 20, 30], scan, [10, 20, 30], options)
+    args = _parse(plan[1].args)
+    assert args.model == "ncexp" and args.regions == str(tmp_path / "mine.json") and args.exclude_surface
+    assert [c.name for c in engine.planSegmentRun("py", tmp_path, scan, [10, 20, 30], scan, [10, 20, 30],
+                                                  engine.SegmentOptions())] == ["segment"]
+
+
+def test_dess_argv_parses_as_the_cli_does(tmp_path):
+    options, scan, series = _quantitative(tmp_path, repetitionTimeMs=25.0, flipAngleDeg=30.0)
+    # A two-echo series at the default model is DESS; the typed TR and flip angle go with it.
+    plan = engine.planSegmentRun("py", tmp_path, scan, None, series, [7.48, 42.52], options)
+    args = _parse(plan[1].args)
+    assert args.command == "t2" and args.model == "dess" and args.tr == 25.0 and args.flip_angle == 30.0
+    assert args.echo_times == [7.48, 42.52]
+    # The input itself DESS: segment fits it with defaults only from DICOM, so the t2 step runs too.
+    plan = engine.planSegmentRun("py", tmp_path, series, [7.48, 42.52], series, [7.48, 42.52], options)
+    assert [c.name for c in plan] == ["segment", "t2"] and _parse(plan[1].args).model == "dess"
+    # Without TR and flip angle: segment alone tries (and warns); a separate series or a recompute is refused.
+    bare = engine.SegmentOptions()
+    assert [c.name for c in engine.planSegmentRun("py", tmp_path, series, [7.5, 42.5], series, [7.5, 42.5], bare)] == ["segment"]
+    with pytest.raises(ValueError, match="repetition time and the flip angle"):
+        engine.planSegmentRun("py", tmp_path, scan, None, series, [7.5, 42.5], bare)
+    with pytest.raises(ValueError, match="repetition time and the flip angle"):
+        engine.planRecompute("py", tmp_path, tmp_path / "e.seg.nrrd", series, [7.5, 42.5], engine.SegmentOptions(t2Model="dess"))
+    assert engine.parseEchoTimes("0, 10, 40", allowZero=True) == [0.0, 10.0, 40.0]
+    with pytest.raises(ValueError):
+        engine.parseEchoTimes("0, 10, 40")
+
+
+def _small_knee():
+    from KneeSegLogic.io.scans import read_volume
+    from KneeSegLogic.io.volume import Volume
+
+    labels = read_volume(REPO / "Resources" / "SampleData" / "knee_labels.nrrd")
+    return Volume(np.ascontiguousarray(labels.array[::2, ::4, ::4]), tuple(s * f for s, f in zip(labels.spacing, (4, 4, 2))),
+                  labels.origin, labels.direction)
+
+
+def test_planned_relax_run_writes_what_the_module_loads(tmp_path, capsys):
+    """The relax command the Logic builds, run by the real engine on a T1rho series of the sample
+    knee (cartilage 45 ms, elsewhere 80 ms), with a user region file; read back as the module does."""
+    from KneeSegLogic.commands.main import main
+    from KneeSegLogic.io.scans import write_volume
+    from KneeSegLogic.io.volume import Volume
+    from KneeSegLogic.training.phantom import rician, tissue_maps
+
+    small = _small_knee()
+    density, _ = tissue_maps(small)
+    truth = np.where(np.isin(small.array, [1, 2, 3, 4]), 45.0, 80.0)
+    tsl = np.array([0.0, 10.0, 40.0, 80.0])
+    signal = rician(1000.0 * density[..., None] * np.exp(-tsl / truth[..., None]), 10.0, np.random.default_rng(1))
+    # As the module writes a vector volume: the file carries no times, the command line gives them.
+    series = write_volume(Volume(signal.astype(np.float32), small.spacing, small.origin, small.direction, (1.0, 2.0, 3.0, 4.0)),
+                          tmp_path / "t2input.nrrd")
+    mask = write_volume(small, tmp_path / "edited.nrrd")
+    regionFile = write_volume(small.with_array(np.where(small.array == 1, 7, 0).astype(np.uint8)), tmp_path / "mine.nrrd")
+    options = engine.SegmentOptions(relaxationKind="t1rho", regionFile=str(regionFile), device="cpu")
+    plan = engine.planRecompute(sys.executable, tmp_path, mask, series, list(tsl), options)
+    assert main(plan[1].args[3:]) == 0, capsys.readouterr().err
+    found = results.relaxationMapIn(tmp_path / "relax", tmp_path / "t2", tmp_path / "segment")
+    assert found == (tmp_path / "relax", "t1rho")
+    data = results.readResults(found[0])
+    summary = results.relaxationSummary(data, "t1rho")
+    assert summary["quantity"] == "T1rho" and summary["unit"] == "ms" and summary["times"] == "spin-lock times"
+    assert summary["echo_times_ms"] == [0.0, 10.0, 40.0, 80.0]
+    rows = data["t1rho"]["cartilage"]["regions"]
+    assert [row["name"] for row in rows] == ["region_7"] and rows[0]["t2_mean_ms"] == pytest.approx(45.0, abs=1.5)
+    assert (found[0] / results.REGIONS_TABLE_FILE).is_file()
+
+
+def test_planned_dess_run_on_an_nrrd_copy_writes_what_the_module_loads(tmp_path, capsys):
+    """The module hands DESS over as NRRD (no DICOM header): TR and flip angle from the panel."""
+    from KneeSegLogic.commands.main import main
+    from KneeSegLogic.io.scans import write_volume
+    from KneeSegLogic.io.volume import Volume
+    from KneeSegLogic.quantification.dess import DESS_TIMES, DessParameters, dess_signals
+
+    small = _small_knee()
+    truth = np.where(np.isin(small.array, [1, 2, 3, 4]), 35.0, 60.0)
+    signal = dess_signals(truth, DessParameters(25.0, 7.48, 30.0), 800.0).astype(np.float32)
+    series = write_volume(Volume(signal, small.spacing, small.origin, small.direction, (7.48, 42.52)), tmp_path / "dess.nrrd")
+    mask = write_volume(small, tmp_path / "edited.nrrd")
+    options = engine.SegmentOptions(repetitionTimeMs=25.0, flipAngleDeg=30.0, excludeSurface=True, device="cpu")
+    plan = engine.planRecompute(sys.executable, tmp_path, mask, series, [7.48, 42.52], options)
+    assert main(plan[1].args[3:]) == 0, capsys.readouterr().err
+    found = results.relaxationMapIn(tmp_path / "relax", tmp_path / "t2")
+    assert found == (tmp_path / "t2", "t2")
+    data = results.readResults(found[0])
+    assert results.relaxationSummary(data, "t2")["times"] == DESS_TIMES
+    assert data["t2"]["model"] == "dess" and data["t2"]["dess_parameters"]["flip_angle_deg"] == 30.0
+    assert data["t2"]["cartilage"]["surface_layer_excluded"] is True
+    femoral = next(p for p in data["t2"]["cartilage"]["plates"] if p["name"] == "femoral_cartilage")
+    assert femoral["t2_mean_ms"] == pytest.approx(35.0, rel=1e-3)
