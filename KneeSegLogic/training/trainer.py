@@ -120,14 +120,21 @@ def _validation_set(
     anatomies: Sequence[Anatomy], spec: MemberRecipe, boxes: int = 6, heldout: Sequence[Anatomy] = ()
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Fixed validation boxes (seeded): from ``heldout`` anatomies when given, each knee as it is (no
-    anatomy augmentation: the held-out shapes are what is measured) and at least two boxes per knee;
-    otherwise from the training ``anatomies`` with the training augmentation."""
+    anatomy augmentation: the held-out shapes are what is measured) and the same number of boxes
+    from every knee (at least two); otherwise from the training ``anatomies`` with the training
+    augmentation."""
     if heldout:
+        # One synthesizer per knee: drawing knees at random gave one member all six boxes from the
+        # bones-only clinical knee, so its checkpoints were chosen without any cartilage or meniscus.
         settings = SynthesisSettings(noise_range=spec.noise_range, anatomy=AnatomySettings(probability=0.0))
-        synthesizer = _synthesizer(heldout, spec, seed=20_000 + spec.seed, settings=settings)
-        boxes = max(boxes, 2 * len(heldout))
-    else:
-        synthesizer = _synthesizer(anatomies, spec, seed=10_000 + spec.seed)
+        per_knee = max(2, math.ceil(boxes / len(heldout)))
+        return [
+            stacks_from_box(*synthesizer.sample(), spec.context_slices)
+            for index, knee in enumerate(heldout)
+            for synthesizer in [_synthesizer([knee], spec, seed=20_000 + spec.seed + index, settings=settings)]
+            for _ in range(per_knee)
+        ]
+    synthesizer = _synthesizer(anatomies, spec, seed=10_000 + spec.seed)
     return [stacks_from_box(*synthesizer.sample(), spec.context_slices) for _ in range(boxes)]
 
 
