@@ -1917,6 +1917,9 @@ class KneeSegLogic(ScriptedLoadableModuleLogic, VTKObservationMixin):
 class KneeSegTest(ScriptedLoadableModuleTest):
     """Runs the real engine on the bundled samples and checks the numbers that reach the scene.
 
+    The T1rho run needs no segmentation model: a spin-lock series is simulated from the sample
+    label map (known T1rho, Rician noise) and `relax --kind t1rho` runs from the sample segmentation.
+
     The engine runs install PyTorch and MONAI (GBs) and take minutes on a CPU. As in
     SlicerTotalSegmentator's self-test, they are skipped on extension build machines, which
     start Slicer with ``--testing`` (ctest does), unless ``KNEESEG_TEST_ENGINE=1`` is set; the
@@ -1941,6 +1944,8 @@ class KneeSegTest(ScriptedLoadableModuleTest):
         self.test_SegmentTransformedInputIntoChosenSegmentation()
         self.setUp()
         self.test_MultiEchoSequenceAndRerun()
+        self.setUp()
+        self.test_RelaxT1rhoMapOfTheSampleKnee()
 
     @staticmethod
     def engineRunsEnabled() -> bool:
@@ -2184,3 +2189,47 @@ class KneeSegTest(ScriptedLoadableModuleTest):
         for name, count in counts.items():
             self.assertEqual(slicer.mrmlScene.GetNumberOfNodesByClass(name), count, name)
         self.delayDisplay("Multi-echo sequence and fast rerun: passed")
+
+    def test_RelaxT1rhoMapOfTheSampleKnee(self):
+        """`kneeseg relax --kind t1rho` from the module: spin-lock times from 0 ms, partial-volume
+        exclusion; the map arrives in ms with its code, window and colour bar, its values right."""
+        import numpy as np
+
+        logic = self._logic()
+        segmentation = self._sample("KneeLabels")
+        labels = slicer.util.loadLabelVolume(str(sharedResource("SampleData", "knee_labels.nrrd")), {})
+        labelArray = slicer.util.arrayFromVolume(labels)  # (k, j, i)
+        spinLockMs = np.array([0.0, 10.0, 40.0, 80.0])
+        cartilage = np.isin(labelArray, [1, 2, 3, 4])  # femoral, tibial, patellar cartilage (the engine's labels)
+        truth = np.where(cartilage, 45.0, 80.0)
+        clean = np.where(labelArray[..., None] > 0, 1000.0 * np.exp(-spinLockMs / truth[..., None]), 0.0)
+        noise = np.random.default_rng(3).normal(0.0, 10.0, clean.shape + (2,))
+        signal = np.hypot(clean + noise[..., 0], noise[..., 1]).astype(np.float32)  # Rician magnitude
+        series = logic.volumeFromArray(signal, labels, "T1rho series")
+        logic.removeNodeCompletely(labels)
+
+        options = RunOptions(SegmentOptions(relaxationKind="t1rho", excludeSurface=True), echoTimes="0,10,40,80")
+        outcome = logic.recompute(segmentation, options, t2Volume=series, blocking=True)
+        self.assertTrue(outcome.succeeded, outcome.message)
+        result = outcome.result
+        self.assertIsNotNone(result.t2)
+        self.assertTrue(result.t2.GetName().endswith("T1rho"), result.t2.GetName())
+        self.assertEqual(result.t2.GetVoxelValueUnits().GetCodeValue(), "ms")
+        self.assertEqual(result.t2.GetVoxelValueQuantity().GetCodeValue(), RELAXATION_MAPS["t1rho"][1][0])
+        display = result.t2.GetScalarVolumeDisplayNode()
+        self.assertEqual((display.GetWindowLevelMin(), display.GetWindowLevelMax()), RELAXATION_MAPS["t1rho"][2])
+        self.assertIsNotNone(slicer.vtkSlicerColorLogic.GetColorLegendDisplayNode(result.t2))
+        self.assertEqual(result.t2.GetTransformNodeID(), series.GetTransformNodeID())
+        t1rho = slicer.util.arrayFromVolume(result.t2)
+        femoral = labelArray == 1
+        self.assertGreater(int(femoral.sum()), 100)
+        self.assertAlmostEqual(float(np.median(t1rho[femoral])), 45.0, delta=2.0)
+        self.assertAlmostEqual(float(np.median(t1rho[labelArray == 5])), 80.0, delta=4.0)  # femur
+        self.assertIsNotNone(result.regionsTable)
+        self.assertGreater(result.regionsTable.GetNumberOfRows(), 0)
+        relax = readResults(result.outputFolder / "relax")["t1rho"]
+        self.assertEqual((relax["quantity"], relax["unit"], relax["times"]), ("T1rho", "ms", "spin-lock times"))
+        self.assertEqual(relax["echo_times_ms"], [0.0, 10.0, 40.0, 80.0])
+        self.assertTrue(relax["cartilage"]["surface_layer_excluded"])
+        self.assertEqual(logic.defaultOverlay(segmentation), "t2")  # the map is what the overlay shows first
+        self.delayDisplay("T1rho map through kneeseg relax: passed")
