@@ -2,7 +2,7 @@
 
 The module is the face of the KneeSeg engine. It never imports the engine: it writes the input
 node(s) to a temporary folder, runs the engine as a child process with Slicer's own Python
-(``PythonSlicer -m <engine package> segment|t2|surfaces|models ...``, command lines built by
+(``PythonSlicer -m <engine package> segment|t2|relax|surfaces|models ...``, command lines built by
 ``KneeSegLib.engine``), turns the engine's JSON progress lines into a progress bar, can cancel the
 whole process tree, and loads the engine's output folder into scene nodes. It computes nothing
 itself: a crash or an out-of-memory error in PyTorch stays in the child process, and the GUI stays
@@ -178,8 +178,8 @@ class KneeSeg(ScriptedLoadableModule):
         self.parent.contributors = ["KneeSeg developers"]
         self.parent.helpText = _("""
 Segments bones, cartilage and menisci of the knee on MRI, shows where the model is unsure
-(uncertainty heatmap), fits a quantitative T2 map with cartilage subregion statistics on
-multi-echo scans, and builds smoothed surface models for 3D viewing, printing and planning.
+(uncertainty heatmap), fits a quantitative T2 map (MESE, EPG with B1, DESS), or a T1rho or T2*
+map, with cartilage subregion statistics on multi-echo scans, and builds smoothed surface models for 3D viewing, printing and planning.
 Correct the segmentation in Segment Editor, then recompute surfaces, volumes and T2 statistics,
 or save the corrected case for fine-tuning. Runs in Slicer 5.8 or newer.
 """)
