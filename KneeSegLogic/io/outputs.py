@@ -199,6 +199,15 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
             os.replace(temporary, path)
         except OSError as error:
             raise write_error(path, error) from None
+        except CancelledError:
+            raise
+        except Exception:
+            # C writers (ITK raises RuntimeError, VTK returns 0) say "trouble writing" without an
+            # errno: name the cause when the file system shows it (full disk, file size limit).
+            cause = _write_limit_reached(path.parent, temporary)
+            if cause is None:
+                raise
+            raise write_error(path, OSError(cause, os.strerror(cause), str(path))) from None
     finally:
         if temporary.exists():
             temporary.unlink()
@@ -211,8 +220,37 @@ def _disk_full(folder: Path) -> bool:
         return False
 
 
-# Errors of the file system a user can act on (full disk, no permission, a path under a file).
-_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EEXIST}
+def _write_limit_reached(folder: Path, written: Path) -> int | None:
+    """``ENOSPC`` when ``folder``'s file system is full, ``EFBIG`` when ``written`` reached this
+    process's file size limit (``ulimit -f``, as batch schedulers set it), else None."""
+    if _disk_full(folder):
+        return errno.ENOSPC
+    try:
+        import resource
+
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        if limit != resource.RLIM_INFINITY and written.stat().st_size >= limit:
+            return errno.EFBIG
+    except (ImportError, OSError):  # no resource module on Windows; the file is gone
+        pass
+    return None
+
+
+# Errors of the file system a user can act on (full disk, file too large, no permission, a path under a file).
+_WRITE_ERRNOS = {
+    errno.ENOSPC,
+    errno.EDQUOT,
+    errno.EFBIG,  # the file size limit (ulimit -f)
+    errno.EROFS,
+    errno.EACCES,
+    errno.EPERM,
+    errno.ENOTDIR,
+    errno.EEXIST,
+}
+
+
+#: Of those, the ones only a write can raise (a full disk, a quota, a file size limit, a read-only file system).
+_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
 
 
 def write_error(path: str | Path, error: OSError) -> Exception:
@@ -278,7 +316,14 @@ def atomic_folder(folder: str | Path) -> Iterator[Path]:
             lock = _claim_partial(partial)
             ACTIVE.add(partial)
             claimed = True
-        yield partial
+        try:
+            yield partial
+        except OSError as error:
+            # A writer that wrote straight into the folder (not through atomic_file) on a full
+            # disk: one line naming the file, or the folder when the error names none.
+            if error.errno not in _FULL_ERRNOS:
+                raise
+            raise KneeSegError(f"{error.filename or folder}: cannot be written ({error.strerror})") from None
         # Published with signals held: a signal between the two renames would lose the old folder.
         with _signals_held():
             try:

@@ -9,13 +9,18 @@ expected problem, no ``OUT`` and no ``OUT.partial`` left, and every input byte-i
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
+import resource
 import shutil
+import signal
+import subprocess
+import sys
 import warnings
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import pytest
@@ -406,18 +411,6 @@ def t2_mask_not_overlapping(tmp):
     return _t2_on(scan, tmp, "--mask", str(mask))[0], [scan, mask], tmp / "OUT"
 
 
-def partial_is_a_file(tmp):
-    scan = write_volume(_scan(), tmp / "me.nrrd")
-    (tmp / "OUT.partial").write_text("not a folder")
-    return _t2_on(scan, tmp)
-
-
-def output_under_a_file(tmp):
-    scan = write_volume(_scan(), tmp / "me.nrrd")
-    (tmp / "afile").write_text("x")
-    return ["t2", str(scan), "-o", str(tmp / "afile" / "OUT")], [scan], None
-
-
 def _segment_with(tmp: Path, package: Path) -> tuple[list[str], list[Path], Path]:
     scan = write_volume(_scan(1, shape=(12, 24, 24)), tmp / "knee.nrrd")
     argv = ["segment", str(scan), "-o", str(tmp / "OUT"), "--model", str(package), "--device", "cpu"]
@@ -479,8 +472,6 @@ CASES: dict[str, tuple[Callable, int, str]] = {
     "empty_segmentation_evaluate": (empty_segmentation_evaluate, 1, r"empty\.seg\.nrrd: is empty \(0 bytes\)"),
     "empty_segmentation_t2_mask": (empty_segmentation_t2_mask, 1, r"empty\.seg\.nrrd: is empty \(0 bytes\)"),
     "t2_mask_not_overlapping": (t2_mask_not_overlapping, 1, r"far\.seg\.nrrd: does not overlap the scan"),
-    "partial_is_a_file": (partial_is_a_file, 1, r"OUT\.partial: exists and is not a folder"),
-    "output_under_a_file": (output_under_a_file, 1, r"afile/OUT(\.partial)?: cannot be written \(Not a directory\)"),
     "pickled_pt_weights": (pickled_pt_weights, 1, r"member0\.pt: refused: not a torch file of tensors only"),
     "weights_path_is_a_folder": (weights_path_is_a_folder, 1, r"member0\.safetensors: is a folder"),
 }
@@ -500,7 +491,8 @@ def no_installed_models(tmp_path, monkeypatch):
 
 def _run(argv: list[str], capsys) -> tuple[int, list[str], str]:
     """Exit code, the non-blank stderr lines and stdout of ``kneeseg ARGV``; no Python warning
-    may escape (it would be a second, unpromised line on a user's terminal)."""
+    may escape (it would be a second, unpromised line on a user's terminal). Given ``capfd``,
+    what C libraries (ITK, VTK) write to the stderr descriptor counts too."""
     capsys.readouterr()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -511,11 +503,11 @@ def _run(argv: list[str], capsys) -> tuple[int, list[str], str]:
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_bad_input_is_refused_cleanly(name, tmp_path, capsys):
+def test_bad_input_is_refused_cleanly(name, tmp_path, capfd):
     make, code, pattern = CASES[name]
     argv, inputs, out = make(tmp_path)
     before = {str(p): _digest(p) for p in inputs}
-    exit_code, lines, _ = _run(argv, capsys)
+    exit_code, lines, _ = _run(argv, capfd)  # capfd: C libraries' messages count as lines too
     assert exit_code == code
     assert len(lines) == 1, lines
     assert re.search(pattern, lines[0]), lines[0]
@@ -525,6 +517,154 @@ def test_bad_input_is_refused_cleanly(name, tmp_path, capsys):
         assert not out.with_name(out.name + ".partial").is_dir()
     assert {str(p): _digest(p) for p in inputs} == before
     assert not (tmp_path / "PWNED").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# Output folders that cannot be written, for every command that writes one: a read-only folder, a
+# path under a file, OUT.partial already a file, a full disk and a nearly full one (a tiny tmpfs;
+# skipped where mounting is not allowed), and the file size limit (``ulimit -f``, in a subprocess:
+# the limit would also catch pytest's own files). Each: exit 1, one line naming the path, no OUT,
+# no OUT.partial folder, inputs unchanged.
+
+WRITERS = ("t2", "segment", "surfaces")
+
+
+def _writer(command: str, tmp: Path, out: Path) -> tuple[list[str], list[Path]]:
+    """``kneeseg COMMAND ... -o OUT`` on small inputs in ``tmp`` and the inputs to hash."""
+    if command == "t2":
+        scan = write_volume(_scan(), tmp / "me.nrrd")
+        return ["t2", str(scan), "-o", str(out), "--model", "loglinear"], [scan]
+    if command == "segment":
+        package = _tiny_package(tmp / "pkg")
+        scan = write_volume(_scan(1, shape=(12, 24, 24)), tmp / "knee.nrrd")
+        # No surfaces: VTK's messages on a full disk are the surfaces command's case below.
+        argv = ["segment", str(scan), "-o", str(out), "--model", str(package), "--device", "cpu", "--no-surfaces"]
+        return argv, [scan, package]
+    seg = write_segmentation(_labels(), tmp / "s.seg.nrrd")
+    return ["surfaces", str(seg), "-o", str(out)], [seg]
+
+
+@contextlib.contextmanager
+def _tmpfs(where: Path, size: str, read_only: bool = False) -> Iterator[Path]:
+    """A tmpfs of ``size`` mounted at ``where`` (needs root, or CAP_SYS_ADMIN; skipped otherwise)."""
+    where.mkdir()
+    options = f"size={size}" + (",ro" if read_only else "")
+    try:
+        mount = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", options, "kneeseg-test", str(where)], capture_output=True, text=True
+        )
+    except FileNotFoundError:
+        pytest.skip("no mount command")
+    if mount.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mount.stderr.strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], capture_output=True)
+
+
+def _fill(disk: Path, leave: int) -> None:
+    """Fill ``disk`` until ``leave`` bytes are free."""
+    status = os.statvfs(disk)
+    with open(disk / "filler", "wb") as stream:
+        stream.write(b"\0" * max(status.f_bavail * status.f_frsize - leave, 0))
+
+
+@contextlib.contextmanager
+def _read_only(folder: Path) -> Iterator[Path]:
+    """A folder this process cannot write into: by permissions, or (root ignores them) a read-only tmpfs."""
+    if os.geteuid() == 0:
+        with _tmpfs(folder, "64k", read_only=True):
+            yield folder
+        return
+    folder.mkdir()
+    folder.chmod(0o555)
+    try:
+        yield folder
+    finally:
+        folder.chmod(0o755)
+
+
+def _file_size_limit(limit: int) -> Callable[[], None]:
+    def limited() -> None:  # in the child: writes past ``limit`` bytes fail with EFBIG, not SIGXFSZ
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+
+    return limited
+
+
+NO_SPACE = r"(OUT\.partial/[\w./]+|OUT): cannot be written \(No space left on device\)"
+UNWRITABLE = {
+    "read_only": r"ro/OUT\.partial: cannot be written \((Permission denied|Read-only file system)\)",
+    "under_a_file": r"afile/OUT(\.partial)?: cannot be written \(Not a directory\)",
+    "partial_is_a_file": r"OUT\.partial: exists and is not a folder; remove it",
+    "disk_full": NO_SPACE,
+    "disk_nearly_full": NO_SPACE,
+    "file_size_limit": r"OUT\.partial/[\w./]+: cannot be written \(File too large\)",
+}
+# Free bytes on the nearly full disk: the run fails part-way (t2 at t2_s0.nrrd; segment in the
+# report, whose page is written straight into the folder; surfaces at the first model).
+NEARLY_FULL = {"t2": 8192, "segment": 250_000, "surfaces": 8192}
+VTK_NOISE = pytest.mark.xfail(
+    strict=True,
+    reason="VTK's STL/VTP writers print multi-line ERR| messages on stderr before the one-line error, "
+    "which (the writer having deleted its file) may not name the cause: 'could not write STL' "
+    "(quantification/surfaces.py neither silences VTK's output window nor reads the writer's error code)",
+)
+
+
+@pytest.mark.parametrize(
+    "command, kind",
+    [
+        pytest.param(
+            command,
+            kind,
+            marks=[VTK_NOISE]
+            if command == "surfaces" and kind in ("disk_full", "disk_nearly_full", "file_size_limit")
+            else [],
+        )
+        for command in WRITERS
+        for kind in UNWRITABLE
+    ],
+)
+def test_unwritable_output_is_refused_cleanly(command, kind, tmp_path, capfd):
+    inputs_folder = tmp_path / "in"
+    inputs_folder.mkdir()
+    with contextlib.ExitStack() as stack:
+        if kind == "read_only":
+            out = stack.enter_context(_read_only(tmp_path / "ro")) / "OUT"
+        elif kind == "under_a_file":
+            (tmp_path / "afile").write_text("x")
+            out = tmp_path / "afile" / "OUT"
+        elif kind.startswith("disk"):
+            disk = stack.enter_context(_tmpfs(tmp_path / "disk", "4m"))
+            _fill(disk, 0 if kind == "disk_full" else NEARLY_FULL[command])
+            out = disk / "OUT"
+        else:
+            out = tmp_path / "OUT"
+        argv, inputs = _writer(command, inputs_folder, out)
+        if kind == "partial_is_a_file":
+            (tmp_path / "OUT.partial").write_text("not a folder")
+            inputs.append(tmp_path / "OUT.partial")  # the user's file: left as it was
+        before = {str(p): _digest(p) for p in inputs}
+        if kind == "file_size_limit":
+            run = subprocess.run(
+                [sys.executable, "-m", "KneeSegLogic.commands.main", *argv],
+                capture_output=True,
+                text=True,
+                timeout=300,
+                preexec_fn=_file_size_limit(2000),
+            )
+            exit_code, lines = run.returncode, [line for line in run.stderr.splitlines() if line.strip()]
+        else:
+            exit_code, lines, _ = _run(argv, capfd)  # capfd: ITK's and VTK's messages too
+        assert exit_code == 1, lines
+        assert len(lines) == 1, lines
+        assert lines[0].startswith(f"kneeseg {command}: error: "), lines[0]
+        assert re.search(UNWRITABLE[kind], lines[0]), lines[0]
+        assert not out.exists()
+        assert not out.with_name(out.name + ".partial").is_dir()
+        assert {str(p): _digest(p) for p in inputs} == before
 
 
 # ----------------------------------------------------------------------------------------------
