@@ -1,10 +1,11 @@
 """``kneeseg batch --scheduler`` on a real Dask cluster: a ``dask scheduler`` and two ``dask worker``
 processes on 127.0.0.1, started as a user would start them.
 
-Five cases: three good, one unreadable (its failure is recorded), and one whose worker is killed
-with SIGKILL while it runs the case (Dask reschedules it on a live worker and it succeeds). A
-rerun resumes: finished cases are skipped, the failed one is retried. summary.csv has a row per
-case; the workers shut down without "still alive ... killing" warnings.
+Three small cases on a tiny model: one good, one unreadable (its failure is recorded), and a copy
+of the good one whose worker is killed with SIGKILL while it runs the case (Dask reschedules it on
+a live worker, where it succeeds and gives the good case's segmentation). A rerun resumes:
+finished cases are skipped, the failed one is retried. summary.csv has a row per case; the
+workers shut down without "still alive ... killing" warnings.
 """
 
 from __future__ import annotations
@@ -19,8 +20,13 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
-from test_batch import GOOD_CASES, _summary, _write_cases, package  # noqa: F401  (package: fixture)
+from test_batch import _summary
+from test_corpus import _scan, _tiny_package
+
+from KneeSegLogic.io.scans import write_volume
+from KneeSegLogic.io.segfile import read_segmentation
 
 distributed = pytest.importorskip("dask.distributed")
 
@@ -84,10 +90,12 @@ def cluster(tmp_path):
     with distributed.Client(address, timeout=60) as client:
         client.wait_for_workers(2, timeout=60)
 
-    def stop() -> None:
-        for process in [*workers, scheduler]:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
+    def stop() -> None:  # workers first (together), then the scheduler, as an operator would
+        for group in (workers, [scheduler]):
+            for process in group:
+                if process.poll() is None:
+                    process.send_signal(signal.SIGTERM)
+            for process in group:
                 process.wait(timeout=30)
 
     yield address, logs, stop
@@ -111,10 +119,19 @@ def _kill_worker_running(address: str, case_id: str, started: Path, killed: list
             time.sleep(0.05)
 
 
-def test_batch_on_a_real_cluster_survives_a_killed_worker_and_resumes(tmp_path, package, cluster):  # noqa: F811
+@pytest.fixture
+def cases(tmp_path) -> Path:
+    folder = tmp_path / "cases"
+    folder.mkdir()
+    write_volume(_scan(1, shape=(12, 32, 32)), folder / "good.nrrd")
+    shutil.copyfile(folder / "good.nrrd", folder / "victim.nrrd")
+    (folder / "broken.nrrd").write_bytes(b"")
+    return folder
+
+
+def test_batch_on_a_real_cluster_survives_a_killed_worker_and_resumes(tmp_path, cases, cluster):
     address, logs, stop_cluster = cluster
-    cases = _write_cases(tmp_path / "cases")
-    shutil.copyfile(cases / "knee2.nrrd", cases / "victim.nrrd")
+    package = _tiny_package(tmp_path / "tiny")
     out = tmp_path / "out"
     command = [
         sys.executable,
@@ -140,32 +157,35 @@ def test_batch_on_a_real_cluster_survives_a_killed_worker_and_resumes(tmp_path, 
     )
     killer.start()
     run = subprocess.run(
-        command, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}
+        command, capture_output=True, text=True, timeout=150, env={**os.environ, "OMP_NUM_THREADS": "1"}
     )
     stop.set()
     killer.join()
     assert killed, "the victim case was never seen running"
     assert run.returncode == 1, run.stderr
     assert run.stderr.strip().splitlines()[-1].endswith("rerun the same command to retry them")
-    assert "1 of 5 cases failed" in run.stderr
+    assert "1 of 3 cases failed" in run.stderr
 
     rows = _summary(out)
-    assert sorted(rows) == sorted(["broken", "victim", *GOOD_CASES])
+    assert list(rows) == ["broken", "good", "victim"]
     assert rows["broken"]["status"] == "failed" and "broken.nrrd" in rows["broken"]["error"]
-    for name in (*GOOD_CASES, "victim"):
+    for name in ("good", "victim"):
         assert rows[name]["status"] == "ok", rows[name]
         assert (out / name / "results.json").is_file() and not (out / f"{name}.partial").exists()
     # The victim was retried after its worker died, and gives what the same scan gives elsewhere.
-    assert rows["victim"]["femur_volume_mm3"] == rows["knee2"]["femur_volume_mm3"]
+    victim = read_segmentation(out / "victim" / "segmentation.seg.nrrd")[0].array
+    np.testing.assert_array_equal(victim, read_segmentation(out / "good" / "segmentation.seg.nrrd")[0].array)
+    same = [c for c in rows["good"] if c not in ("case_id", "seconds")]
+    assert [rows["victim"][c] for c in same] == [rows["good"][c] for c in same]
 
     # Rerun: finished cases are skipped (untouched), the failed one is retried (and fails again).
-    stamps = {name: (out / name / "results.json").stat().st_mtime_ns for name in (*GOOD_CASES, "victim")}
-    again = subprocess.run(command, capture_output=True, text=True, timeout=300)
-    assert again.returncode == 1
-    rows_again = _summary(out)
-    assert {name: row["status"] for name, row in rows_again.items()} == {
-        **{name: "skipped" for name in (*GOOD_CASES, "victim")},
+    stamps = {name: (out / name / "results.json").stat().st_mtime_ns for name in ("good", "victim")}
+    again = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert again.returncode == 1, again.stderr
+    assert {name: row["status"] for name, row in _summary(out).items()} == {
         "broken": "failed",
+        "good": "skipped",
+        "victim": "skipped",
     }
     assert {name: (out / name / "results.json").stat().st_mtime_ns for name in stamps} == stamps
 
