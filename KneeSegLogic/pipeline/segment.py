@@ -93,7 +93,13 @@ def segment_volume(
             )
             member_maps.append((probabilities, member.weight))
     with results.stage("fusion", progress):
-        fusion = inference.fuse_and_decide(member_maps, reference, package.decision_offsets, device)
+        fusion = inference.fuse_and_decide(
+            member_maps,
+            reference,
+            package.decision_offsets,
+            device,
+            lambda fraction: progress("fusion", fraction, "fusing the members on the scan's grid"),
+        )
         del member_maps
         channel_labels = np.asarray(package.tissue_labels, dtype=np.uint8)
         labels = channel_labels[fusion.channel_index]

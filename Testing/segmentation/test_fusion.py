@@ -89,6 +89,16 @@ def test_fuse_and_decide_equals_deciding_on_every_resampled_channel(oblique):
     np.testing.assert_allclose(fusion.probabilities[0], channels[0], atol=1e-5)
 
 
+def test_fusion_reports_progress_per_slab(monkeypatch):
+    rng = np.random.default_rng(6)
+    reference = Volume(np.zeros((24, 20, 18), np.float32), (1.0, 1.0, 2.0), (0.0, 0.0, 0.0), np.eye(3))
+    members = [(_member_map(inference.working_grid(reference, (1.5, 1.5, 2.0)), rng, 0.0), 1.0)]
+    monkeypatch.setattr(inference, "SLAB_VOXELS", 20 * 18 * 5)  # 5 slices per slab
+    fractions: list[float] = []
+    inference.fuse_and_decide(members, reference, OFFSETS, progress=fractions.append)
+    assert fractions == [0.0, 5 / 24, 10 / 24, 15 / 24, 20 / 24]
+
+
 def test_fuse_and_decide_falls_back_when_the_grids_are_oblique_to_each_other():
     rng = np.random.default_rng(5)
     reference = Volume(np.zeros((9, 20, 18), np.float32), (1.0, 1.0, 2.0), (0.0, 0.0, 0.0), np.eye(3))
