@@ -42,7 +42,7 @@ from vtkmodules.util.numpy_support import (
     numpy_to_vtkIdTypeArray,
     vtk_to_numpy,
 )
-from vtkmodules.vtkCommonCore import vtkPoints, vtkStringArray
+from vtkmodules.vtkCommonCore import vtkObject, vtkPoints, vtkStringArray
 from vtkmodules.vtkCommonDataModel import vtkCellArray, vtkImageData, vtkPolyData
 from vtkmodules.vtkFiltersCore import (
     vtkMassProperties,
@@ -51,7 +51,6 @@ from vtkmodules.vtkFiltersCore import (
     vtkWindowedSincPolyDataFilter,
 )
 from vtkmodules.vtkFiltersGeneral import vtkDiscreteFlyingEdges3D
-from vtkmodules.vtkIOGeometry import vtkSTLWriter
 from vtkmodules.vtkIOXML import vtkXMLPolyDataWriter
 
 from KneeSegLogic.errors import KneeSegError
@@ -333,22 +332,37 @@ def structure_surface(
     return mesh, check
 
 
+#: One binary STL facet: normal, three vertices (float32 x, y, z each) and a 16-bit attribute word.
+STL_FACET = np.dtype([("normal", "<f4", (3,)), ("vertices", "<f4", (3, 3)), ("attribute", "<u2")])
+
+
 def write_stl(mesh: vtkPolyData, path: str | Path) -> Path:
-    """Binary STL in LPS mm, header ``SPACE=LPS`` (Slicer's tag for the coordinate system)."""
+    """Binary STL in LPS mm, header ``SPACE=LPS`` (Slicer's tag for the coordinate system).
+
+    Written from the arrays by Python's file I/O (the format is 80 header bytes, a uint32 facet
+    count and 50-byte facets), so a full disk or a file size limit raises the real OS error; VTK's
+    writer prints ERR| lines and deletes its file instead.
+    """
     path = Path(path)
-    writer = vtkSTLWriter()
-    writer.SetInputData(mesh)
-    writer.SetFileTypeToBinary()
-    writer.SetHeader(f"KneeSeg surface. {SPACE_TAG}={COORDINATE_SYSTEM}")
-    with atomic_file(path) as temporary:
-        writer.SetFileName(str(temporary))
-        if not writer.Write():
-            raise KneeSegError(f"{path}: could not write STL")
+    points, triangles = _arrays(mesh)
+    corners = points[triangles]
+    normals = np.cross(corners[:, 1] - corners[:, 0], corners[:, 2] - corners[:, 0])
+    lengths = np.linalg.norm(normals, axis=1, keepdims=True)
+    facets = np.zeros(len(triangles), STL_FACET)
+    facets["normal"] = np.divide(normals, lengths, out=np.zeros_like(normals), where=lengths > 0)
+    facets["vertices"] = corners
+    header = f"KneeSeg surface. {SPACE_TAG}={COORDINATE_SYSTEM}".encode("ascii").ljust(80, b" ")
+    with atomic_file(path) as temporary, open(temporary, "wb") as stream:
+        stream.write(header + np.uint32(len(facets)).tobytes() + facets.tobytes())
     return path
 
 
 def write_vtp(mesh: vtkPolyData, path: str | Path) -> Path:
-    """Compressed VTP in LPS mm, field-data string array ``SPACE`` = ``LPS`` (Slicer's tag)."""
+    """Compressed VTP in LPS mm, field-data string array ``SPACE`` = ``LPS`` (Slicer's tag).
+
+    VTK's messages are silenced while it writes: a failed write is one error, whose cause (full
+    disk, file size limit) :func:`~KneeSegLogic.io.outputs.atomic_file` names.
+    """
     path = Path(path)
     tagged = vtkPolyData()
     tagged.ShallowCopy(mesh)
@@ -363,7 +377,13 @@ def write_vtp(mesh: vtkPolyData, path: str | Path) -> Path:
     writer.EncodeAppendedDataOff()  # raw binary: base64 would cost time and a third more space
     with atomic_file(path) as temporary:
         writer.SetFileName(str(temporary))
-        if not writer.Write():
+        shown = vtkObject.GetGlobalWarningDisplay()
+        vtkObject.GlobalWarningDisplayOff()
+        try:
+            written = writer.Write()
+        finally:
+            vtkObject.SetGlobalWarningDisplay(shown)
+        if not written:
             raise KneeSegError(f"{path}: could not write VTP")
     return path
 

@@ -605,27 +605,11 @@ UNWRITABLE = {
 # Free bytes on the nearly full disk: the run fails part-way (t2 at t2_s0.nrrd; segment in the
 # report, whose page is written straight into the folder; surfaces at the first model).
 NEARLY_FULL = {"t2": 8192, "segment": 250_000, "surfaces": 8192}
-VTK_NOISE = pytest.mark.xfail(
-    strict=True,
-    reason="VTK's STL/VTP writers print multi-line ERR| messages on stderr before the one-line error, "
-    "which (the writer having deleted its file) may not name the cause: 'could not write STL' "
-    "(quantification/surfaces.py neither silences VTK's output window nor reads the writer's error code)",
-)
 
 
 @pytest.mark.parametrize(
     "command, kind",
-    [
-        pytest.param(
-            command,
-            kind,
-            marks=[VTK_NOISE]
-            if command == "surfaces" and kind in ("disk_full", "disk_nearly_full", "file_size_limit")
-            else [],
-        )
-        for command in WRITERS
-        for kind in UNWRITABLE
-    ],
+    [(command, kind) for command in WRITERS for kind in UNWRITABLE],
 )
 def test_unwritable_output_is_refused_cleanly(command, kind, tmp_path, capfd):
     inputs_folder = tmp_path / "in"
