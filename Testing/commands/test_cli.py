@@ -306,6 +306,8 @@ def imported_top_level(stderr: str) -> set[str]:
     "argv, needed",
     [
         (["--help"], set()),
+        (["segment", "--help"], set()),
+        (["t2", "--help"], set()),
         (["models", "--json"], set()),
         (["info", str(SAMPLE_SCAN), "--json"], {"numpy", "SimpleITK"}),
     ],
