@@ -525,12 +525,27 @@ def left_right_coordinates(volume: Volume, mask: np.ndarray) -> np.ndarray:
     :func:`KneeSegLogic.quantification.knee_frame.knee_frame` (sagittal knee scans are prescribed
     along the condyles); coordinates increase toward the patient's left.
     """
+    return _left_right_at(volume, np.nonzero(mask))
+
+
+def _left_right_at(volume: Volume, index: tuple[np.ndarray, ...]) -> np.ndarray:
+    """:func:`left_right_coordinates` of the voxels at array ``index`` (k, j, i)."""
     x_component = volume.direction[0]
     itk_axis = int(np.argmax(np.abs(x_component)))
     left = volume.direction[:, itk_axis] * (1.0 if x_component[itk_axis] > 0 else -1.0)
-    k, j, i = np.nonzero(mask)
-    ijk = np.stack([i, j, k], axis=1).astype(float) * np.asarray(volume.spacing)
-    return (ijk @ volume.direction.T + np.asarray(volume.origin)) @ left
+    # Only the left-right component is needed: one dot product per voxel, not a full transform.
+    per_axis = (volume.direction.T @ left) * np.asarray(volume.spacing)  # mm per i, j, k step
+    k, j, i = index
+    return i * per_axis[0] + j * per_axis[1] + k * per_axis[2] + float(np.asarray(volume.origin) @ left)
+
+
+def _voxels_by_label(array: np.ndarray, label_values: Sequence[int]) -> dict[int, tuple[np.ndarray, ...]]:
+    """Array indices of each label value present, found inside its bounding box (large scans)."""
+    found = {}
+    for value, box in _label_boxes(array, label_values):
+        local = np.nonzero(array[box] == value)
+        found[value] = tuple(axis + part.start for axis, part in zip(local, box))
+    return found
 
 
 def _otsu(values: np.ndarray, bins: int = 256) -> float:
@@ -545,21 +560,25 @@ def _otsu(values: np.ndarray, bins: int = 256) -> float:
     return float(edges[int(np.argmax(between[:-1])) + 1])
 
 
-def medial_lateral_split(labels: Volume) -> tuple[float, int] | None:
+def medial_lateral_split(
+    labels: Volume, voxels: dict[int, tuple[np.ndarray, ...]] | None = None
+) -> tuple[float, int] | None:
     """Where the knee's medial and lateral compartments divide along the left-right axis.
 
     Returns ``(boundary_mm, medial_sign)``: the boundary is Otsu's threshold of the left-right
     positions of all tibial cartilage and meniscus voxels (the two compartments, whatever side
     each voxel is labelled, with the intercondylar gap between them); ``medial_sign`` is +1 when
     medial lies toward increasing left-right position, decided by where most medially labelled
-    voxels lie. None when the map lacks voxels of either side.
+    voxels lie. None when the map lacks voxels of either side. ``voxels`` are the indices of the
+    side labels when the caller has them (:func:`_voxels_by_label`).
     """
-    array = labels.array
-    medial = np.isin(array, [m for m, _ in SIDE_PAIRS])
-    lateral = np.isin(array, [lat for _, lat in SIDE_PAIRS])
-    if not medial.any() or not lateral.any():
+    if voxels is None:
+        voxels = _voxels_by_label(labels.array, [label for pair in SIDE_PAIRS for label in pair])
+    medial = [_left_right_at(labels, voxels[m]) for m, _ in SIDE_PAIRS if m in voxels]
+    lateral = [_left_right_at(labels, voxels[lat]) for _, lat in SIDE_PAIRS if lat in voxels]
+    if not medial or not lateral:
         return None
-    medial_mm, lateral_mm = left_right_coordinates(labels, medial), left_right_coordinates(labels, lateral)
+    medial_mm, lateral_mm = np.concatenate(medial), np.concatenate(lateral)
     boundary = _otsu(np.concatenate([medial_mm, lateral_mm]))
     # Majority vote: the share of medial-labelled voxels above the boundary against lateral ones.
     medial_sign = 1 if np.mean(medial_mm > boundary) > np.mean(lateral_mm > boundary) else -1
@@ -573,20 +592,19 @@ def enforce_medial_lateral_sides(labels: Volume) -> np.ndarray:
     label of the same structure, and the reverse. Returns the new array (array order).
     """
     array = labels.array
-    split = medial_lateral_split(labels)
-    if split is None:
-        return np.array(array, copy=True)
-    boundary, medial_sign = split
+    voxels = _voxels_by_label(array, [label for pair in SIDE_PAIRS for label in pair])
+    split = medial_lateral_split(labels, voxels)
     out = np.array(array, copy=True)
+    if split is None:
+        return out
+    boundary, medial_sign = split
     for medial_label, lateral_label in SIDE_PAIRS:
         for label, other, medial_side in ((medial_label, lateral_label, True), (lateral_label, medial_label, False)):
-            mask = array == label
-            if not mask.any():
+            if label not in voxels:
                 continue
-            on_medial_side = (left_right_coordinates(labels, mask) - boundary) * medial_sign > 0
+            on_medial_side = (_left_right_at(labels, voxels[label]) - boundary) * medial_sign > 0
             wrong = on_medial_side != medial_side
-            index = tuple(axis[wrong] for axis in np.nonzero(mask))
-            out[index] = other
+            out[tuple(axis[wrong] for axis in voxels[label])] = other
     return out
 
 
