@@ -106,7 +106,7 @@ def segment_volume(
         total = fusion.entropy
         maps = {"uncertainty": total}
         if fusion.mean_member_entropy is not None:
-            maps["mutual_information"] = mutual_information(total, fusion.mean_member_entropy)
+            maps["mutual_information"] = mutual_information(total, fusion.mean_member_entropy, overwrite=True)
         fusion.mean_member_entropy = None
     with results.stage("postprocessing", progress):
         steps = [dict(step) for step in package.postprocessing]

@@ -40,9 +40,17 @@ def entropy_tensor(probabilities: torch.Tensor) -> torch.Tensor:
     return (total / float(np.log(classes))).clamp_(0.0, 1.0)
 
 
-def mutual_information(fused_entropy: np.ndarray, mean_member_entropy: np.ndarray) -> np.ndarray:
-    """Epistemic part of the uncertainty (normalised): H(mean p) - mean H(p_m), clipped at 0."""
-    return np.clip(fused_entropy - mean_member_entropy, 0.0, 1.0)
+def mutual_information(
+    fused_entropy: np.ndarray, mean_member_entropy: np.ndarray, overwrite: bool = False
+) -> np.ndarray:
+    """Epistemic part of the uncertainty (normalised): H(mean p) - mean H(p_m), clipped at 0.
+
+    It is at most ``fused_entropy`` <= 1, so only the lower clip acts. ``overwrite=True`` reuses
+    ``mean_member_entropy``'s memory for the result (a full-size float32 array less at peak).
+    """
+    out = mean_member_entropy if overwrite else None
+    difference = np.subtract(fused_entropy, mean_member_entropy, out=out, dtype=np.float32)
+    return np.maximum(difference, np.float32(0), out=difference)
 
 
 def _dilate_faces(mask: np.ndarray, iterations: int) -> np.ndarray:
