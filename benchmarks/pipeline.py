@@ -79,6 +79,18 @@ def _install_old_modules(folder: Path) -> None:
         parent, _, child = name.rpartition(".")
         setattr(importlib.import_module(parent), child, module)
         spec.loader.exec_module(module)
+    # Post-processing steps added after BASELINE (the anatomical consistency rules the shipped
+    # package now names) run as the current code has them, so both variants do the same work.
+    current = importlib.util.spec_from_file_location(
+        "kneeseg_current_postprocess", ROOT / "KneeSegLogic/segmentation/postprocess.py"
+    )
+    assert current is not None and current.loader is not None
+    steps = importlib.util.module_from_spec(current)
+    sys.modules[current.name] = steps
+    current.loader.exec_module(steps)
+    old = sys.modules["KneeSegLogic.segmentation.postprocess"]
+    for step, function in steps.STEPS.items():
+        old.STEPS.setdefault(step, function)
 
 
 def _grid_scan(folder: Path, shape: tuple[int, int, int]) -> Path:
