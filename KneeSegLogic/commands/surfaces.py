@@ -10,6 +10,8 @@ from KneeSegLogic.commands import add_output
 HELP = "smoothed surface models (STL/VTP, mm) from a segmentation"
 # The same names as quantification.surfaces.SMOOTHING_METHODS (not imported here: it loads VTK).
 SMOOTHING_METHODS = ("windowed-sinc", "laplacian-idw", "none")
+# quantification.surfaces.MESH_RESOLUTION_MM, for the same reason.
+MESH_RESOLUTION_MM = 0.5
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -28,6 +30,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="FRACTION",
         help="fraction of triangles to remove by quadric decimation, 0 to <1 (default 0)",
     )
+    parser.add_argument(
+        "--resolution-mm",
+        type=float,
+        default=MESH_RESOLUTION_MM,
+        metavar="MM",
+        help="mesh resolution: voxels finer than this are merged in blocks of about MM before the "
+        f"surface is built, keeping the sub-voxel boundary and the volume (default {MESH_RESOLUTION_MM:g}; "
+        "0: one face per voxel face)",
+    )
     parser.add_argument("--structures", help="comma-separated structure keys or label values (default: all present)")
 
 
@@ -38,7 +49,11 @@ def run(args: argparse.Namespace) -> int:
     )
 
     options = SurfaceOptions(
-        smoothing=args.smoothing, decimate=args.decimate, structures=args.structures, overwrite=args.overwrite
+        smoothing=args.smoothing,
+        decimate=args.decimate,
+        structures=args.structures,
+        overwrite=args.overwrite,
+        resolution_mm=args.resolution_mm,
     )
     surfaces_from_segmentation(args.segmentation, args.output, options)
     return 0

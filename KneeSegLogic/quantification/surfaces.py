@@ -4,7 +4,11 @@ Pipeline per structure
 ----------------------
 1. The structure's voxels (cropped to their bounding box and padded with one background voxel,
    so a structure cut by the edge of the scan still gets a closed, capped surface) go through
-   ``vtkDiscreteFlyingEdges3D`` in *index space* (i, j, k).
+   ``vtkDiscreteFlyingEdges3D`` in *index space* (i, j, k). On scans finer than the mesh
+   resolution (:data:`MESH_RESOLUTION_MM`, 0.5 mm by default) voxels are first merged into
+   blocks and the surface is the 0.5 isosurface of the structure's volume fraction per block
+   (``vtkFlyingEdges3D``): the boundary keeps its sub-voxel position and the volume, with a
+   fraction of the triangles.
 2. Points are mapped with the volume's full index-to-LPS matrix
    (``origin + direction @ (spacing * ijk)``), so oblique and left-handed grids land where the
    voxels are; triangles are turned, where needed, so normals point outwards.
@@ -45,6 +49,7 @@ from vtkmodules.util.numpy_support import (
 from vtkmodules.vtkCommonCore import vtkObject, vtkPoints, vtkStringArray
 from vtkmodules.vtkCommonDataModel import vtkCellArray, vtkImageData, vtkPolyData
 from vtkmodules.vtkFiltersCore import (
+    vtkFlyingEdges3D,
     vtkMassProperties,
     vtkPolyDataNormals,
     vtkQuadricDecimation,
@@ -156,8 +161,23 @@ def mesh_volume(mesh: vtkPolyData) -> float:
     return float(properties.GetVolume())
 
 
+def block_factors(spacing_kji: Sequence[float], resolution_mm: float) -> tuple[int, int, int]:
+    """Voxels merged per axis (k, j, i) for a mesh built at about ``resolution_mm`` (0: none).
+
+    The factor per axis is ``resolution_mm / spacing`` rounded, so blocks are within a factor 1.5
+    of ``resolution_mm`` and axes whose voxels exceed a third of it are left as they are.
+    """
+    if resolution_mm <= 0:
+        return (1, 1, 1)
+    k, j, i = (max(1, int(np.floor(resolution_mm / float(s) + 0.5))) for s in spacing_kji)
+    return (k, j, i)
+
+
 def extract_surface(
-    mask: np.ndarray, index_to_physical: np.ndarray, offset: Sequence[int] = (0, 0, 0)
+    mask: np.ndarray,
+    index_to_physical: np.ndarray,
+    offset: Sequence[int] = (0, 0, 0),
+    block: Sequence[int] = (1, 1, 1),
 ) -> tuple[np.ndarray, np.ndarray]:
     """Isosurface of a binary mask, in physical coordinates, normals outwards.
 
@@ -173,6 +193,12 @@ def extract_surface(
         (:meth:`Volume.index_to_physical`).
     offset : sequence of 3 int
         (k, j, i) index of the block's first voxel in the whole volume.
+    block : sequence of 3 int
+        Voxels merged per axis (k, j, i), e.g. from :func:`block_factors`. Above 1, the mask is
+        averaged over blocks of that many voxels (the structure's volume fraction per block) and
+        the surface is the 0.5 isosurface of that fraction (``vtkFlyingEdges3D``): a mesh of
+        about the block's size that keeps the sub-voxel boundary position and the volume,
+        instead of one triangle pair per voxel face on fine scans.
 
     Returns
     -------
@@ -181,14 +207,30 @@ def extract_surface(
     triangles : ndarray, shape (m, 3)
         Point indices, counter-clockwise seen from outside.
     """
-    padded = np.pad(np.asarray(mask, dtype=np.uint8), 1)
+    factors = np.asarray(block, dtype=int)
     image = vtkImageData()
+    flying_edges: vtkDiscreteFlyingEdges3D | vtkFlyingEdges3D
+    if np.all(factors == 1):
+        padded = np.pad(np.asarray(mask, dtype=np.uint8), 1)
+        image.SetOrigin(*(np.asarray(offset, dtype=float)[::-1] - 1.0))  # index space (i, j, k)
+        flying_edges = vtkDiscreteFlyingEdges3D()
+        flying_edges.SetValue(0, 1)
+    else:
+        # Background up to whole blocks, block means, one background block all round.
+        extra = [(0, (-n) % f) for n, f in zip(mask.shape, factors)]
+        whole = np.pad(np.asarray(mask, dtype=np.float32), extra)
+        k, j, i = (n // f for n, f in zip(whole.shape, factors))
+        fraction = whole.reshape(k, factors[0], j, factors[1], i, factors[2]).mean(axis=(1, 3, 5))
+        padded = np.pad(fraction, 1)
+        # Block c covers voxels c*f .. c*f + f - 1: its centre is voxel c*f + (f - 1) / 2.
+        start = np.asarray(offset, dtype=float) + (factors - 1) / 2.0 - factors
+        image.SetOrigin(*start[::-1])
+        image.SetSpacing(*factors[::-1].astype(float))
+        flying_edges = vtkFlyingEdges3D()
+        flying_edges.SetValue(0, 0.5)
     image.SetDimensions(padded.shape[2], padded.shape[1], padded.shape[0])
-    image.SetOrigin(*(np.asarray(offset, dtype=float)[::-1] - 1.0))  # index space (i, j, k)
     image.GetPointData().SetScalars(numpy_to_vtk(padded.ravel(), deep=True))
-    flying_edges = vtkDiscreteFlyingEdges3D()
     flying_edges.SetInputData(image)
-    flying_edges.SetValue(0, 1)
     flying_edges.ComputeNormalsOff()
     flying_edges.ComputeGradientsOff()
     flying_edges.ComputeScalarsOff()
@@ -276,6 +318,7 @@ def structure_surface(
     smoothing: str = "windowed-sinc",
     decimate_fraction: float = 0.0,
     box: tuple[slice, slice, slice] | None = None,
+    resolution_mm: float = 0.0,
 ) -> tuple[vtkPolyData, dict[str, Any]]:
     """Surface of one structure of a label map, with its mesh check.
 
@@ -291,6 +334,9 @@ def structure_surface(
     box : tuple of 3 slices, optional
         The structure's bounding box in the array (``scipy.ndimage.find_objects``), found
         here when not given.
+    resolution_mm : float
+        Build the mesh on blocks of voxels about this size (:func:`block_factors`; 0: the
+        voxels themselves).
 
     Returns
     -------
@@ -309,7 +355,8 @@ def structure_surface(
         found = ndimage.find_objects((labels.array == label).view(np.uint8))
         box = found[0] if found else (slice(0, 0),) * 3
     mask = labels.array[box] == label
-    points, triangles = extract_surface(mask, labels.index_to_physical(), [s.start for s in box])
+    block = block_factors(labels.spacing_kji, resolution_mm)
+    points, triangles = extract_surface(mask, labels.index_to_physical(), [s.start for s in box], block)
     if len(triangles) and decimate_fraction > 0:
         points, triangles = decimate_mesh(points, triangles, decimate_fraction)
     before = signed_volume(points, triangles) if len(triangles) else 0.0
@@ -331,6 +378,12 @@ def structure_surface(
     }
     return mesh, check
 
+
+#: Default mesh resolution (mm): finer than the default model's 0.75 mm working grid, so the mesh
+#: keeps what the model resolves, while a 0.27 mm scan no longer gives one triangle pair per voxel
+#: face (136 MB of surfaces for a 512 x 512 x 286 knee). Axes with voxels of 1/3 mm or more are
+#: left as they are (:func:`block_factors`).
+MESH_RESOLUTION_MM = 0.5
 
 #: One binary STL facet: normal, three vertices (float32 x, y, z each) and a 16-bit attribute word.
 STL_FACET = np.dtype([("normal", "<f4", (3,)), ("vertices", "<f4", (3, 3)), ("attribute", "<u2")])
@@ -395,6 +448,7 @@ def build_surfaces(
     decimate: float = 0.0,
     tissues: Sequence[Tissue] = TISSUES,
     progress: Callable[[str, float, str], None] | None = None,
+    resolution_mm: float = MESH_RESOLUTION_MM,
 ) -> dict[str, Any]:
     """Write ``surfaces/<key>.stl`` and ``.vtp`` for every structure present; return the results section.
 
@@ -413,11 +467,14 @@ def build_surfaces(
         Structures to build; those absent from the label map are listed under ``absent``.
     progress : callable, optional
         ``progress(stage, fraction, message)``, e.g. an :class:`~KneeSegLogic.outputs.Progress`.
+    resolution_mm : float
+        Mesh resolution (:data:`MESH_RESOLUTION_MM` by default; 0: one face per voxel face).
 
     Returns
     -------
     dict
         ``{"coordinate_system": "LPS", "units": "mm", "smoothing": ..., "decimate": ...,
+        "resolution_mm": ..., "voxels_per_block": [k, j, i],
         "structures": {key: {label, name, files, mesh check, seconds}}, "absent": [keys]}``;
         file paths are relative to ``out_dir``.
 
@@ -432,6 +489,8 @@ def build_surfaces(
         raise KneeSegError(f"unknown smoothing {smoothing!r}; choose one of {', '.join(SMOOTHING_METHODS)}")
     if not 0.0 <= decimate < 1.0:
         raise KneeSegError(f"decimation fraction must be in [0, 1), got {decimate}")
+    if not 0.0 <= resolution_mm <= 5.0:
+        raise KneeSegError(f"mesh resolution must be 0 (the voxels) to 5 mm, got {resolution_mm}")
     folder = Path(out_dir) / SURFACES_FOLDER
     folder.mkdir(parents=True, exist_ok=True)
     # One pass finds every structure's bounding box (None for label values not present).
@@ -442,6 +501,8 @@ def build_surfaces(
         "units": "mm",
         "smoothing": smoothing,
         "decimate": decimate,
+        "resolution_mm": resolution_mm,
+        "voxels_per_block": list(block_factors(labels.spacing_kji, resolution_mm)),
         "structures": {},
         "absent": [t.key for t in tissues if t.label not in present],
     }
@@ -450,7 +511,9 @@ def build_surfaces(
         if progress is not None:
             progress("surfaces", number / max(len(wanted), 1), structure.name)
         started = time.perf_counter()
-        mesh, check = structure_surface(labels, structure.label, smoothing, decimate, boxes[structure.label - 1])
+        mesh, check = structure_surface(
+            labels, structure.label, smoothing, decimate, boxes[structure.label - 1], resolution_mm
+        )
         files = {}
         for suffix, write in (("stl", write_stl), ("vtp", write_vtp)):
             write(mesh, folder / f"{structure.key}.{suffix}")
@@ -471,12 +534,13 @@ def build_surfaces(
 class SurfaceOptions:
     """How ``kneeseg surfaces`` builds its models: smoothing method (:data:`SMOOTHING_METHODS`),
     fraction of triangles removed by decimation (0 to <1), structures as comma-separated keys or
-    label values (None: all present)."""
+    label values (None: all present), mesh resolution in mm (:func:`block_factors`)."""
 
     smoothing: str = "windowed-sinc"
     decimate: float = 0.0
     structures: str | None = None
     overwrite: bool = False
+    resolution_mm: float = MESH_RESOLUTION_MM
 
 
 def _structures(text: str | None) -> tuple[Tissue, ...]:
@@ -520,6 +584,7 @@ def surfaces_from_segmentation(
                 folder,
                 smoothing=options.smoothing,
                 decimate=options.decimate,
+                resolution_mm=options.resolution_mm,
                 tissues=tissues,
                 progress=progress,
             )

@@ -263,6 +263,11 @@ def test_command_constants_match_the_library():
     from KneeSegLogic.tissues import BY_KEY
 
     assert segment.FORMATS == FORMATS and tuple(BY_KEY) == segment.STRUCTURES
+    from KneeSegLogic.commands import surfaces as surfaces_command
+    from KneeSegLogic.quantification import surfaces
+
+    assert surfaces_command.MESH_RESOLUTION_MM == surfaces.MESH_RESOLUTION_MM
+    assert surfaces_command.SMOOTHING_METHODS == surfaces.SMOOTHING_METHODS
 
 
 def test_roi_subset_and_format_parse_and_unknown_structure_is_refused(capsys):
