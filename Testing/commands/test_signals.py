@@ -43,7 +43,14 @@ def _start(argv: list[str], home: Path, dask: bool = True) -> subprocess.Popen:
         stderr=subprocess.PIPE,
         text=True,
         env=environment,
+        # As from a terminal: a test run started in the background (``&``, nohup) passes SIGINT on
+        # ignored, and Python then keeps ignoring it, as kneeseg must (it never re-enables it).
+        preexec_fn=_interruptible,
     )
+
+
+def _interruptible() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _signal_at_first_line(process: subprocess.Popen, signals: list[int], gap_s: float = 0.05) -> None:
