@@ -19,6 +19,7 @@ from KneeSegLogic.io.scans import read_volume, write_volume
 from KneeSegLogic.io.volume import Volume
 from KneeSegLogic.quantification.surfaces import (
     SMOOTHING_METHODS,
+    STL_FACET,
     block_factors,
     build_surfaces,
     extract_surface,
@@ -189,6 +190,14 @@ def test_files_carry_lps_tag_and_millimetres(sphere: Volume, tmp_path) -> None:
     centre = sphere_centre_lps(sphere)
     for points in (stl_points, mesh_points(polydata)):
         assert abs(np.linalg.norm(points - centre, axis=1).mean() - SPHERE_RADIUS_MM) < 0.1
+    # Binary STL layout: 80-byte header, facet count, 50-byte facets whose unit normals point outwards.
+    raw = stl_path.read_bytes()
+    facets = np.frombuffer(raw, STL_FACET, offset=84)
+    assert int(np.frombuffer(raw, "<u4", 1, 80)[0]) == len(facets) == entry["triangles"]
+    assert len(raw) == 84 + 50 * len(facets)
+    np.testing.assert_allclose(np.linalg.norm(facets["normal"], axis=1), 1.0, atol=1e-5)
+    outward = np.einsum("ij,ij->i", facets["normal"], facets["vertices"].mean(axis=1) - centre)
+    assert np.all(outward > 0)
 
 
 def test_real_label_map_gives_closed_surfaces_for_every_structure(tmp_path) -> None:
