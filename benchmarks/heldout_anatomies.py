@@ -22,28 +22,18 @@ import json
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from KneeSegLogic.resources import BUNDLED_MODELS_DIR
 from KneeSegLogic.segmentation.package import load_package
+from KneeSegLogic.tissues import TISSUES
 from KneeSegLogic.training import builder
 from KneeSegLogic.training.data import load_anatomies, load_heldout_anatomies
 from KneeSegLogic.training.heldout import HELDOUT_ACQUISITIONS
 
 TRAINING_KNEE = "pymskt_host.nrrd"
 
-STRUCTURES = (
-    "femur",
-    "tibia",
-    "patella",
-    "fibula",
-    "femoral_cartilage",
-    "medial_tibial_cartilage",
-    "lateral_tibial_cartilage",
-    "patellar_cartilage",
-    "medial_meniscus",
-    "lateral_meniscus",
-)
+#: Bones, then cartilage, then menisci, in the tissue table's order within each group.
+STRUCTURES = tuple(t.key for group in ("bone", "cartilage", "meniscus") for t in TISSUES if t.group == group)
 
 
 def scores(package_path: Path, knees: list, repeats: int) -> dict:
@@ -51,9 +41,8 @@ def scores(package_path: Path, knees: list, repeats: int) -> dict:
     package = load_package(package_path)
     if len(package.members) != 2:
         raise SystemExit(f"{package_path}: the builder's blending evaluates two-member packages")
-    builder.HELDOUT_REPEATS = repeats
     weights = [m.weight for m in package.members]
-    per_case = builder.evaluate_heldout(package, knees, weights, package.decision_offsets)
+    per_case = builder.evaluate_heldout(package, knees, weights, package.decision_offsets, repeats)
     return {
         case: {"offsets 0": variants[builder.ENSEMBLE], "as shipped": variants[builder.FINAL]}
         for case, variants in per_case.items()
@@ -73,7 +62,6 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="scans per acquisition and knee")
     parser.add_argument("--json", type=Path, help="also write every score here")
     args = parser.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     heldout = load_heldout_anatomies(args.bank)
     training = load_anatomies(args.bank / TRAINING_KNEE)
     models = args.model or [BUNDLED_MODELS_DIR / "kneeseg-knee-2p5d"]

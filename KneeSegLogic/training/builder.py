@@ -180,10 +180,17 @@ def calibrate(package: ModelPackage, anatomies) -> tuple[list[float], list[float
     return [weight, 1 - weight], [float(v) for v in offsets], summary
 
 
-def evaluate_heldout(package: ModelPackage, anatomies, weights: Sequence[float], offsets: Sequence[float]) -> dict:
-    """Dice and volume ratios per structure on every held-out scan: members alone, the ensemble
-    with plain argmax, and the ensemble with the decision offsets (what ``segment`` does)."""
-    cases = heldout_cases(anatomies, repeats=HELDOUT_REPEATS)
+def evaluate_heldout(
+    package: ModelPackage,
+    anatomies,
+    weights: Sequence[float],
+    offsets: Sequence[float],
+    repeats: int = HELDOUT_REPEATS,
+) -> dict:
+    """Dice and volume ratios per structure on every held-out scan (``repeats`` per acquisition and
+    knee): members alone, the ensemble with plain argmax, and the ensemble with the decision
+    offsets (what ``segment`` does)."""
+    cases = heldout_cases(anatomies, repeats=repeats)
     channel_labels = np.asarray(package.tissue_labels, dtype=np.uint8)
     per_case = {}
     for case, maps in zip(cases, _member_maps(package, cases)):

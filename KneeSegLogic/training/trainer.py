@@ -128,12 +128,11 @@ def _validation_set(
         # bones-only clinical knee, so its checkpoints were chosen without any cartilage or meniscus.
         settings = SynthesisSettings(noise_range=spec.noise_range, anatomy=AnatomySettings(probability=0.0))
         per_knee = max(2, math.ceil(boxes / len(heldout)))
-        return [
-            stacks_from_box(*synthesizer.sample(), spec.context_slices)
-            for index, knee in enumerate(heldout)
-            for synthesizer in [_synthesizer([knee], spec, seed=20_000 + spec.seed + index, settings=settings)]
-            for _ in range(per_knee)
-        ]
+        validation = []
+        for index, knee in enumerate(heldout):
+            synthesizer = _synthesizer([knee], spec, seed=20_000 + spec.seed + index, settings=settings)
+            validation += [stacks_from_box(*synthesizer.sample(), spec.context_slices) for _ in range(per_knee)]
+        return validation
     synthesizer = _synthesizer(anatomies, spec, seed=10_000 + spec.seed)
     return [stacks_from_box(*synthesizer.sample(), spec.context_slices) for _ in range(boxes)]
 
