@@ -254,21 +254,27 @@ def _hardware(device: torch.device) -> str:
 
 
 def _initial_networks(init_from: str | None, members: Sequence[MemberRecipe]) -> dict[str, torch.nn.Module]:
-    """The members of package ``init_from`` that share a recipe's name and architecture, by name."""
+    """Starting networks from package ``init_from``, by recipe name: its member of the recipe's name,
+    else the one the recipe's ``start_from`` names, when the architectures agree."""
     if init_from is None:
         return {}
     from KneeSegLogic.segmentation.registry import get_package
 
     package = get_package(init_from)
-    wanted = {spec.name: spec.architecture() for spec in members}
-    found = {
-        member.name: package.load_member(index)
-        for index, member in enumerate(package.members)
-        if wanted.get(member.name) == {"name": member.architecture, "args": member.architecture_args}
-    }
+    shipped = {member.name: index for index, member in enumerate(package.members)}
+    found = {}
+    for spec in members:
+        for name in (spec.name, spec.start_from):
+            member = package.members[shipped[name]] if name in shipped else None
+            if member is not None and spec.architecture() == {
+                "name": member.architecture,
+                "args": member.architecture_args,
+            }:
+                found[spec.name] = package.load_member(shipped[name])
+                break
     if not found:
         raise KneeSegError(
-            f"--init-from {init_from}: no member shares a name and architecture with {sorted(wanted)}; "
+            f"--init-from {init_from}: no member shares a name and architecture with {[m.name for m in members]}; "
             "nothing to start from"
         )
     return found

@@ -1,8 +1,9 @@
 """Training 2.5D members on synthetic images from real label maps (or real image/label pairs).
 
-One *member* is a 2D network that sees ``2k+1`` adjacent sagittal slices as channels at a given
-working spacing (KneeXNet-2.5D); an ensemble is several members at different in-plane
-resolutions (scale space) and noise settings (noise space), fused by mean softmax.
+One *member* is a 2D network that sees ``2k+1`` adjacent slices of one plane (sagittal, coronal or
+axial) as channels at a given working spacing (KneeXNet-2.5D); an ensemble is several members at
+different in-plane resolutions (scale space), noise settings (noise space) and planes (Luan et
+al.'s multi-planar fusion F = aC + bA + cS), fused by weighted mean softmax.
 
 Training is time-budgeted and resumable: ``workdir/<member>/checkpoint.pt`` holds the network,
 optimiser, iteration and elapsed time; ``best.safetensors`` the weights with the best validation
@@ -27,6 +28,7 @@ import torch
 from safetensors.torch import save_file
 
 from KneeSegLogic.io.outputs import atomic_file, write_json
+from KneeSegLogic.segmentation.inference import PLANE_AXIS
 from KneeSegLogic.segmentation.networks import build_network
 from KneeSegLogic.tissues import TISSUES
 from KneeSegLogic.training.losses import make_loss
@@ -37,10 +39,18 @@ NUM_CLASSES = 1 + max(t.label for t in TISSUES)
 
 @dataclass
 class MemberRecipe:
-    """How one 2.5D member is trained and what its input contract is."""
+    """How one 2.5D member is trained and what its input contract is.
+
+    ``plane`` is the plane of its slices (the slice axis is the canonical array axis
+    :data:`~KneeSegLogic.segmentation.inference.PLANE_AXIS` names, as in inference). ``start_from``
+    names the member of a ``--init-from`` package whose weights start this one when that package
+    has no member of this recipe's own name (e.g. a coronal member started from a sagittal one:
+    the networks are fully convolutional, so features transfer across planes and scales).
+    """
 
     name: str
     pixel_mm: float
+    plane: str = "sagittal"
     slice_mm: float = 1.5
     context_slices: int = 2
     crop: int = 160
@@ -52,6 +62,12 @@ class MemberRecipe:
     boxes_per_batch: int = 1
     learning_rate: float = 2e-3
     seed: int = 0
+    start_from: str | None = None
+
+    @property
+    def slice_axis(self) -> int:
+        """Canonical (k, j, i) = (R, I, P) array axis across this member's slices."""
+        return PLANE_AXIS[self.plane]
 
     def architecture(self) -> dict:
         return {
@@ -69,7 +85,7 @@ class MemberRecipe:
     def input_contract(self) -> dict:
         return {
             "kind": "2.5d",
-            "plane": "sagittal",
+            "plane": self.plane,
             "context_slices": self.context_slices,
             "spacing_mm": [self.pixel_mm, self.pixel_mm],
             "slice_spacing_mm": self.slice_mm,
@@ -89,15 +105,21 @@ class TrainingState:
 def _synthesizer(
     anatomies: Sequence[Anatomy], spec: MemberRecipe, seed: int, settings: SynthesisSettings | None = None
 ) -> Synthesizer:
-    depth = 2 * spec.context_slices + spec.slices_per_box
+    """Boxes of the canonical (R, I, P) frame: ``crop`` voxels of ``pixel_mm`` in-plane and the
+    slices plus their context across the member's plane."""
+    shape, spacing = [spec.crop] * 3, [spec.pixel_mm] * 3
+    shape[spec.slice_axis] = 2 * spec.context_slices + spec.slices_per_box
+    spacing[spec.slice_axis] = spec.slice_mm
     settings = settings or SynthesisSettings(noise_range=spec.noise_range)
-    return Synthesizer(
-        list(anatomies), (depth, spec.crop, spec.crop), (spec.slice_mm, spec.pixel_mm, spec.pixel_mm), settings, seed
-    )
+    return Synthesizer(list(anatomies), tuple(shape), tuple(spacing), settings, seed)
 
 
-def stacks_from_box(image: torch.Tensor, labels: torch.Tensor, context: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """All 2.5D inputs of a box: (N, 2k+1, H, W) slice stacks and (N, H, W) centre labels."""
+def stacks_from_box(
+    image: torch.Tensor, labels: torch.Tensor, context: int, axis: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """All 2.5D inputs of a box across its array ``axis``: (N, 2k+1, H, W) slice stacks and (N, H, W)
+    centre labels, slices taken as inference takes them (the axis moved to the front)."""
+    image, labels = image.movedim(axis, 0), labels.movedim(axis, 0)
     depth = image.shape[0]
     centres = range(context, depth - context)
     inputs = torch.stack([image[c - context : c + context + 1] for c in centres])
@@ -131,10 +153,12 @@ def _validation_set(
         validation = []
         for index, knee in enumerate(heldout):
             synthesizer = _synthesizer([knee], spec, seed=20_000 + spec.seed + index, settings=settings)
-            validation += [stacks_from_box(*synthesizer.sample(), spec.context_slices) for _ in range(per_knee)]
+            validation += [
+                stacks_from_box(*synthesizer.sample(), spec.context_slices, spec.slice_axis) for _ in range(per_knee)
+            ]
         return validation
     synthesizer = _synthesizer(anatomies, spec, seed=10_000 + spec.seed)
-    return [stacks_from_box(*synthesizer.sample(), spec.context_slices) for _ in range(boxes)]
+    return [stacks_from_box(*synthesizer.sample(), spec.context_slices, spec.slice_axis) for _ in range(boxes)]
 
 
 @torch.no_grad()
@@ -213,7 +237,10 @@ def train_member(
         fraction = elapsed / time_budget_s
         for group in optimiser.param_groups:  # cosine decay over the time budget
             group["lr"] = spec.learning_rate * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * fraction)))
-        boxes = [stacks_from_box(*synthesizer.sample(), spec.context_slices) for _ in range(spec.boxes_per_batch)]
+        boxes = [
+            stacks_from_box(*synthesizer.sample(), spec.context_slices, spec.slice_axis)
+            for _ in range(spec.boxes_per_batch)
+        ]
         inputs = torch.cat([b[0] for b in boxes]).to(device)
         targets = torch.cat([b[1] for b in boxes]).to(device)
         batch_loss = loss_function(network(inputs), targets)
@@ -248,9 +275,19 @@ def train_member(
     return best
 
 
-#: The default ensemble (KneeXNet-2.5D's scale space): a fine and a coarse in-plane resolution,
-#: with different noise ranges (noise space).
+#: The default ensemble: KneeXNet-2.5D's scale space (a fine and a coarse sagittal in-plane
+#: resolution, with different noise ranges: noise space) and a coronal member for context across
+#: the sagittal slices (Luan et al.'s multi-planar fusion), started from the coarse sagittal one.
 DEFAULT_MEMBERS: tuple[MemberRecipe, ...] = (
     MemberRecipe("sagittal-0.75mm", pixel_mm=0.75, crop=160, noise_range=(0.005, 0.06), seed=1),
     MemberRecipe("sagittal-1.15mm", pixel_mm=1.15, crop=128, noise_range=(0.02, 0.10), seed=2),
+    MemberRecipe(
+        "coronal-1.15mm",
+        pixel_mm=1.15,
+        plane="coronal",
+        crop=128,
+        noise_range=(0.02, 0.10),
+        seed=3,
+        start_from="sagittal-1.15mm",
+    ),
 )
