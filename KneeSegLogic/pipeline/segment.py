@@ -206,7 +206,8 @@ class SegmentOptions:
     only the coarsest member, without flip TTA; ``roi_subset`` keeps only these structure keys in
     every output (the network still predicts all of them jointly); ``report`` writes report.png
     and report.html; ``formats`` adds label maps in other formats (see
-    :data:`KneeSegLogic.io.export.FORMATS`; ``dicom-seg`` needs DICOM input).
+    :data:`KneeSegLogic.io.export.FORMATS`; ``dicom-seg`` needs DICOM input); surfaces are VTP
+    files, and also STL with ``stl``.
     """
 
     model: str | None = None
@@ -222,6 +223,7 @@ class SegmentOptions:
     roi_subset: tuple[str, ...] = ()
     report: bool = True
     formats: tuple[str, ...] = ()
+    stl: bool = False
 
 
 def _roi_subset(keys: tuple[str, ...]) -> tuple[Tissue, ...]:
@@ -309,7 +311,10 @@ def segment_scan(
             from KneeSegLogic.quantification.surfaces import build_surfaces
 
             with results.stage("surfaces", progress):
-                results["surfaces"] = build_surfaces(labels, folder, tissues=structures, progress=progress)
+                formats = ("vtp", "stl") if options.stl else ("vtp",)
+                results["surfaces"] = build_surfaces(
+                    labels, folder, tissues=structures, progress=progress, formats=formats
+                )
         if volume.is_multi_echo and volume.array.shape[3] == 2 and any(t.group == "cartilage" for t in structures):
             from KneeSegLogic.quantification.t2maps import dess_t2_with_regions
 

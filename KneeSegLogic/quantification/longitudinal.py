@@ -189,10 +189,8 @@ def _distance_image(labels: Volume, structures: tuple[int, ...]) -> sitk.Image:
     lower = np.maximum([axis.min() for axis in inside] - margin, 0)
     upper = np.minimum([axis.max() + 1 for axis in inside] + margin, labels.array.shape)
     box = tuple(slice(lo, hi) for lo, hi in zip(lower, upper))
-    origin = np.asarray(labels.origin) + labels.direction @ (np.asarray(labels.spacing) * lower[::-1])
-    mask = Volume(
-        np.isin(labels.array[box], structures).astype(np.uint8), labels.spacing, tuple(origin), labels.direction
-    )
+    region = labels.region(box)
+    mask = region.with_array(np.isin(region.array, structures).astype(np.uint8))
     distance = sitk.SignedMaurerDistanceMap(
         mask.to_sitk(), insideIsPositive=False, squaredDistance=False, useImageSpacing=True
     )
@@ -202,7 +200,7 @@ def _distance_image(labels: Volume, structures: tuple[int, ...]) -> sitk.Image:
     grid.SetSpacing([WORK_SPACING_MM] * 3)
     # Same outer corner as the crop: shift by half the change of voxel size.
     corner_shift = (WORK_SPACING_MM - np.asarray(labels.spacing)) / 2
-    grid.SetOrigin(tuple(origin + labels.direction @ corner_shift))
+    grid.SetOrigin(tuple(np.asarray(region.origin) + labels.direction @ corner_shift))
     grid.SetDirection(tuple(labels.direction.ravel()))
     return sitk.Resample(distance, grid, sitk.Transform(), sitk.sitkLinear, DISTANCE_CLAMP_MM, sitk.sitkFloat32)
 

@@ -66,7 +66,7 @@ from KneeSegLogic.io.outputs import (
     atomic_file,
     output_folder,
 )
-from KneeSegLogic.io.volume import Volume
+from KneeSegLogic.io.volume import Volume, block_factors, block_means
 from KneeSegLogic.tissues import TISSUES, Tissue, tissue
 
 SMOOTHING_METHODS = ("windowed-sinc", "laplacian-idw", "none")
@@ -161,18 +161,6 @@ def mesh_volume(mesh: vtkPolyData) -> float:
     return float(properties.GetVolume())
 
 
-def block_factors(spacing_kji: Sequence[float], resolution_mm: float) -> tuple[int, int, int]:
-    """Voxels merged per axis (k, j, i) for a mesh built at about ``resolution_mm`` (0: none).
-
-    The factor per axis is ``resolution_mm / spacing`` rounded, so blocks are within a factor 1.5
-    of ``resolution_mm`` and axes whose voxels exceed a third of it are left as they are.
-    """
-    if resolution_mm <= 0:
-        return (1, 1, 1)
-    k, j, i = (max(1, int(np.floor(resolution_mm / float(s) + 0.5))) for s in spacing_kji)
-    return (k, j, i)
-
-
 def extract_surface(
     mask: np.ndarray,
     index_to_physical: np.ndarray,
@@ -216,12 +204,8 @@ def extract_surface(
         flying_edges = vtkDiscreteFlyingEdges3D()
         flying_edges.SetValue(0, 1)
     else:
-        # Background up to whole blocks, block means, one background block all round.
-        extra = [(0, (-n) % f) for n, f in zip(mask.shape, factors)]
-        whole = np.pad(np.asarray(mask, dtype=np.float32), extra)
-        k, j, i = (n // f for n, f in zip(whole.shape, factors))
-        fraction = whole.reshape(k, factors[0], j, factors[1], i, factors[2]).mean(axis=(1, 3, 5))
-        padded = np.pad(fraction, 1)
+        # Block means (background up to whole blocks), one background block all round.
+        padded = np.pad(block_means(mask, factors), 1)
         # Block c covers voxels c*f .. c*f + f - 1: its centre is voxel c*f + (f - 1) / 2.
         start = np.asarray(offset, dtype=float) + (factors - 1) / 2.0 - factors
         image.SetOrigin(*start[::-1])
@@ -441,6 +425,13 @@ def write_vtp(mesh: vtkPolyData, path: str | Path) -> Path:
     return path
 
 
+#: Surface file types: binary STL (3D printing, planning software) and VTK XML PolyData (Slicer's
+#: model files, compressed). ``kneeseg surfaces`` writes both; ``segment`` writes VTP and, with
+#: ``--stl``, STL: on the 512 x 512 x 286 knee the STL files were 34 of the folder's 93 MB and
+#: repeat the VTP meshes triangle for triangle.
+SURFACE_FORMATS: tuple[str, ...] = ("stl", "vtp")
+
+
 def build_surfaces(
     labels: Volume,
     out_dir: str | Path,
@@ -449,8 +440,9 @@ def build_surfaces(
     tissues: Sequence[Tissue] = TISSUES,
     progress: Callable[[str, float, str], None] | None = None,
     resolution_mm: float = MESH_RESOLUTION_MM,
+    formats: Sequence[str] = SURFACE_FORMATS,
 ) -> dict[str, Any]:
-    """Write ``surfaces/<key>.stl`` and ``.vtp`` for every structure present; return the results section.
+    """Write ``surfaces/<key>.<format>`` for every structure present; return the results section.
 
     Surfaces are in LPS mm and tagged so that Slicer places them on the scan (module docstring).
 
@@ -469,6 +461,8 @@ def build_surfaces(
         ``progress(stage, fraction, message)``, e.g. an :class:`~KneeSegLogic.outputs.Progress`.
     resolution_mm : float
         Mesh resolution (:data:`MESH_RESOLUTION_MM` by default; 0: one face per voxel face).
+    formats : sequence of str
+        File types written, from :data:`SURFACE_FORMATS`.
 
     Returns
     -------
@@ -481,7 +475,7 @@ def build_surfaces(
     Raises
     ------
     KneeSegError
-        Not a 3D label map, unknown smoothing, or a decimation fraction outside [0, 1).
+        Not a 3D label map, unknown smoothing or file type, or a decimation fraction outside [0, 1).
     """
     if labels.array.ndim != 3:
         raise KneeSegError(f"surfaces need a 3D label map, got an array of shape {labels.array.shape}")
@@ -489,6 +483,10 @@ def build_surfaces(
         raise KneeSegError(f"unknown smoothing {smoothing!r}; choose one of {', '.join(SMOOTHING_METHODS)}")
     if not 0.0 <= decimate < 1.0:
         raise KneeSegError(f"decimation fraction must be in [0, 1), got {decimate}")
+    unknown = sorted(set(formats) - set(SURFACE_FORMATS))
+    if unknown or not formats:
+        found = f"unknown surface file type {unknown[0]!r}" if unknown else "no surface file type given"
+        raise KneeSegError(f"{found}; choose from {', '.join(SURFACE_FORMATS)}")
     if not 0.0 <= resolution_mm <= 5.0:
         raise KneeSegError(f"mesh resolution must be 0 (the voxels) to 5 mm, got {resolution_mm}")
     folder = Path(out_dir) / SURFACES_FOLDER
@@ -516,6 +514,8 @@ def build_surfaces(
         )
         files = {}
         for suffix, write in (("stl", write_stl), ("vtp", write_vtp)):
+            if suffix not in formats:
+                continue
             write(mesh, folder / f"{structure.key}.{suffix}")
             files[suffix] = f"{SURFACES_FOLDER}/{structure.key}.{suffix}"
         section["structures"][structure.key] = {

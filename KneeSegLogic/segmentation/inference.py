@@ -407,6 +407,19 @@ class GridMap:
         first = self.axes[0].part(rows).inside
         return first[:, None, None] & self.axes[1].inside[None, :, None] & self.axes[2].inside[None, None, :]
 
+    def clear_outside(self, values: torch.Tensor, rows: slice, fill: float | int) -> torch.Tensor:
+        """Set the slab's voxels that lie off the source grid (see :meth:`inside`) to ``fill``, in place.
+
+        The inside of a slab is a box (one index range per axis), so this assigns a few planes
+        per axis instead of masking every voxel with the 3D :meth:`inside`."""
+        for dim, axis in enumerate((self.axes[0].part(rows), self.axes[1], self.axes[2])):
+            outside = ~axis.inside
+            if bool(outside.any()):
+                index: list[slice | torch.Tensor] = [slice(None)] * values.ndim
+                index[values.ndim - 3 + dim] = outside
+                values[tuple(index)] = fill
+        return values
+
     def cells(self, values: torch.Tensor, rows: slice) -> torch.Tensor:
         """Per reference voxel of the slab, the value of its cell's lowest corner in ``values``."""
         axes = [self.axes[0].part(rows), self.axes[1], self.axes[2]]
@@ -626,20 +639,18 @@ def fuse_and_decide(
     for rows in mapping.slabs():
         if progress is not None:
             progress(rows.start / shape[0])
-        inside = mapping.inside(rows)
         decided = mapping.cells(labels, rows)
         slab_entropy = mapping.interpolate(working_entropy, rows)
-        where = (mapping.cells(exact, rows) & inside).nonzero(as_tuple=True)
+        where = mapping.clear_outside(mapping.cells(exact, rows), rows, False).nonzero(as_tuple=True)
         if where[0].numel():
             sampled = torch.zeros((classes, where[0].numel()), device=device)
             for index, weight in mapping.corners(where, rows):
                 sampled.addcmul_(flat[:, index], weight)
             decided[where] = _decide(sampled, factors)
             slab_entropy[where] = entropy_tensor(sampled)
-        decided[~inside] = 0
-        slab_entropy[~inside] = 0.0
-        channel_index[rows] = decided.cpu().numpy()
-        total[rows] = slab_entropy.cpu().numpy()
+        channel_index[rows] = mapping.clear_outside(decided, rows, 0).cpu().numpy()
+        total[rows] = mapping.clear_outside(slab_entropy, rows, 0.0).cpu().numpy()
         if member_total is not None and mean_working is not None:
-            member_total[rows] = torch.where(inside, mapping.interpolate(mean_working, rows), 0.0).cpu().numpy()
+            member_slab = mapping.interpolate(mean_working, rows)
+            member_total[rows] = mapping.clear_outside(member_slab, rows, 0.0).cpu().numpy()
     return Fusion(channel_index, total, member_total, FusedProbabilities(channels, mapping))

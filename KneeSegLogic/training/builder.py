@@ -265,12 +265,12 @@ def _initial_networks(init_from: str | None, members: Sequence[MemberRecipe]) ->
     found = {}
     for spec in members:
         for name in (spec.name, spec.start_from):
-            member = package.members[shipped[name]] if name in shipped else None
-            if member is not None and spec.architecture() == {
-                "name": member.architecture,
-                "args": member.architecture_args,
+            index = shipped.get(name) if name is not None else None
+            if index is not None and spec.architecture() == {
+                "name": package.members[index].architecture,
+                "args": package.members[index].architecture_args,
             }:
-                found[spec.name] = package.load_member(shipped[name])
+                found[spec.name] = package.load_member(index)
                 break
     if not found:
         raise KneeSegError(

@@ -111,7 +111,8 @@ def _synthesizer(
     shape[spec.slice_axis] = 2 * spec.context_slices + spec.slices_per_box
     spacing[spec.slice_axis] = spec.slice_mm
     settings = settings or SynthesisSettings(noise_range=spec.noise_range)
-    return Synthesizer(list(anatomies), tuple(shape), tuple(spacing), settings, seed)
+    box = (shape[0], shape[1], shape[2])
+    return Synthesizer(list(anatomies), box, (spacing[0], spacing[1], spacing[2]), settings, seed)
 
 
 def stacks_from_box(

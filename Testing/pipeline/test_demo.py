@@ -56,7 +56,8 @@ def test_demo_writes_the_whole_output_folder_on_the_input_grid(demo: Path) -> No
     for name in ("segmentation.seg.nrrd", "uncertainty.nrrd", "t2.nrrd", "regions.nrrd"):
         volume = read_segmentation(demo / name)[0] if name.endswith(".seg.nrrd") else read_volume(demo / name)
         assert volume.same_grid(scan, atol=1e-6), name
-    assert len(list((demo / "surfaces").glob("*.stl"))) == len(TISSUES)
+    assert len(list((demo / "surfaces").glob("*.vtp"))) == len(TISSUES)
+    assert not list((demo / "surfaces").glob("*.stl"))  # STL only with --stl
     assert (demo / "report.png").stat().st_size > 50_000
 
 

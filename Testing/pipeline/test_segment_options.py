@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import write_dicom_series
+from vtkmodules.vtkIOXML import vtkXMLPolyDataReader
 
 from KneeSegLogic.commands.main import main
 from KneeSegLogic.io.outputs import (
@@ -187,7 +188,7 @@ def test_roi_subset_keeps_only_the_named_structures(tmp_path, package, scan_file
     for key in subset:
         assert results["volumes_mm3"][key] == pytest.approx(baseline_volumes[key], rel=1e-9)
     assert set(results["surfaces"]["structures"]) == set(subset)
-    written = {p.stem for p in (tmp_path / "out" / "surfaces").glob("*.stl")}
+    written = {p.stem for p in (tmp_path / "out" / "surfaces").glob("*.vtp")}
     assert written == set(subset)
     assert results["options"]["roi_subset"] == subset
 
@@ -208,3 +209,21 @@ def test_no_report_writes_no_report_files(tmp_path, package, scan_file, baseline
     assert not (tmp_path / "out" / REPORT_IMAGE).exists() and not (tmp_path / "out" / REPORT_PAGE).exists()
     assert "report" not in results["timings_s"] and results["options"]["report"] is False
     assert (tmp_path / "out" / SEGMENTATION_FILE).is_file()
+
+
+def test_stl_adds_an_stl_file_beside_each_vtp_surface(tmp_path, package, scan_file):
+    default = _segment(scan_file, tmp_path / "vtp", package, "--no-report")["surfaces"]["structures"]
+    assert default and all(set(entry["files"]) == {"vtp"} for entry in default.values())
+    assert not list((tmp_path / "vtp" / "surfaces").glob("*.stl"))
+    results = _segment(scan_file, tmp_path / "out", package, "--stl", "--no-report")
+    structures = results["surfaces"]["structures"]
+    assert set(structures) == set(default)
+    for key, entry in structures.items():
+        assert entry["files"] == {"stl": f"surfaces/{key}.stl", "vtp": f"surfaces/{key}.vtp"}
+        stl = tmp_path / "out" / entry["files"]["stl"]
+        facets = int.from_bytes(stl.read_bytes()[80:84], "little")
+        reader = vtkXMLPolyDataReader()
+        reader.SetFileName(str(tmp_path / "out" / entry["files"]["vtp"]))
+        reader.Update()
+        assert facets == reader.GetOutput().GetNumberOfPolys() > 0  # the same mesh in both files
+        assert stl.stat().st_size == 84 + 50 * facets

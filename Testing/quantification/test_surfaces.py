@@ -20,7 +20,6 @@ from KneeSegLogic.io.volume import Volume
 from KneeSegLogic.quantification.surfaces import (
     SMOOTHING_METHODS,
     STL_FACET,
-    block_factors,
     build_surfaces,
     extract_surface,
     mesh_check,
@@ -74,13 +73,6 @@ def test_sphere_volume_within_one_percent_after_default_smoothing(sphere: Volume
     # smoothing brings the staircase towards the true sphere, without moving it on average
     assert np.sqrt(np.mean(smoothed_error**2)) < 0.6 * np.sqrt(np.mean(raw_error**2))
     assert abs(smoothed_error.mean()) < 0.05
-
-
-def test_block_factors_merge_only_axes_finer_than_the_resolution() -> None:
-    assert block_factors((0.3916, 0.2734, 0.2734), 0.5) == (1, 2, 2)  # the 512 x 512 x 286 knee
-    assert block_factors((0.7, 0.36, 0.36), 0.5) == (1, 1, 1)  # the bundled label map
-    assert block_factors((0.2, 0.2, 0.1), 0.5) == (3, 3, 5)
-    assert block_factors((0.1, 0.1, 0.1), 0.0) == (1, 1, 1)
 
 
 def test_fine_sphere_meshed_in_blocks_keeps_volume_and_position() -> None:
@@ -278,3 +270,16 @@ def test_build_surfaces_rejects_bad_options(sphere: Volume, tmp_path) -> None:
         build_surfaces(sphere, tmp_path, smoothing="taubin")
     with pytest.raises(KneeSegError):
         build_surfaces(sphere, tmp_path, decimate=1.0)
+
+
+def test_build_surfaces_writes_only_the_file_types_asked_for_and_refuses_others(tmp_path) -> None:
+    array = np.zeros((12, 14, 16), np.uint8)
+    array[3:9, 4:10, 5:12] = tissue("femur").label
+    labels = Volume(array, (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), np.eye(3))
+    section = build_surfaces(labels, tmp_path, formats=("vtp",))
+    assert section["structures"]["femur"]["files"] == {"vtp": "surfaces/femur.vtp"}
+    assert [p.name for p in (tmp_path / "surfaces").iterdir()] == ["femur.vtp"]
+    with pytest.raises(KneeSegError, match="unknown surface file type 'obj'"):
+        build_surfaces(labels, tmp_path / "other", formats=("obj", "vtp"))
+    with pytest.raises(KneeSegError, match="no surface file type given"):
+        build_surfaces(labels, tmp_path / "other", formats=())

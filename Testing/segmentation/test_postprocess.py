@@ -276,3 +276,63 @@ def test_open_labels_turns_only_removed_voxels_into_background() -> None:
     assert set(np.unique(out[labels == 5])) <= {0, 5} and ((out == 5) <= (labels == 5)).all()
     volume = Volume(labels, (1.0, 1.0, 1.0))
     np.testing.assert_array_equal(apply_postprocessing(volume, [{"name": "opening", "radius_mm": 2, "labels": [5]}]).array, out)
+
+
+def _planted_errors(labels: np.ndarray) -> np.ndarray:
+    """A label map with a tibia speck, a femur spur, a femur hole and a meniscus crumb planted."""
+    planted = labels.copy()
+    k, j, i = (int(np.median(a)) for a in np.nonzero(labels == 5))
+    planted[k, j : j + 60, i] = 5  # a one-voxel femur spur
+    planted[k, j - 3 : j, i - 3 : i] = 0  # a hole inside the femur
+    planted[k - 20 : k - 17, j - 40 : j - 37, i : i + 3] = 6  # a tibia speck in the femur's marrow
+    planted[k + 20 : k + 22, j + 40 : j + 42, i : i + 2] = 9  # a meniscus crumb
+    return planted
+
+
+def test_steps_run_on_the_structures_box_give_the_labels_of_the_whole_grid() -> None:
+    from KneeSegLogic.segmentation.postprocess import CONSISTENCY_STEPS, STEPS, _working_box
+
+    knee = read_volume(SAMPLE_DATA / "knee_labels.nrrd")
+    # The knee in a larger field of view (20 voxels of air all round, the grid extended outwards).
+    pad = 20
+    origin = np.asarray(knee.origin) - knee.direction @ (np.asarray(knee.spacing) * pad)
+    array = np.pad(_planted_errors(knee.array.astype(np.uint8)), pad)
+    volume = Volume(array, knee.spacing, tuple(origin), knee.direction)
+    steps = [
+        {"name": "opening", "radius_mm": 2.0, "labels": [5, 6, 8]},
+        {"name": "largest_component", "labels": [5, 6, 7, 8], "components": 1},
+        {"name": "fill_holes", "labels": [5, 6, 7, 8]},
+        {"name": "closing", "radius_mm": 1.0, "labels": [1]},
+        *CONSISTENCY_STEPS,
+    ]
+    box = _working_box(volume, steps)
+    assert box is not None and np.prod([b.stop - b.start for b in box]) < 0.9 * array.size
+    whole = volume.array
+    for step in steps:
+        options = {k: v for k, v in step.items() if k != "name"}
+        whole = STEPS[step["name"]](whole, volume, {}, **options)
+    boxed = apply_postprocessing(volume, steps)
+    assert boxed.same_grid(volume, atol=0)
+    assert int((whole != volume.array).sum()) > 60  # the planted errors were acted on
+    np.testing.assert_array_equal(boxed.array, whole)
+
+
+def test_opening_on_blocks_removes_the_same_spur_and_keeps_the_boundary_elsewhere() -> None:
+    # A 6 mm ball with a 0.75 mm thick, 8 mm long spur, on 0.25 mm voxels; 2 mm opening.
+    spacing = (0.25, 0.25, 0.25)
+    z, y, x = np.mgrid[:80, :80, :100] * 0.25
+    mask = (z - 10) ** 2 + (y - 10) ** 2 + (x - 10) ** 2 <= 36
+    spur = (np.abs(z - 10) <= 0.375) & (np.abs(y - 10) <= 0.375) & (x > 10) & (x <= 24)
+    mask |= spur
+    exact = ball_opening(mask, 2.0, spacing)
+    blocked = ball_opening(mask, 2.0, spacing, block=(2, 2, 2))
+    tip = spur & (x > 17)  # the spur beyond the ball and its rim
+    assert tip.sum() > 50 and not exact[tip].any() and not blocked[tip].any()
+    ball_only = (z - 10) ** 2 + (y - 10) ** 2 + (x - 10) ** 2 <= 36
+    # The exact opening of the voxelised ball loses 168 rim voxels to the discretisation; the blocks
+    # keep all but 3 of them (up to half a block more at convex rims), and nothing beyond the mask.
+    assert (ball_only & ~exact).sum() == 168 and (ball_only & ~blocked).sum() == 3
+    assert not (blocked & ~mask).any()
+    assert (exact & ~blocked).sum() == 3
+    # The spur's base within reach of the ball: 216 voxels kept exactly, 234 on blocks.
+    assert (spur & exact).sum() == 216 and (spur & blocked).sum() == 234
