@@ -33,6 +33,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="MODEL",
         help="start each member from the same-named member of this model (id or package path): fine-tuning",
     )
+    parser.add_argument(
+        "--assemble-only",
+        action="store_true",
+        help="train nothing: build the package from the best weights every member has in the work folder",
+    )
     parser.add_argument("--learning-rate", type=float, help="peak learning rate (default: each member's recipe, 0.002)")
     parser.add_argument(
         "--loss",
@@ -56,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         init_from=args.init_from,
         learning_rate=args.learning_rate,
+        assemble_only=args.assemble_only,
     )
     train_package(args.data, args.output, options)
     return 0

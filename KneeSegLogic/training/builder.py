@@ -54,7 +54,21 @@ POSTPROCESSING: list[dict[str, Any]] = [
     *CONSISTENCY_STEPS,
 ]
 
-WEIGHT_GRID = (0.3, 0.5, 0.7)
+#: Blending weights tried: every split of 1 into positive multiples of 1 / WEIGHT_STEPS among the
+#: members (two members: 1/6 .. 5/6; three: ten splits, equal weights among them).
+WEIGHT_STEPS = 6
+
+
+def weight_candidates(members: int, steps: int = WEIGHT_STEPS) -> list[tuple[float, ...]]:
+    """Every blending weight vector of ``members`` positive multiples of ``1 / steps`` summing to 1."""
+    if members == 1:
+        return [(1.0,)]
+    return [
+        (first / steps, *(w * (steps - first) / steps for w in rest))
+        for first in range(1, steps - members + 2)
+        for rest in weight_candidates(members - 1, steps - first)
+    ]
+
 
 CALIBRATION_SEED = 80_000  # held-out scans use heldout_cases' default seed (90 000)
 
@@ -96,9 +110,10 @@ def _spec(
         "id": PACKAGE_ID,
         "version": PACKAGE_VERSION,
         "default": True,
-        "description": "Ensemble of two 2.5D U-Nets (fine and coarse in-plane resolution) segmenting knee bones, "
-        "cartilage and menisci in MRI of any contrast, trained on synthetic images from a real "
-        "knee label map.",
+        "description": f"Ensemble of {len(members)} 2.5D U-Nets ("
+        + ", ".join(f"{m.plane} {m.pixel_mm:g} mm" for m in members)
+        + ") segmenting knee bones, cartilage and menisci in MRI of any contrast, trained on synthetic images "
+        "from real knee anatomy.",
         "license": "Apache-2.0",
         "labels": {str(t.label): t.key for t in TISSUES},
         "members": [
@@ -142,8 +157,13 @@ def _member_maps(package: ModelPackage, cases: Sequence) -> list[list[np.ndarray
     return maps
 
 
-def _blend(member_maps: Sequence[np.ndarray], weight: float) -> np.ndarray:
-    return weight * member_maps[0] + (1 - weight) * member_maps[1]
+def _blend(member_maps: Sequence[np.ndarray], weights: Sequence[float]) -> np.ndarray:
+    """Weighted mean of the members' probability maps (weights normalised to sum 1)."""
+    total = float(sum(weights))
+    fused = np.multiply(member_maps[0], weights[0] / total, dtype=np.float32)
+    for probabilities, weight in zip(member_maps[1:], weights[1:]):
+        fused += np.float32(weight / total) * probabilities
+    return fused
 
 
 def _channels(labels: np.ndarray, channel_labels: np.ndarray) -> np.ndarray:
@@ -164,20 +184,21 @@ def calibrate(package: ModelPackage, anatomies) -> tuple[list[float], list[float
     maps = _member_maps(package, cases)
     channel_labels = np.asarray(package.tissue_labels, dtype=np.uint8)
     truths = [_channels(case.labels.array, channel_labels) for case in cases]
+    candidates = weight_candidates(len(package.members))
     blend_scores = {
-        w: fit_decision_offsets([(_blend(m, w), t) for m, t in zip(maps, truths)], sweeps=0)[1] for w in WEIGHT_GRID
+        w: fit_decision_offsets([(_blend(m, w), t) for m, t in zip(maps, truths)], sweeps=0)[1] for w in candidates
     }
-    weight = max(WEIGHT_GRID, key=lambda w: blend_scores[w])
-    offsets, before, after = fit_decision_offsets([(_blend(m, weight), t) for m, t in zip(maps, truths)])
+    weights = max(candidates, key=lambda w: blend_scores[w])
+    offsets, before, after = fit_decision_offsets([(_blend(m, weights), t) for m, t in zip(maps, truths)])
     summary = {
-        "description": "Blending weight and decision offsets chosen on whole synthetic scans with seeds "
+        "description": "Blending weights and decision offsets chosen on whole synthetic scans with seeds "
         f"unused in training and in the held-out evaluation ({CALIBRATION_REPEATS} per named "
         f"contrast/acquisition, seeds from {CALIBRATION_SEED}).",
-        "mean_dice_by_weight": {str(w): round(v, 4) for w, v in blend_scores.items()},
+        "mean_dice_by_weights": {"/".join(f"{x:.3g}" for x in w): round(v, 4) for w, v in blend_scores.items()},
         "mean_dice_before_offsets": round(before, 4),
         "mean_dice_after_offsets": round(after, 4),
     }
-    return [weight, 1 - weight], [float(v) for v in offsets], summary
+    return list(weights), [float(v) for v in offsets], summary
 
 
 def evaluate_heldout(
@@ -197,7 +218,7 @@ def evaluate_heldout(
         variants: dict[str, tuple[np.ndarray, Sequence[float] | None]] = {
             member.name: (probabilities, None) for member, probabilities in zip(package.members, maps)
         }
-        fused = _blend(maps, weights[0])
+        fused = _blend(maps, weights)
         variants[ENSEMBLE] = (fused, None)
         variants[FINAL] = (fused, offsets)
         per_case[case.name] = {
@@ -216,8 +237,11 @@ class TrainOptions:
     """How ``kneeseg train`` trains: minutes per member, CPU threads (0: torch's default), the
     loss (:data:`KneeSegLogic.training.losses.LOSSES`), the device, the work folder holding
     checkpoints (None: ``OUT.work``), to run members in parallel processes one member name, and a
-    model package (id or path) whose members of the same name and architecture start training, and
-    the peak learning rate (None: each recipe's; fine-tuning wants a lower one)."""
+    model package (id or path) whose members of the same name (or the one a recipe's ``start_from``
+    names) and architecture start training, and the peak learning rate (None: each recipe's;
+    fine-tuning wants a lower one). ``assemble_only``
+    trains nothing: the package is built from the best weights each member already has in the work
+    folder (members trained separately, each for as long as it needed)."""
 
     time_budget_min: float = 60.0
     threads: int = 0
@@ -228,6 +252,7 @@ class TrainOptions:
     overwrite: bool = False
     init_from: str | None = None
     learning_rate: float | None = None
+    assemble_only: bool = False
 
 
 def describe_data(paths: Sequence[Path], anatomies: Sequence[Anatomy]) -> dict:
@@ -309,6 +334,19 @@ def train_package(
     sources["heldout_knees"] = len(heldout)
     progress("data", 0.0, f"{sources['label_maps']} label maps, {sources['image_label_pairs']} image/label pairs")
     budget = options.time_budget_min * 60
+    if options.assemble_only:
+        weights = [workdir / spec.name / "best.safetensors" for spec in members]
+        missing = [spec.name for spec, path in zip(members, weights) if not path.is_file()]
+        if missing:
+            raise KneeSegError(f"--assemble-only: no trained weights for {', '.join(missing)} in {workdir}")
+        # The command the card records trains nothing more either.
+        command = f"kneeseg train {' '.join(map(str, data))} -o {out} --workdir {workdir} --assemble-only"
+        training = {"data": sources, "loss": options.loss, "hardware": _hardware(device), "command": command}
+        package = assemble_package(
+            out, members, weights, workdir, anatomies, training, overwrite=options.overwrite, heldout=heldout
+        )
+        progress("package", 1.0, f"model package written to {out}")
+        return package
     initial = _initial_networks(options.init_from, members)
     weights = [
         train_member(
@@ -424,6 +462,11 @@ def _described_data(data: dict | str) -> str:
     )
 
 
+def _weights_scores(calibration: dict) -> dict:
+    """Mean Dice per blending weight vector (older cards recorded the first member's weight only)."""
+    return calibration.get("mean_dice_by_weights") or calibration.get("mean_dice_by_weight", {})
+
+
 def model_card(spec: dict) -> str:
     """Markdown model card: data, augmentations, measured accuracy, licence, how to reproduce."""
     training, metrics = spec["training"], spec["metrics"]["heldout_synthetic"]
@@ -448,7 +491,8 @@ def model_card(spec: dict) -> str:
     for member in spec["members"]:
         args = member["architecture"]["args"]
         lines.append(
-            f"- {member['name']}: MONAI UNet 2D, {args['in_channels']} adjacent sagittal slices in, channels "
+            f"- {member['name']}: MONAI UNet 2D, {args['in_channels']} adjacent {member['input']['plane']} slices in, "
+            "channels "
             f"{args['channels']}, input {member['input']['spacing_mm']} mm in-plane, slices "
             f"{member['input']['slice_spacing_mm']} mm, blending weight {member['weight']:g}"
         )
@@ -461,7 +505,7 @@ def model_card(spec: dict) -> str:
             "",
             "## Calibration (synthetic scans, other seeds)",
             calibration["description"],
-            f"Mean Dice by blending weight of the first member: {calibration['mean_dice_by_weight']}; "
+            f"Mean Dice by blending weights of the members: {_weights_scores(calibration)}; "
             f"decision offsets (log units, added before the argmax): {shifted or 'none'}; mean Dice "
             f"{calibration['mean_dice_before_offsets']:.3f} -> {calibration['mean_dice_after_offsets']:.3f}.",
         ]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import io
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -140,6 +141,36 @@ def test_stacks_from_box_pairs_each_centre_slice_with_its_neighbours() -> None:
     assert targets[:, 0, 0].tolist() == [2, 3]
 
 
+def test_a_coronal_member_trains_on_slices_across_the_anterior_posterior_axis_as_inference_reads_them(
+    anatomies: list[Anatomy],
+) -> None:
+    from KneeSegLogic.segmentation.inference import PLANE_AXIS
+
+    spec = replace(tiny_spec("tiny-coronal"), plane="coronal")
+    assert spec.slice_axis == PLANE_AXIS["coronal"] == 2 and spec.input_contract()["plane"] == "coronal"
+    synthesizer = training._synthesizer(anatomies, spec, seed=0)
+    depth = 2 * spec.context_slices + spec.slices_per_box
+    assert synthesizer.spacing.tolist() == [spec.pixel_mm, spec.pixel_mm, spec.slice_mm]
+    box, box_labels = synthesizer.sample()
+    assert box.shape == box_labels.shape == (spec.crop, spec.crop, depth)  # canonical (R, I, P): P across slices
+    # Inference moves the plane's axis to the front (crop.movedim(axis, 0)): so do the training stacks.
+    image = torch.arange(5.0)[None, None, :].expand(3, 4, 5)
+    inputs, targets = training.stacks_from_box(image, image.long(), context=1, axis=2)
+    assert inputs.shape == (3, 3, 3, 4) and targets.shape == (3, 3, 4)
+    assert inputs[:, :, 0, 0].tolist() == [[0, 1, 2], [1, 2, 3], [2, 3, 4]]
+    assert targets[:, 0, 0].tolist() == [1, 2, 3]
+
+
+def test_blending_weight_candidates_split_one_among_the_members() -> None:
+    from KneeSegLogic.training.builder import weight_candidates
+
+    assert weight_candidates(1) == [(1.0,)]
+    assert [w[0] for w in weight_candidates(2)] == pytest.approx([1 / 6, 2 / 6, 3 / 6, 4 / 6, 5 / 6])
+    three = weight_candidates(3)
+    assert len(three) == 10 and all(sum(w) == pytest.approx(1.0) and min(w) > 0 for w in three)
+    assert (pytest.approx(1 / 3),) * 3 in [tuple(pytest.approx(x) for x in w) for w in three]
+
+
 def test_dice_per_class_counts_hits_and_marks_absent_classes() -> None:
     prediction = torch.tensor([[0, 1, 1, 2]])
     target = torch.tensor([[0, 1, 2, 2]])
@@ -221,8 +252,11 @@ def test_load_anatomies_rejects_incomplete_or_empty_data(tmp_path: Path) -> None
 
 @pytest.fixture
 def tiny_ensemble(monkeypatch: pytest.MonkeyPatch) -> tuple[MemberRecipe, ...]:
+    from KneeSegLogic.training import builder
+
     members = (tiny_spec("tiny-a", seed=1), tiny_spec("tiny-b", seed=2))
     monkeypatch.setattr(training, "DEFAULT_MEMBERS", members)
+    monkeypatch.setattr(builder, "DEFAULT_MEMBERS", members)  # it imported the name
     return members
 
 
@@ -248,8 +282,10 @@ def test_kneeseg_train_only_member(
 ) -> None:
     # Progress binds sys.stdout when its module is imported, before pytest's capsys: collect its
     # lines through an explicit stream instead.
+    from KneeSegLogic.training import builder
+
     stream = io.StringIO()
-    monkeypatch.setattr(outputs, "Progress", functools.partial(outputs.Progress, stream=stream))
+    monkeypatch.setattr(builder, "Progress", functools.partial(outputs.Progress, stream=stream))
     write_training_folder(tmp_path / "data")
     assert main(train_command(tmp_path / "data", tmp_path, "--only-member", "tiny-b")) == 0
     lines = [json.loads(line) for line in stream.getvalue().splitlines()]
@@ -295,6 +331,21 @@ def test_kneeseg_train_assembles_a_package(tiny_ensemble, tmp_path: Path, monkey
     card = (tmp_path / "package" / "MODEL_CARD.md").read_text()
     assert "## Calibration" in card and "Predicted / true volume" in card
 
+    # --assemble-only trains nothing more (with a budget that would): the same weights, another package.
+    before = {m.name: checkpoint_state(tmp_path / "work" / m.name)["iteration"] for m in tiny_ensemble}
+    command = train_command(tmp_path / "data", tmp_path, "--assemble-only", "--time-budget-min", "5")
+    command[command.index("-o") + 1] = str(tmp_path / "again")
+    assert main(command) == 0
+    assert {m.name: checkpoint_state(tmp_path / "work" / m.name)["iteration"] for m in tiny_ensemble} == before
+    again = load_package(tmp_path / "again")
+    assert again.training["command"].endswith("--assemble-only")
+    for index in range(len(package.members)):
+        first, second = package.load_member(index).state_dict(), again.load_member(index).state_dict()
+        assert all(torch.equal(first[k], second[k]) for k in first)
+    (tmp_path / "work" / "tiny-b" / "best.safetensors").unlink()
+    command[command.index("-o") + 1] = str(tmp_path / "third")
+    assert main(command) == 1 and not (tmp_path / "third").exists()
+
 
 def test_train_init_from_starts_each_member_from_the_same_named_one(anatomies: list[Anatomy], tmp_path: Path) -> None:
     from safetensors.torch import load_file
@@ -311,6 +362,10 @@ def test_train_init_from_starts_each_member_from_the_same_named_one(anatomies: l
     # Zero seconds of training from it: the best weights are exactly the package's.
     start = load_file(str(train_member(anatomies, spec, tmp_path / "second", 0.0, initial=initial["tiny-a"])))
     assert start.keys() == first.keys() and all(torch.equal(start[k], first[k]) for k in first)
+    # A recipe of another name starts from the member its start_from names.
+    coronal = replace(tiny_spec("tiny-coronal", seed=5), plane="coronal", start_from="tiny-a")
+    started = _initial_networks(str(package), [coronal])["tiny-coronal"].state_dict()
+    assert all(torch.equal(started[k], first[k]) for k in first)
     # Different architecture (wider): refused, nothing to start from.
     with pytest.raises(KneeSegError, match="no member shares a name and architecture"):
         _initial_networks(str(package), [MemberRecipe("tiny-a", pixel_mm=3.0, channels=(8, 16), strides=(2,))])
