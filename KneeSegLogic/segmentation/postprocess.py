@@ -37,18 +37,13 @@ import numpy as np
 from scipy import ndimage
 
 from KneeSegLogic.errors import KneeSegError
-from KneeSegLogic.io.volume import Volume, block_factors, block_means
+from KneeSegLogic.io.volume import Volume
 from KneeSegLogic.tissues import TISSUES
 
 # edt returns float32 squared distances; anisotropic ones carry rounding of ~1e-7 relative, so an
 # offset lying exactly on the sphere could land a hair outside. Widen r^2 by this relative amount
 # (for integer radii in voxels nothing changes: squared distances are integers).
 RADIUS_TOLERANCE = 1e-6
-
-#: Voxel size (mm) the ``opening`` step works at: on finer scans voxels are merged into blocks of
-#: about this size first (:func:`ball_opening`'s ``block``). A 2 mm ball's two distance transforms
-#: over the femur, tibia and fibula of the 512 x 512 x 286 knee (0.27 mm voxels) took 4.3 s.
-OPENING_RESOLUTION_MM = 0.5
 
 # Which structure keeps a background voxel that the closings of two structures both fill: thin
 # tissues first, so a bone's closing cannot take the voxels that make a cartilage plate whole.
@@ -153,11 +148,7 @@ def ball_closing(
 
 
 def ball_opening(
-    mask: np.ndarray,
-    radius: float,
-    spacing: Sequence[float] | None = None,
-    threads: int | None = None,
-    block: Sequence[int] = (1, 1, 1),
+    mask: np.ndarray, radius: float, spacing: Sequence[float] | None = None, threads: int | None = None
 ) -> np.ndarray:
     """Morphological opening with a ball, through Euclidean distance transforms.
 
@@ -167,34 +158,23 @@ def ball_opening(
     spacing as in :func:`ball_closing`; the image border does not count as outside (scikit-image's
     ``binary_opening`` with ``ball(r)`` erodes from the border too, so the two agree away from it).
 
-    ``block`` (voxels per array axis, e.g. :func:`~KneeSegLogic.io.volume.block_factors`) above 1
-    runs both distance transforms on blocks of voxels (a block is inside when at least half its
-    voxels are) and keeps every voxel of the mask whose block lies within ``radius`` plus half a
-    block diagonal of the erosion: the same spurs go, the boundary elsewhere stays voxel for voxel
-    (only sharp convex edges keep up to half a block more than the exact opening), at the cost of
-    the blocks instead of the voxels.
+    Both transforms run on the voxels themselves: on blocks of about 0.5 mm the opening of the
+    512 x 512 x 286 knee's femur was 1.7x faster but kept 43,000 voxels of the 99,000 the exact
+    opening rounds off its rims (Dice 0.996 against it), so it was not adopted.
     """
     mask, step, limit, options = _ball_setup("ball_opening", mask, radius, spacing, threads)
     if limit is None:
         return mask.copy()
     box = _bounding_box(mask, np.ones(mask.ndim, dtype=int))
+    eroded = edt.edtsq(mask[box], **options) > limit
     out = np.zeros(mask.shape, dtype=bool)
-    factors = np.broadcast_to(np.asarray(block, dtype=int), (mask.ndim,))
-    if np.all(factors == 1):
-        eroded = edt.edtsq(mask[box], **options) > limit
-        if eroded.any():
-            out[box] = edt.edtsq(np.logical_not(eroded), **options) <= limit
-        return out
-    crop = mask[box]
-    coarse_step = step * factors
-    coarse = {**options, "anisotropy": tuple(coarse_step)}
-    eroded = edt.edtsq(block_means(crop, factors) >= 0.5, **coarse) > limit
     if eroded.any():
-        reach = radius + 0.5 * float(np.linalg.norm(coarse_step))
-        kept = edt.edtsq(np.logical_not(eroded), **coarse) <= reach * reach
-        for axis, factor in enumerate(factors):
-            kept = np.repeat(kept, factor, axis=axis)
-        out[box] = crop & kept[tuple(slice(0, n) for n in crop.shape)]
+        # The dilation stays within the ball's reach of the erosion, whose box is often far smaller
+        # than the mask's (specks and leaks widen that one, and erode away): transform only there.
+        reach = np.floor(radius / step + RADIUS_TOLERANCE).astype(int) + 1
+        inner = _bounding_box(eroded, reach)
+        region = out[box][inner]  # a view into ``out``
+        region[...] = edt.edtsq(np.logical_not(eroded[inner]), **options) <= limit
     return out
 
 
@@ -381,16 +361,14 @@ def open_labels(
     spacing: Sequence[float] | None = None,
     label_values: Sequence[int] | None = None,
     threads: int | None = None,
-    block: Sequence[int] = (1, 1, 1),
 ) -> np.ndarray:
-    """Ball opening of each structure of a label map; what an opening removes becomes background.
-    ``block`` as in :func:`ball_opening` (1: exact)."""
+    """Ball opening of each structure of a label map; what an opening removes becomes background."""
     out = np.array(labels, copy=True)
     # One voxel of margin: the erosion must see the background around the structure (the array's
     # own border does not count as outside).
     for value, box in _label_boxes(labels, label_values, 1):
         mask = labels[box] == value
-        out[box][mask & ~ball_opening(mask, radius, spacing, threads, block)] = 0
+        out[box][mask & ~ball_opening(mask, radius, spacing, threads)] = 0
     return out
 
 
@@ -487,10 +465,8 @@ def _opening_step(
     *,
     radius_mm: float,
     labels: Sequence[int] | None = None,
-    resolution_mm: float = OPENING_RESOLUTION_MM,
 ) -> np.ndarray:
-    block = block_factors(volume.spacing_kji, float(resolution_mm))
-    return open_labels(label_map, float(radius_mm), volume.spacing_kji, labels, block=block)
+    return open_labels(label_map, float(radius_mm), volume.spacing_kji, labels)
 
 
 def _mese_refinement_step(

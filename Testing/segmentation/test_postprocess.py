@@ -316,23 +316,3 @@ def test_steps_run_on_the_structures_box_give_the_labels_of_the_whole_grid() -> 
     assert int((whole != volume.array).sum()) > 60  # the planted errors were acted on
     np.testing.assert_array_equal(boxed.array, whole)
 
-
-def test_opening_on_blocks_removes_the_same_spur_and_keeps_the_boundary_elsewhere() -> None:
-    # A 6 mm ball with a 0.75 mm thick, 8 mm long spur, on 0.25 mm voxels; 2 mm opening.
-    spacing = (0.25, 0.25, 0.25)
-    z, y, x = np.mgrid[:80, :80, :100] * 0.25
-    mask = (z - 10) ** 2 + (y - 10) ** 2 + (x - 10) ** 2 <= 36
-    spur = (np.abs(z - 10) <= 0.375) & (np.abs(y - 10) <= 0.375) & (x > 10) & (x <= 24)
-    mask |= spur
-    exact = ball_opening(mask, 2.0, spacing)
-    blocked = ball_opening(mask, 2.0, spacing, block=(2, 2, 2))
-    tip = spur & (x > 17)  # the spur beyond the ball and its rim
-    assert tip.sum() > 50 and not exact[tip].any() and not blocked[tip].any()
-    ball_only = (z - 10) ** 2 + (y - 10) ** 2 + (x - 10) ** 2 <= 36
-    # The exact opening of the voxelised ball loses 168 rim voxels to the discretisation; the blocks
-    # keep all but 3 of them (up to half a block more at convex rims), and nothing beyond the mask.
-    assert (ball_only & ~exact).sum() == 168 and (ball_only & ~blocked).sum() == 3
-    assert not (blocked & ~mask).any()
-    assert (exact & ~blocked).sum() == 3
-    # The spur's base within reach of the ball: 216 voxels kept exactly, 234 on blocks.
-    assert (spur & exact).sum() == 216 and (spur & blocked).sum() == 234
