@@ -18,7 +18,6 @@ output overlays its input exactly.
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass, field, replace
 from typing import Any, Sequence
 
@@ -204,30 +203,3 @@ def resample_to_grid(
     image = volume.to_sitk()
     resampled = sitk.Resample(image, reference_image, sitk.Transform(), interpolator, default, image.GetPixelID())
     return Volume.from_sitk(resampled, volume.echo_times_ms)
-
-
-def block_factors(spacing_kji: Sequence[float], resolution_mm: float) -> tuple[int, int, int]:
-    """Voxels merged per array axis (k, j, i) to work at about ``resolution_mm`` (0: none).
-
-    The factor per axis is ``resolution_mm / spacing`` rounded, so blocks are within a factor 1.5
-    of ``resolution_mm`` and axes whose voxels exceed a third of it are left as they are.
-    """
-    if resolution_mm <= 0:
-        return (1, 1, 1)
-    k, j, i = (max(1, int(np.floor(resolution_mm / float(s) + 0.5))) for s in spacing_kji)
-    return (k, j, i)
-
-
-def block_means(mask: np.ndarray, factors: Sequence[int] | np.ndarray) -> np.ndarray:
-    """Mean of a 3D ``mask`` (float32) over blocks of ``factors`` voxels per array axis; the array is
-    padded with zeros up to whole blocks, so block ``c`` covers voxels ``c*f .. c*f + f - 1``."""
-    factors = [int(f) for f in factors]
-    whole = np.pad(np.asarray(mask), [(0, (-n) % f) for n, f in zip(mask.shape, factors)])
-    # One strided view per position in the block, added up: several times faster than a reshape
-    # and mean over the block axes, which walks the array with small inner strides.
-    total: np.ndarray = np.zeros(
-        [n // f for n, f in zip(whole.shape, factors)], np.uint16 if whole.dtype == bool else np.float32
-    )
-    for offsets in itertools.product(*(range(f) for f in factors)):
-        np.add(total, whole[tuple(slice(o, None, f) for o, f in zip(offsets, factors))], out=total)
-    return (total / np.float32(np.prod(factors))).astype(np.float32, copy=False)

@@ -34,6 +34,7 @@ the models overlay the scan they came from.
 
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,7 +67,7 @@ from KneeSegLogic.io.outputs import (
     atomic_file,
     output_folder,
 )
-from KneeSegLogic.io.volume import Volume, block_factors, block_means
+from KneeSegLogic.io.volume import Volume
 from KneeSegLogic.tissues import TISSUES, Tissue, tissue
 
 SMOOTHING_METHODS = ("windowed-sinc", "laplacian-idw", "none")
@@ -159,6 +160,33 @@ def mesh_volume(mesh: vtkPolyData) -> float:
     properties.SetInputData(mesh)
     properties.Update()
     return float(properties.GetVolume())
+
+
+def block_factors(spacing_kji: Sequence[float], resolution_mm: float) -> tuple[int, int, int]:
+    """Voxels merged per array axis (k, j, i) for a mesh built at about ``resolution_mm`` (0: none).
+
+    The factor per axis is ``resolution_mm / spacing`` rounded, so blocks are within a factor 1.5
+    of ``resolution_mm`` and axes whose voxels exceed a third of it are left as they are.
+    """
+    if resolution_mm <= 0:
+        return (1, 1, 1)
+    k, j, i = (max(1, int(np.floor(resolution_mm / float(s) + 0.5))) for s in spacing_kji)
+    return (k, j, i)
+
+
+def block_means(mask: np.ndarray, factors: Sequence[int] | np.ndarray) -> np.ndarray:
+    """Mean of a 3D ``mask`` (float32) over blocks of ``factors`` voxels per array axis; the array is
+    padded with zeros up to whole blocks, so block ``c`` covers voxels ``c*f .. c*f + f - 1``."""
+    factors = [int(f) for f in factors]
+    whole = np.pad(np.asarray(mask), [(0, (-n) % f) for n, f in zip(mask.shape, factors)])
+    # One strided view per position in the block, added up: several times faster than a reshape
+    # and mean over the block axes, which walks the array with small inner strides.
+    total: np.ndarray = np.zeros(
+        [n // f for n, f in zip(whole.shape, factors)], np.uint16 if whole.dtype == bool else np.float32
+    )
+    for offsets in itertools.product(*(range(f) for f in factors)):
+        np.add(total, whole[tuple(slice(o, None, f) for o, f in zip(offsets, factors))], out=total)
+    return (total / np.float32(np.prod(factors))).astype(np.float32, copy=False)
 
 
 def extract_surface(

@@ -239,9 +239,9 @@ class TrainOptions:
     checkpoints (None: ``OUT.work``), to run members in parallel processes one member name, and a
     model package (id or path) whose members of the same name (or the one a recipe's ``start_from``
     names) and architecture start training, and the peak learning rate (None: each recipe's;
-    fine-tuning wants a lower one). ``assemble_only``
-    trains nothing: the package is built from the best weights each member already has in the work
-    folder (members trained separately, each for as long as it needed)."""
+    fine-tuning wants a lower one). ``assemble_only`` trains nothing: the package is built from the
+    best weights each member already has in the work folder (members trained separately, each for
+    as long as it needed)."""
 
     time_budget_min: float = 60.0
     threads: int = 0
@@ -333,45 +333,38 @@ def train_package(
     sources = describe_data(data, anatomies)
     sources["heldout_knees"] = len(heldout)
     progress("data", 0.0, f"{sources['label_maps']} label maps, {sources['image_label_pairs']} image/label pairs")
-    budget = options.time_budget_min * 60
+    command = f"kneeseg train {' '.join(map(str, data))} -o {out} --workdir {workdir} "
     if options.assemble_only:
         weights = [workdir / spec.name / "best.safetensors" for spec in members]
         missing = [spec.name for spec, path in zip(members, weights) if not path.is_file()]
         if missing:
             raise KneeSegError(f"--assemble-only: no trained weights for {', '.join(missing)} in {workdir}")
-        # The command the card records trains nothing more either.
-        command = f"kneeseg train {' '.join(map(str, data))} -o {out} --workdir {workdir} --assemble-only"
-        training = {"data": sources, "loss": options.loss, "hardware": _hardware(device), "command": command}
-        package = assemble_package(
-            out, members, weights, workdir, anatomies, training, overwrite=options.overwrite, heldout=heldout
+        command += "--assemble-only"  # the command the card records trains nothing more either
+    else:
+        initial = _initial_networks(options.init_from, members)
+        weights = [
+            train_member(
+                anatomies,
+                spec,
+                workdir,
+                options.time_budget_min * 60,
+                progress,
+                loss=options.loss,
+                device=str(device),
+                heldout=heldout,
+                initial=initial.get(spec.name),
+            )
+            for spec in members
+        ]
+        if options.only_member:
+            progress("train", 1.0, f"member {options.only_member} trained; run again without --only-member to assemble")
+            return None
+        command += (
+            f"--time-budget-min {options.time_budget_min} --loss {options.loss} --device {options.device} "
+            + (f"--init-from {options.init_from} " if options.init_from else "")
+            + (f"--learning-rate {options.learning_rate:g} " if options.learning_rate is not None else "")
+            + "(members may be trained in parallel with --only-member NAME --threads 1)"
         )
-        progress("package", 1.0, f"model package written to {out}")
-        return package
-    initial = _initial_networks(options.init_from, members)
-    weights = [
-        train_member(
-            anatomies,
-            spec,
-            workdir,
-            budget,
-            progress,
-            loss=options.loss,
-            device=str(device),
-            heldout=heldout,
-            initial=initial.get(spec.name),
-        )
-        for spec in members
-    ]
-    if options.only_member:
-        progress("train", 1.0, f"member {options.only_member} trained; run again without --only-member to assemble")
-        return None
-    command = (
-        f"kneeseg train {' '.join(map(str, data))} -o {out} --workdir {workdir} --time-budget-min "
-        f"{options.time_budget_min} --loss {options.loss} --device {options.device} "
-        + (f"--init-from {options.init_from} " if options.init_from else "")
-        + (f"--learning-rate {options.learning_rate:g} " if options.learning_rate is not None else "")
-        + "(members may be trained in parallel with --only-member NAME --threads 1)"
-    )
     training = {"data": sources, "loss": options.loss, "hardware": _hardware(device), "command": command}
     package = assemble_package(
         out, members, weights, workdir, anatomies, training, overwrite=options.overwrite, heldout=heldout
@@ -462,11 +455,6 @@ def _described_data(data: dict | str) -> str:
     )
 
 
-def _weights_scores(calibration: dict) -> dict:
-    """Mean Dice per blending weight vector (older cards recorded the first member's weight only)."""
-    return calibration.get("mean_dice_by_weights") or calibration.get("mean_dice_by_weight", {})
-
-
 def model_card(spec: dict) -> str:
     """Markdown model card: data, augmentations, measured accuracy, licence, how to reproduce."""
     training, metrics = spec["training"], spec["metrics"]["heldout_synthetic"]
@@ -505,7 +493,7 @@ def model_card(spec: dict) -> str:
             "",
             "## Calibration (synthetic scans, other seeds)",
             calibration["description"],
-            f"Mean Dice by blending weights of the members: {_weights_scores(calibration)}; "
+            f"Mean Dice by blending weights of the members: {calibration['mean_dice_by_weights']}; "
             f"decision offsets (log units, added before the argmax): {shifted or 'none'}; mean Dice "
             f"{calibration['mean_dice_before_offsets']:.3f} -> {calibration['mean_dice_after_offsets']:.3f}.",
         ]

@@ -10,8 +10,6 @@ from KneeSegLogic.errors import InputError
 from KneeSegLogic.io.scans import read_volume, write_volume
 from KneeSegLogic.io.volume import (
     Volume,
-    block_factors,
-    block_means,
     orientation_code,
     reorient,
     resample_to_spacing,
@@ -167,21 +165,3 @@ def test_pymskt_label_map(path):
     np.testing.assert_allclose(labels.spacing, (0.3646, 0.3646, 0.7), atol=1e-4)
     np.testing.assert_array_equal(np.unique(labels.array), np.arange(11))
     assert orientation_code(labels)[2] in "LR"  # sagittal: slices step left-right
-
-
-def test_block_factors_merge_only_axes_finer_than_the_resolution() -> None:
-    assert block_factors((0.3916, 0.2734, 0.2734), 0.5) == (1, 2, 2)  # the 512 x 512 x 286 knee
-    assert block_factors((0.7, 0.36, 0.36), 0.5) == (1, 1, 1)  # the bundled label map
-    assert block_factors((0.2, 0.2, 0.1), 0.5) == (3, 3, 5)
-    assert block_factors((0.1, 0.1, 0.1), 0.0) == (1, 1, 1)
-
-
-def test_block_means_average_whole_blocks_and_pad_the_last_with_background() -> None:
-    mask = np.zeros((3, 4, 5), bool)
-    mask[0, :2, :2] = True  # one full 1x2x2 block
-    mask[2, 3, 4] = True  # alone in the padded corner block (1 of 4 voxels real)
-    means = block_means(mask, (1, 2, 2))
-    assert means.shape == (3, 2, 3) and means.dtype == np.float32
-    assert means[0, 0, 0] == 1.0 and means[2, 1, 2] == 0.25
-    assert means.sum() == 1.25
-
