@@ -177,19 +177,24 @@ def write_uncertainty_maps(labels: Volume, maps: dict[str, np.ndarray], folder: 
     (``uncertainty_foreground``'s mask); ``full`` writes the maps everywhere. Both facts are in
     the NRRD header (``KneeSeg.quantisation_step``, ``KneeSeg.uncertainty_mask``).
     """
-    near = maps["uncertainty_foreground"] > 0 if not full else None
+    # Indices of the voxels kept (the masked map's non-zero ones; there it equals the full map):
+    # quantising and masking only those is a fraction of a pass over the whole grid.
+    near = None if full else np.flatnonzero(maps["uncertainty_foreground"])
     header = {
         "KneeSeg.quantisation_step": f"{UNCERTAINTY_STEP:g}",
         "KneeSeg.uncertainty_mask": "none" if full else "within 2 voxels (city-block) of a predicted structure",
     }
     written = []
+    values: np.ndarray | None = None
     for name in ("uncertainty", "mutual_information"):
         if name not in maps:
             continue
-        values = maps["uncertainty_foreground"] if name == "uncertainty" and not full else maps[name]
-        if near is not None and name != "uncertainty":
-            values = np.where(near, values, np.float32(0))
-        volume = labels.with_array(quantised(values))
+        if near is None:
+            values = quantised(maps[name])
+        else:  # one zero-filled buffer for both maps: they keep the same voxels
+            values = np.zeros(maps[name].shape, np.float32) if values is None else values
+            values.reshape(-1)[near] = quantised(maps[name].reshape(-1)[near])
+        volume = labels.with_array(values)
         written.append(
             write_volume(volume, folder / map_file(name), metadata=header, compression_level=MAP_COMPRESSION_LEVEL)
         )

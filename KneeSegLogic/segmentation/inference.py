@@ -391,27 +391,39 @@ class GridMap:
         step = max(1, SLAB_VOXELS // max(1, self.shape[1] * self.shape[2]))
         return [slice(start, min(start + step, self.shape[0])) for start in range(0, self.shape[0], step)]
 
-    def interpolate(self, values: torch.Tensor, rows: slice) -> torch.Tensor:
-        """Arranged source values (..., n0, n1, n2) interpolated at the reference slab ``rows``."""
-        axes = [self.axes[0].part(rows), self.axes[1], self.axes[2]]
-        for dim, axis in enumerate(axes, start=values.ndim - 3):
-            low = _take(values, dim, axis.low)
-            high = _take(values, dim, axis.high)
-            shape = [1] * values.ndim
-            shape[dim] = -1
-            values = torch.lerp(low, high, axis.weight.view(shape))
-        return values
+    def interpolate(self, values: torch.Tensor, rows: slice, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Arranged source values (..., n0, n1, n2) interpolated at the reference slab ``rows``.
 
-    def inside(self, rows: slice) -> torch.Tensor:
-        """Reference voxels of the slab that lie on the source grid."""
-        first = self.axes[0].part(rows).inside
-        return first[:, None, None] & self.axes[1].inside[None, :, None] & self.axes[2].inside[None, None, :]
+        Written into ``out`` (shape (..., len(rows), m1, m2)) when given. The axes go innermost
+        first, on the few source planes the slab reads: the gathers along the innermost axis then
+        touch the small source block, not the upsampled output, and the slab's own axis is a blend
+        of whole planes straight into the result, with no temporaries the size of the output.
+        """
+        first = self.axes[0].part(rows)
+        start, stop = int(first.low.min()), int(first.high.max()) + 1
+        lead = values.ndim - 3
+        block = values[(slice(None),) * lead + (slice(start, stop),)]
+        for dim, axis in ((lead + 2, self.axes[2]), (lead + 1, self.axes[1])):
+            shape = [1] * block.ndim
+            shape[dim] = -1
+            block = torch.lerp(_take(block, dim, axis.low), _take(block, dim, axis.high), axis.weight.view(shape))
+        if out is None:
+            out = torch.empty(
+                (*block.shape[:lead], rows.stop - rows.start, *block.shape[lead + 1 :]),
+                dtype=block.dtype,
+                device=block.device,
+            )
+        lows, highs = (first.low - start).tolist(), (first.high - start).tolist()
+        for row, (low, high, weight) in enumerate(zip(lows, highs, first.weight.tolist())):
+            torch.lerp(block.select(lead, low), block.select(lead, high), weight, out=out.select(lead, row))
+        return out
 
     def clear_outside(self, values: torch.Tensor, rows: slice, fill: float | int) -> torch.Tensor:
-        """Set the slab's voxels that lie off the source grid (see :meth:`inside`) to ``fill``, in place.
+        """Set the slab's voxels that lie off the source grid (``_Axis.inside`` false along any axis)
+        to ``fill``, in place.
 
         The inside of a slab is a box (one index range per axis), so this assigns a few planes
-        per axis instead of masking every voxel with the 3D :meth:`inside`."""
+        per axis instead of masking every voxel with a 3D mask."""
         for dim, axis in enumerate((self.axes[0].part(rows), self.axes[1], self.axes[2])):
             outside = ~axis.inside
             if bool(outside.any()):
@@ -446,9 +458,11 @@ class GridMap:
     def resample(self, values: torch.Tensor, defaults: torch.Tensor) -> torch.Tensor:
         """Arranged source channels (C, n0, n1, n2) on the whole reference grid; ``defaults[c]`` outside."""
         out = torch.empty((values.shape[0], *self.shape), dtype=values.dtype, device=values.device)
+        fills = defaults.tolist()
         for rows in self.slabs():
-            part = self.interpolate(values, rows)
-            out[:, rows] = torch.where(self.inside(rows), part, defaults.view(-1, 1, 1, 1))
+            part = self.interpolate(values, rows, out[:, rows])
+            for channel, fill in enumerate(fills):
+                self.clear_outside(part[channel], rows, fill)
         return out
 
 
@@ -523,6 +537,19 @@ def fuse_on_grid(members: list[tuple[Volume, float]], reference: Volume) -> tupl
     return on_reference, member_entropy
 
 
+def _slab_target(array: np.ndarray, rows: slice, device: torch.device) -> torch.Tensor | None:
+    """Where a slab of ``array`` is computed: the host array itself on the CPU (no copy), else None
+    (a new tensor on the device, copied back by :func:`_store`)."""
+    return torch.from_numpy(array[rows]) if device.type == "cpu" else None
+
+
+def _store(array: np.ndarray, rows: slice, slab: torch.Tensor) -> None:
+    """Put a computed slab into the host ``array`` (nothing to do when it was computed in place)."""
+    if slab.device.type == "cpu" and slab.data_ptr() == array[rows].ctypes.data:
+        return
+    array[rows] = slab.cpu().numpy()
+
+
 def _decide(channels: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
     """Channel index of the largest ``channels[c] * factors[c]`` (ties: the lower channel), uint8."""
     best = channels[0] * factors[0]
@@ -564,9 +591,9 @@ class FusedProbabilities:
     def __getitem__(self, channel: int) -> np.ndarray:
         out = np.empty(self.mapping.shape, np.float32)
         for rows in self.mapping.slabs():
-            part = self.mapping.interpolate(self.channels[channel], rows)
-            part = torch.where(self.mapping.inside(rows), part, 1.0 if channel == 0 else 0.0)
-            out[rows] = part.cpu().numpy()
+            target = _slab_target(out, rows, self.channels.device)
+            part = self.mapping.interpolate(self.channels[channel], rows, target)
+            _store(out, rows, self.mapping.clear_outside(part, rows, 1.0 if channel == 0 else 0.0))
         return out
 
 
@@ -640,7 +667,7 @@ def fuse_and_decide(
         if progress is not None:
             progress(rows.start / shape[0])
         decided = mapping.cells(labels, rows)
-        slab_entropy = mapping.interpolate(working_entropy, rows)
+        slab_entropy = mapping.interpolate(working_entropy, rows, _slab_target(total, rows, device))
         where = mapping.clear_outside(mapping.cells(exact, rows), rows, False).nonzero(as_tuple=True)
         if where[0].numel():
             sampled = torch.zeros((classes, where[0].numel()), device=device)
@@ -648,9 +675,9 @@ def fuse_and_decide(
                 sampled.addcmul_(flat[:, index], weight)
             decided[where] = _decide(sampled, factors)
             slab_entropy[where] = entropy_tensor(sampled)
-        channel_index[rows] = mapping.clear_outside(decided, rows, 0).cpu().numpy()
-        total[rows] = mapping.clear_outside(slab_entropy, rows, 0.0).cpu().numpy()
+        _store(channel_index, rows, mapping.clear_outside(decided, rows, 0))
+        _store(total, rows, mapping.clear_outside(slab_entropy, rows, 0.0))
         if member_total is not None and mean_working is not None:
-            member_slab = mapping.interpolate(mean_working, rows)
-            member_total[rows] = mapping.clear_outside(member_slab, rows, 0.0).cpu().numpy()
+            member_slab = mapping.interpolate(mean_working, rows, _slab_target(member_total, rows, device))
+            _store(member_total, rows, mapping.clear_outside(member_slab, rows, 0.0))
     return Fusion(channel_index, total, member_total, FusedProbabilities(channels, mapping))
