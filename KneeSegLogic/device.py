@@ -8,6 +8,7 @@ checking the spelling costs nothing at start-up.
 
 from __future__ import annotations
 
+import os
 import re
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -15,6 +16,16 @@ from KneeSegLogic.errors import KneeSegError
 
 if TYPE_CHECKING:
     import torch
+
+
+def cpu_cores() -> int:
+    """CPU cores this process may run on (its Linux affinity mask, else the machine's count): the
+    thread count of the work KneeSeg spreads itself (distance transforms, surfaces, writing)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
 
 #: What ``--device`` accepts, as the help text shows it.
 DEVICE_SPELLINGS = "auto, cpu, cuda, cuda:N, gpu, mps"

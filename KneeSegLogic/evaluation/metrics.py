@@ -56,7 +56,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -65,6 +64,7 @@ import edt
 import numpy as np
 from scipy import ndimage, stats
 
+from KneeSegLogic.device import cpu_cores
 from KneeSegLogic.errors import InputError
 from KneeSegLogic.io.volume import Volume, resample_to_grid
 from KneeSegLogic.tissues import BY_LABEL
@@ -121,7 +121,7 @@ def surface_distances(a: np.ndarray, b: np.ndarray, spacing: Sequence[float]) ->
     a = np.pad(a[box], 1)
     b = np.pad(b[box], 1)
     surface_a, surface_b = surface_voxels(a), surface_voxels(b)
-    threads = os.cpu_count() or 1
+    threads = cpu_cores()
     anisotropy = tuple(float(s) for s in spacing)
     to_b = edt.edt(np.ascontiguousarray(~surface_b), anisotropy=anisotropy, parallel=threads)
     to_a = edt.edt(np.ascontiguousarray(~surface_a), anisotropy=anisotropy, parallel=threads)

@@ -8,6 +8,7 @@ T2 (multi-echo input: fitted inside the cartilage, with subregions), report.
 from __future__ import annotations
 
 import dataclasses
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
@@ -296,58 +297,95 @@ def segment_scan(
             keep = np.zeros(max(BY_LABEL) + 1, bool)
             keep[[t.label for t in structures]] = True
             labels = labels.with_array(np.where(keep[labels.array], labels.array, 0).astype(labels.array.dtype))
-        with results.stage("write", progress):
-            provenance = {"KneeSeg.model": f"{package.id} {package.version}", "KneeSeg.model_sha256": package.sha256}
-            write_segmentation(labels, folder / SEGMENTATION_FILE, extra=provenance)
-            write_uncertainty_maps(labels, maps, folder, full=options.full_uncertainty)
-            if "nifti" in options.formats:
-                write_nifti_labels(labels, folder / NIFTI_LABELS_FILE)
-            if "dicom-seg" in options.formats and scan_path is not None:
-                write_dicom_seg(labels, scan_path, folder / DICOM_SEG_FILE, f"{package.id} {package.version}")
-        results["volumes_mm3"] = structure_volumes(labels)
-        results["uncertainty"] = {
-            "per_structure": per_structure(maps["uncertainty"], labels.array),
-            "most_uncertain_slices": most_uncertain_slices(
-                maps["uncertainty"], labels.array, labels.index_to_physical(), masked=maps["uncertainty_foreground"]
-            ),
-        }
-        t2_map = None
-        if options.surfaces:
-            from KneeSegLogic.quantification.surfaces import build_surfaces
-
-            with results.stage("surfaces", progress):
-                formats = ("vtp", "stl") if options.stl else ("vtp",)
-                results["surfaces"] = build_surfaces(
-                    labels, folder, tissues=structures, progress=progress, formats=formats
-                )
-        if volume.is_multi_echo and volume.array.shape[3] == 2 and any(t.group == "cartilage" for t in structures):
-            from KneeSegLogic.quantification.t2maps import dess_t2_with_regions
-
-            # Two echoes: DESS, whose T2 follows from the echo ratio (parameters from DICOM).
-            with results.stage("t2", progress):
-                dess = dess_t2_with_regions(volume, labels, folder, results, scan_path, options.regions, progress)
-            if dess is not None:
-                results["t2"], t2_map = dess.section, dess.maps["t2"]
-        elif volume.is_multi_echo and volume.array.shape[3] < MIN_ECHOES_FOR_T2:
-            results.warn(
-                f"T2 not fitted: {volume.array.shape[3]} echoes; a multi-echo spin-echo train of at least "
-                f"{MIN_ECHOES_FOR_T2} echoes is needed (or a two-echo DESS scan)"
+        # The files are written (gzip and ITK release the GIL) on a second thread while this one
+        # builds the statistics and surfaces; the stage's time is the writer's own.
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="kneeseg-write") as writer:
+            written = writer.submit(
+                _write_label_files, labels, maps, folder, options, package, scan_path, results, progress
             )
-        elif volume.is_multi_echo and not any(t.group == "cartilage" for t in structures):
-            results.warn("T2 not fitted: --roi-subset holds no cartilage")
-        elif volume.is_multi_echo:
-            from KneeSegLogic.quantification.t2maps import t2_with_regions
-
-            with results.stage("t2", progress):
-                t2 = t2_with_regions(
-                    volume, labels, folder, results, device=str(device), progress=progress, variant=options.regions
-                )
-            results["t2"] = t2.section
-            t2_map = t2.maps["t2"]
-        if options.report:
-            with results.stage("report", progress):
-                from KneeSegLogic.pipeline.report import write_report
-
-                write_report(folder, segmentation_image(volume, None), labels, maps, results, t2=t2_map)
+            _after_writing(
+                volume, labels, maps, folder, options, structures, scan_path, results, progress, device, written
+            )
     progress("done", 1.0, f"results in {out}")
     return results
+
+
+def _write_label_files(
+    labels: Volume,
+    maps: dict[str, np.ndarray],
+    folder: Path,
+    options: SegmentOptions,
+    package,
+    scan_path: Path | None,
+    results: Results,
+    progress: Progress,
+) -> None:
+    """Stage ``write``: the segmentation file, the uncertainty maps and the extra label formats."""
+    with results.stage("write", progress):
+        provenance = {"KneeSeg.model": f"{package.id} {package.version}", "KneeSeg.model_sha256": package.sha256}
+        write_segmentation(labels, folder / SEGMENTATION_FILE, extra=provenance)
+        write_uncertainty_maps(labels, maps, folder, full=options.full_uncertainty)
+        if "nifti" in options.formats:
+            write_nifti_labels(labels, folder / NIFTI_LABELS_FILE)
+        if "dicom-seg" in options.formats and scan_path is not None:
+            write_dicom_seg(labels, scan_path, folder / DICOM_SEG_FILE, f"{package.id} {package.version}")
+
+
+def _after_writing(
+    volume: Volume,
+    labels: Volume,
+    maps: dict[str, np.ndarray],
+    folder: Path,
+    options: SegmentOptions,
+    structures: tuple[Tissue, ...],
+    scan_path: Path | None,
+    results: Results,
+    progress: Progress,
+    device,
+    written: Future,
+) -> None:
+    """Statistics, surfaces, T2 and the report, while ``written`` (the label files) completes."""
+    results["volumes_mm3"] = structure_volumes(labels)
+    results["uncertainty"] = {
+        "per_structure": per_structure(maps["uncertainty"], labels.array),
+        "most_uncertain_slices": most_uncertain_slices(
+            maps["uncertainty"], labels.array, labels.index_to_physical(), masked=maps["uncertainty_foreground"]
+        ),
+    }
+    t2_map = None
+    if options.surfaces:
+        from KneeSegLogic.quantification.surfaces import build_surfaces
+
+        with results.stage("surfaces", progress):
+            formats = ("vtp", "stl") if options.stl else ("vtp",)
+            results["surfaces"] = build_surfaces(labels, folder, tissues=structures, progress=progress, formats=formats)
+    if volume.is_multi_echo and volume.array.shape[3] == 2 and any(t.group == "cartilage" for t in structures):
+        from KneeSegLogic.quantification.t2maps import dess_t2_with_regions
+
+        # Two echoes: DESS, whose T2 follows from the echo ratio (parameters from DICOM).
+        with results.stage("t2", progress):
+            dess = dess_t2_with_regions(volume, labels, folder, results, scan_path, options.regions, progress)
+        if dess is not None:
+            results["t2"], t2_map = dess.section, dess.maps["t2"]
+    elif volume.is_multi_echo and volume.array.shape[3] < MIN_ECHOES_FOR_T2:
+        results.warn(
+            f"T2 not fitted: {volume.array.shape[3]} echoes; a multi-echo spin-echo train of at least "
+            f"{MIN_ECHOES_FOR_T2} echoes is needed (or a two-echo DESS scan)"
+        )
+    elif volume.is_multi_echo and not any(t.group == "cartilage" for t in structures):
+        results.warn("T2 not fitted: --roi-subset holds no cartilage")
+    elif volume.is_multi_echo:
+        from KneeSegLogic.quantification.t2maps import t2_with_regions
+
+        with results.stage("t2", progress):
+            t2 = t2_with_regions(
+                volume, labels, folder, results, device=str(device), progress=progress, variant=options.regions
+            )
+        results["t2"] = t2.section
+        t2_map = t2.maps["t2"]
+    if options.report:
+        with results.stage("report", progress):
+            from KneeSegLogic.pipeline.report import write_report
+
+            write_report(folder, segmentation_image(volume, None), labels, maps, results, t2=t2_map)
+    written.result()  # the writer's error, if any, fails the run

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -59,6 +60,7 @@ from vtkmodules.vtkFiltersCore import (
 from vtkmodules.vtkFiltersGeneral import vtkDiscreteFlyingEdges3D
 from vtkmodules.vtkIOXML import vtkXMLPolyDataWriter
 
+from KneeSegLogic.device import cpu_cores
 from KneeSegLogic.errors import KneeSegError
 from KneeSegLogic.io.outputs import (
     SURFACES_FOLDER,
@@ -533,29 +535,45 @@ def build_surfaces(
         "absent": [t.key for t in tissues if t.label not in present],
     }
     wanted = [t for t in tissues if t.label in present]
-    for number, structure in enumerate(wanted):
-        if progress is not None:
-            progress("surfaces", number / max(len(wanted), 1), structure.name)
+
+    def surface(structure: Tissue) -> tuple[vtkPolyData, dict[str, Any], float]:
         started = time.perf_counter()
         mesh, check = structure_surface(
             labels, structure.label, smoothing, decimate, boxes[structure.label - 1], resolution_mm
         )
-        files = {}
-        for suffix, write in (("stl", write_stl), ("vtp", write_vtp)):
-            if suffix not in formats:
-                continue
-            write(mesh, folder / f"{structure.key}.{suffix}")
-            files[suffix] = f"{SURFACES_FOLDER}/{structure.key}.{suffix}"
-        section["structures"][structure.key] = {
-            "label": structure.label,
-            "name": structure.name,
-            "files": files,
-            **check,
-            "seconds": round(time.perf_counter() - started, 4),
-        }
+        return mesh, check, time.perf_counter() - started
+
+    # Structures are meshed in parallel threads (VTK's filters and numpy release the GIL: 2 cores
+    # halve the stage) and written here, in order, as each is done: the writer toggles VTK's
+    # global warning display, which threads must not share.
+    with ThreadPoolExecutor(max_workers=max(1, min(cpu_cores(), len(wanted)))) as pool:
+        for number, (structure, (mesh, check, seconds)) in enumerate(zip(wanted, pool.map(surface, wanted))):
+            section["structures"][structure.key] = _written(mesh, check, seconds, structure, folder, formats)
+            if progress is not None:
+                progress("surfaces", (number + 1) / len(wanted), structure.name)
     if progress is not None:
         progress("surfaces", 1.0, f"{len(wanted)} surfaces")
     return section
+
+
+def _written(
+    mesh: vtkPolyData, check: dict[str, Any], seconds: float, structure: Tissue, folder: Path, formats: Sequence[str]
+) -> dict[str, Any]:
+    """Write one structure's mesh in ``formats`` into ``folder``; its entry of the results section."""
+    started = time.perf_counter()
+    files = {}
+    for suffix, write in (("stl", write_stl), ("vtp", write_vtp)):
+        if suffix not in formats:
+            continue
+        write(mesh, folder / f"{structure.key}.{suffix}")
+        files[suffix] = f"{SURFACES_FOLDER}/{structure.key}.{suffix}"
+    return {
+        "label": structure.label,
+        "name": structure.name,
+        "files": files,
+        **check,
+        "seconds": round(seconds + time.perf_counter() - started, 4),
+    }
 
 
 @dataclass(frozen=True)

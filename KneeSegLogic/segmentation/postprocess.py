@@ -29,13 +29,13 @@ offsets ``d`` (voxels) with sum((d * spacing)^2) <= r^2.
 from __future__ import annotations
 
 import inspect
-import os
 from typing import Any, Callable, Mapping, Sequence
 
 import edt
 import numpy as np
 from scipy import ndimage
 
+from KneeSegLogic.device import cpu_cores
 from KneeSegLogic.errors import KneeSegError
 from KneeSegLogic.io.volume import Volume
 from KneeSegLogic.tissues import TISSUES
@@ -53,12 +53,7 @@ CLOSING_PRIORITY: tuple[int, ...] = tuple(
 
 
 def _threads(threads: int | None) -> int:
-    if threads is not None:
-        return max(1, int(threads))
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
+    return max(1, int(threads)) if threads is not None else cpu_cores()
 
 
 def _bounding_box(mask: np.ndarray, margin: Sequence[int] | np.ndarray) -> tuple[slice, ...]:

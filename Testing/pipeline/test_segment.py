@@ -141,3 +141,18 @@ def test_sigterm_cancels_cleanly(tmp_path, package):
     assert process.returncode == 130, stderr
     assert "terminated" in stderr
     assert not out.exists() and not (tmp_path / "out.partial").exists()
+
+
+def test_a_failure_on_the_writing_thread_fails_the_run_and_leaves_no_folder(tmp_path, package, capsys, monkeypatch):
+    """The label files are written on a second thread: its error must still reach the user."""
+    from KneeSegLogic.errors import KneeSegError
+    from KneeSegLogic.pipeline import segment
+
+    def full_disk(*args, **kwargs):
+        raise KneeSegError("uncertainty.nrrd: no space left on device")
+
+    monkeypatch.setattr(segment, "write_uncertainty_maps", full_disk)
+    out = tmp_path / "out"
+    assert main(["segment", str(SAMPLE), "-o", str(out), "--model", str(package)]) == 1
+    assert "no space left on device" in capsys.readouterr().err
+    assert not out.exists() and not (tmp_path / "out.partial").exists()
