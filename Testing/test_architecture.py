@@ -14,7 +14,7 @@ ENGINE = Path(__file__).resolve().parents[1] / "KneeSegLogic"
 
 # Lower number = lower layer. A module may import from its own layer or any lower one.
 LAYERS = {
-    "errors": 0, "tissues": 0, "resources": 0, "device": 0,
+    "errors": 0, "tissues": 0, "resources": 0, "device": 0, "distances": 0,
     "io": 1,
     "segmentation": 2, "quantification": 2, "evaluation": 2,
     "training": 3, "pipeline": 3,

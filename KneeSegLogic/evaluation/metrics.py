@@ -60,11 +60,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-import edt
 import numpy as np
 from scipy import ndimage, stats
 
 from KneeSegLogic.device import cpu_cores
+from KneeSegLogic.distances import squared_distances
 from KneeSegLogic.errors import InputError
 from KneeSegLogic.io.volume import Volume, resample_to_grid
 from KneeSegLogic.tissues import BY_LABEL
@@ -123,9 +123,9 @@ def surface_distances(a: np.ndarray, b: np.ndarray, spacing: Sequence[float]) ->
     surface_a, surface_b = surface_voxels(a), surface_voxels(b)
     threads = cpu_cores()
     anisotropy = tuple(float(s) for s in spacing)
-    to_b = edt.edt(np.ascontiguousarray(~surface_b), anisotropy=anisotropy, parallel=threads)
-    to_a = edt.edt(np.ascontiguousarray(~surface_a), anisotropy=anisotropy, parallel=threads)
-    return to_b[surface_a].astype(np.float64), to_a[surface_b].astype(np.float64)
+    to_b = squared_distances(~surface_b, anisotropy=anisotropy, parallel=threads)[surface_a]
+    to_a = squared_distances(~surface_a, anisotropy=anisotropy, parallel=threads)[surface_b]
+    return np.sqrt(to_b.astype(np.float64)), np.sqrt(to_a.astype(np.float64))
 
 
 def _ratio(numerator: float, denominator: float) -> float:

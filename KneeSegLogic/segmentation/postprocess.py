@@ -29,13 +29,15 @@ offsets ``d`` (voxels) with sum((d * spacing)^2) <= r^2.
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
-import edt
 import numpy as np
 from scipy import ndimage
 
 from KneeSegLogic.device import cpu_cores
+from KneeSegLogic.distances import squared_distances
 from KneeSegLogic.errors import KneeSegError
 from KneeSegLogic.io.volume import Volume
 from KneeSegLogic.tissues import TISSUES
@@ -136,9 +138,9 @@ def ball_closing(
     reach = np.floor(radius / step + RADIUS_TOLERANCE).astype(int)
     box = _bounding_box(mask, reach + 1)
     crop = mask[box]
-    dilated = edt.edtsq(np.logical_not(crop), **options) <= limit
+    dilated = squared_distances(np.logical_not(crop), **options) <= limit
     out = np.zeros(mask.shape, dtype=bool)
-    out[box] = edt.edtsq(dilated, **options) > limit
+    out[box] = squared_distances(dilated, **options) > limit
     return out
 
 
@@ -161,7 +163,7 @@ def ball_opening(
     if limit is None:
         return mask.copy()
     box = _bounding_box(mask, np.ones(mask.ndim, dtype=int))
-    eroded = edt.edtsq(mask[box], **options) > limit
+    eroded = squared_distances(mask[box], **options) > limit
     out = np.zeros(mask.shape, dtype=bool)
     if eroded.any():
         # The dilation stays within the ball's reach of the erosion, whose box is often far smaller
@@ -169,7 +171,7 @@ def ball_opening(
         reach = np.floor(radius / step + RADIUS_TOLERANCE).astype(int) + 1
         inner = _bounding_box(eroded, reach)
         region = out[box][inner]  # a view into ``out``
-        region[...] = edt.edtsq(np.logical_not(eroded[inner]), **options) <= limit
+        region[...] = squared_distances(np.logical_not(eroded[inner]), **options) <= limit
     return out
 
 
@@ -272,6 +274,31 @@ def _label_boxes(
     ]
 
 
+def _per_structure(
+    labels: np.ndarray,
+    label_values: Sequence[int] | None,
+    compute: Callable[[np.ndarray], Any],
+    margin: Sequence[int] | np.ndarray | int = 0,
+) -> Iterator[tuple[int, tuple[slice, ...], np.ndarray, Any]]:
+    """``(value, box, mask, compute(mask))`` per structure of :func:`_label_boxes`, where ``mask`` is
+    ``labels[box] == value``.
+
+    The structures are computed on a thread pool (scipy's labelling and the distance transforms
+    release the GIL, so two cores take two structures at once) but yielded in the order of the
+    values: callers apply each result to their output as the serial loop did, so the voxels are
+    the same whatever finishes first.
+    """
+    boxes = _label_boxes(labels, label_values, margin)
+
+    def work(item: tuple[int, tuple[slice, ...]]) -> tuple[int, tuple[slice, ...], np.ndarray, Any]:
+        value, box = item
+        mask = labels[box] == value
+        return value, box, mask, compute(mask)
+
+    with ThreadPoolExecutor(max_workers=max(1, min(cpu_cores(), len(boxes)))) as pool:
+        yield from pool.map(work, boxes)
+
+
 def _present(labels: np.ndarray, label_values: Sequence[int] | None) -> list[int]:
     """Label values present in ``labels``: ``label_values`` in their order (default: all non-zero)."""
     return [value for value, _ in _label_boxes(labels, label_values)]
@@ -297,18 +324,18 @@ def keep_largest_components(
         See :func:`largest_components`.
     """
     out = np.array(labels, copy=True)
-    for value, box in _label_boxes(labels, label_values):
-        mask = labels[box] == value
-        out[box][mask & ~largest_components(mask, components, connectivity)] = 0
+    largest = partial(largest_components, components=components, connectivity=connectivity)
+    for _, box, mask, kept in _per_structure(labels, label_values, largest):
+        out[box][mask & ~kept] = 0
     return out
 
 
 def fill_label_holes(labels: np.ndarray, label_values: Sequence[int] | None = None) -> np.ndarray:
     """Per label value, fill its holes; only background (0) voxels are filled, never other labels."""
     out = np.array(labels, copy=True)
-    for value, box in _label_boxes(labels, label_values):
+    for value, box, _, filled in _per_structure(labels, label_values, fill_holes):
         region = out[box]  # a view: filling it fills ``out``
-        region[fill_holes(labels[box] == value) & (region == 0)] = value
+        region[filled & (region == 0)] = value
     return out
 
 
@@ -344,9 +371,11 @@ def close_labels(
     # The closing reaches ``radius`` beyond a structure; one more voxel stands for the outside
     # (as inside ball_closing), so each box gives the same voxels as the whole volume.
     reach = np.floor(radius / _as_spacing(spacing, np.ndim(labels)) + RADIUS_TOLERANCE).astype(int) + 1
-    for value, box in _label_boxes(labels, label_values, reach):
+    closing = partial(ball_closing, radius=radius, spacing=spacing, threads=threads)
+    # Applied in priority order: an earlier structure's closing takes a contested voxel first.
+    for value, box, _, closed in _per_structure(labels, label_values, closing, reach):
         region = out[box]
-        region[ball_closing(labels[box] == value, radius, spacing, threads) & (region == 0)] = value
+        region[closed & (region == 0)] = value
     return out
 
 
@@ -361,9 +390,9 @@ def open_labels(
     out = np.array(labels, copy=True)
     # One voxel of margin: the erosion must see the background around the structure (the array's
     # own border does not count as outside).
-    for value, box in _label_boxes(labels, label_values, 1):
-        mask = labels[box] == value
-        out[box][mask & ~ball_opening(mask, radius, spacing, threads)] = 0
+    opening = partial(ball_opening, radius=radius, spacing=spacing, threads=threads)
+    for _, box, mask, opened in _per_structure(labels, label_values, opening, 1):
+        out[box][mask & ~opened] = 0
     return out
 
 
@@ -526,15 +555,18 @@ def keep_major_components(
     """
     out = np.array(labels, copy=True)
     structure = ndimage.generate_binary_structure(labels.ndim, connectivity or labels.ndim)
-    # Each label's pieces all lie inside its bounding box: label there, not in the whole volume.
-    for value, box in _label_boxes(labels, label_values):
-        mask = labels[box] == value
+
+    def minor_pieces(mask: np.ndarray) -> np.ndarray | None:
         pieces, count = ndimage.label(mask, structure)
         if count < 2:
-            continue
+            return None
         sizes = piece_sizes(pieces, count)[1:]
-        small = np.flatnonzero(sizes < min_fraction * sizes.max()) + 1
-        out[box][np.isin(pieces, small)] = 0
+        return np.isin(pieces, np.flatnonzero(sizes < min_fraction * sizes.max()) + 1)
+
+    # Each label's pieces all lie inside its bounding box: label there, not in the whole volume.
+    for _, box, _, minor in _per_structure(labels, label_values, minor_pieces):
+        if minor is not None:
+            out[box][minor] = 0
     return out
 
 
