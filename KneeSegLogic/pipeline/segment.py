@@ -103,7 +103,9 @@ def segment_volume(
         )
         del member_maps
         channel_labels = np.asarray(package.tissue_labels, dtype=np.uint8)
-        labels = channel_labels[fusion.channel_index]
+        # Channel index is the label value for the default package: no full-size lookup then.
+        identity = np.array_equal(channel_labels, np.arange(channel_labels.size))
+        labels = fusion.channel_index if identity else channel_labels[fusion.channel_index]
         total = fusion.entropy
         maps = {"uncertainty": total}
         if fusion.mean_member_entropy is not None:
