@@ -33,6 +33,7 @@ from KneeSegLogic.segmentation import inference
 from KneeSegLogic.segmentation.uncertainty import (
     UNCERTAINTY_STEP,
     foreground_masked,
+    label_sums,
     most_uncertain_slices,
     mutual_information,
     per_structure,
@@ -158,7 +159,7 @@ def _member_share(progress: Progress, index: int, count: int) -> Callable[[str, 
 
 def structure_volumes(labels: Volume) -> dict[str, float]:
     """Volume of each structure present, in mm^3."""
-    counts = np.bincount(labels.array.ravel(), minlength=max(BY_LABEL) + 1)
+    counts = label_sums(labels.array)
     return {
         BY_LABEL[v].key: round(float(counts[v]) * labels.voxel_volume_mm3, 2)
         for v in BY_LABEL

@@ -12,7 +12,15 @@ from KneeSegLogic.io.volume import Volume
 from KneeSegLogic.segmentation import inference
 from KneeSegLogic.segmentation.calibration import decide_labels
 from KneeSegLogic.segmentation.normalisation import CANONICAL_ORIENTATION
-from KneeSegLogic.segmentation.uncertainty import UNCERTAINTY_STEP, entropy, foreground_masked, quantised
+from KneeSegLogic.segmentation.uncertainty import (
+    UNCERTAINTY_STEP,
+    entropy,
+    foreground_masked,
+    label_sums,
+    per_structure,
+    quantised,
+)
+from KneeSegLogic.tissues import TISSUES
 
 torch.set_num_threads(1)
 CLASSES = 11
@@ -158,3 +166,19 @@ def test_written_maps_are_masked_by_default_and_full_on_request(tmp_path):
             header = sitk.ReadImage(str(folder / f"{name}.nrrd"))
             assert header.GetMetaData("KneeSeg.quantisation_step") == "0.001"
             assert (header.GetMetaData("KneeSeg.uncertainty_mask") == "none") == full
+
+
+def test_label_sums_and_per_structure_equal_the_direct_masks():
+    rng = np.random.default_rng(2)
+    labels = rng.integers(0, 11, (23, 31, 17)).astype(np.uint8)
+    labels[labels == 4] = 0  # a structure absent
+    uncertainty = rng.random(labels.shape).astype(np.float32)
+    counts = label_sums(labels, slab_voxels=1000)  # slabs that do not divide the array
+    assert counts.tolist() == [int(np.count_nonzero(labels == v)) for v in range(11)]
+    sums = label_sums(labels, uncertainty, slab_voxels=1000)
+    np.testing.assert_allclose(sums, [uncertainty[labels == v].sum(dtype=np.float64) for v in range(11)], rtol=1e-12)
+    summary = per_structure(uncertainty, labels)
+    assert "patellar_cartilage" not in summary and len(summary) == 9
+    for tissue in TISSUES:
+        if tissue.label != 4:
+            assert summary[tissue.key] == pytest.approx(float(uncertainty[labels == tissue.label].mean()), abs=6e-6)
