@@ -311,12 +311,15 @@ class _Axis:
     ``low``/``high`` are the source indices either side of each reference index, ``weight`` the
     share of ``high`` and ``inside`` whether the sample lies on the source grid (within half a
     voxel of its end voxels, where ITK's linear interpolator clamps to the end voxel).
+    ``matrix`` is the same interpolation as a (reference, source) matrix with the two weights
+    of each row (``1 - weight`` at ``low``, ``weight`` at ``high``).
     """
 
     low: torch.Tensor
     high: torch.Tensor
     weight: torch.Tensor
     inside: torch.Tensor
+    matrix: torch.Tensor
 
     @staticmethod
     def build(position: np.ndarray, length: int, device: torch.device) -> _Axis:
@@ -329,10 +332,14 @@ class _Axis:
         low = np.minimum(np.floor(clamped), max(length - 2, 0)).astype(np.int64)
         high = np.minimum(low + 1, length - 1)
         weight = (clamped - low).astype(np.float32)
-        return _Axis(*(torch.from_numpy(a).to(device) for a in (low, high, weight, inside)))
+        matrix = np.zeros((len(position), length), np.float32)
+        rows = np.arange(len(position))
+        np.add.at(matrix, (rows, low), 1 - weight)
+        np.add.at(matrix, (rows, high), weight)
+        return _Axis(*(torch.from_numpy(a).to(device) for a in (low, high, weight, inside, matrix)))
 
     def part(self, rows: slice) -> _Axis:
-        return _Axis(self.low[rows], self.high[rows], self.weight[rows], self.inside[rows])
+        return _Axis(self.low[rows], self.high[rows], self.weight[rows], self.inside[rows], self.matrix[rows])
 
 
 def _take(values: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tensor:
@@ -403,10 +410,11 @@ class GridMap:
         start, stop = int(first.low.min()), int(first.high.max()) + 1
         lead = values.ndim - 3
         block = values[(slice(None),) * lead + (slice(start, stop),)]
-        for dim, axis in ((lead + 2, self.axes[2]), (lead + 1, self.axes[1])):
-            shape = [1] * block.ndim
-            shape[dim] = -1
-            block = torch.lerp(_take(block, dim, axis.low), _take(block, dim, axis.high), axis.weight.view(shape))
+        # The two in-plane axes as matrix products (one GEMM over every row, then a batched one):
+        # on the CPU gathering the two neighbours of every sample along an inner axis cost several
+        # times more (0.9 s for a member's 11 channels on a 187 x 187 x 75 working grid).
+        block = torch.matmul(block, self.axes[2].matrix.T)
+        block = torch.matmul(self.axes[1].matrix, block)
         if out is None:
             out = torch.empty(
                 (*block.shape[:lead], rows.stop - rows.start, *block.shape[lead + 1 :]),
