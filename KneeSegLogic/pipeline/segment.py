@@ -306,9 +306,17 @@ def segment_scan(
             written = writer.submit(
                 _write_label_files, labels, maps, folder, options, package, scan_path, results, progress
             )
-            _after_writing(
-                volume, labels, maps, folder, options, structures, scan_path, results, progress, device, written
-            )
+            try:
+                _after_writing(
+                    volume, labels, maps, folder, options, structures, scan_path, results, progress, device, written
+                )
+            except Exception:
+                # When both threads fail (a full disk), the label files' error is the one a serial
+                # run would have met first, and it names its file: report that one.
+                first = written.exception()
+                if first is not None:
+                    raise first from None
+                raise
     progress("done", 1.0, f"results in {out}")
     return results
 
