@@ -401,18 +401,17 @@ class GridMap:
     def interpolate(self, values: torch.Tensor, rows: slice, out: torch.Tensor | None = None) -> torch.Tensor:
         """Arranged source values (..., n0, n1, n2) interpolated at the reference slab ``rows``.
 
-        Written into ``out`` (shape (..., len(rows), m1, m2)) when given. The axes go innermost
-        first, on the few source planes the slab reads: the gathers along the innermost axis then
-        touch the small source block, not the upsampled output, and the slab's own axis is a blend
-        of whole planes straight into the result, with no temporaries the size of the output.
+        Written into ``out`` (shape (..., len(rows), m1, m2)) when given. The two in-plane axes
+        go first, on only the few source planes the slab reads, as matrix products with
+        ``_Axis.matrix`` (one GEMM over every row, then a batched one: gathering the two
+        neighbours of every sample along an inner axis cost about twice as much on the CPU);
+        the slab's own axis is then a blend of whole planes straight into the result, with no
+        temporaries the size of the output.
         """
         first = self.axes[0].part(rows)
         start, stop = int(first.low.min()), int(first.high.max()) + 1
         lead = values.ndim - 3
         block = values[(slice(None),) * lead + (slice(start, stop),)]
-        # The two in-plane axes as matrix products (one GEMM over every row, then a batched one):
-        # on the CPU gathering the two neighbours of every sample along an inner axis cost several
-        # times more (0.9 s for a member's 11 channels on a 187 x 187 x 75 working grid).
         block = torch.matmul(block, self.axes[2].matrix.T)
         block = torch.matmul(self.axes[1].matrix, block)
         if out is None:

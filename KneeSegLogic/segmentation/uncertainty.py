@@ -111,7 +111,9 @@ def label_sums(labels: np.ndarray, weights: np.ndarray | None = None, slab_voxel
     """Per label value (index), the number of its voxels, or the sum of ``weights`` over them (float64).
 
     ``np.bincount`` over slabs of about ``slab_voxels``: over the whole array it first copies the
-    labels to int64 (600 MB for the 512 x 512 x 286 knee), in slabs the copy is a few MB reused.
+    labels to int64 (600 MB for the 512 x 512 x 286 knee), in slabs the copy is a few MB reused;
+    on uint8 label maps this is twice as fast as ``ndimage.histogram`` (the int32 piece maps of
+    ``ndimage.label`` are the other way round: :func:`~KneeSegLogic.segmentation.postprocess.piece_sizes`).
     """
     flat = np.asarray(labels).reshape(-1)
     values = None if weights is None else np.asarray(weights).reshape(-1)
