@@ -200,6 +200,12 @@ class AnatomySettings:
     bone_scale: tuple[float, float] = (0.92, 1.08)  # isotropic, femur and tibia independently
     bone_rotation_deg: float = 3.0
     deformation_mm: float = 1.5  # smooth displacement per group
+    # Per cartilage plate and meniscus: the chance it is thinned, and that it is thickened, by one
+    # box voxel on its free (articular) side. Knees differ most in soft-tissue thickness, and a
+    # model that learned one knee's plates predicts that thickness on every knee.
+    soft_tissue_thinning: float = 0.25
+    soft_tissue_thickening: float = 0.25
+    soft_tissue_max_step_mm: float = 1.2  # only box axes this fine are eroded or dilated along
 
 
 @dataclass(frozen=True)
@@ -370,8 +376,10 @@ class Synthesizer:
         padding = "border" if anatomy.image is None else "zeros"
         outside = _sample(anatomy.outside_mm, grid, "bilinear", "border")
         # Anatomy augmentation moves bones against each other, which a real scan's image cannot follow.
+        vacated = None
         if anatomy.image is None and anatomy.pivots_mm and self.rng.random() < s.anatomy.probability:
             labels, depth = self._augment_anatomy(anatomy, source, padding)
+            labels, vacated = self._soft_tissue_thickness(labels)
         else:
             labels = _sample(anatomy.labels, grid, "nearest", padding).long()
             depth = _sample(anatomy.bone_depth_mm, grid, "bilinear", padding)
@@ -380,7 +388,7 @@ class Synthesizer:
             # A real scan: its own intensities, moved by the same grid as its labels.
             image = F.grid_sample(anatomy.image, grid, mode="bilinear", align_corners=True)[0, 0]
         else:
-            image = self._synthetic_image(labels, outside, depth)
+            image = self._synthetic_image(labels, outside, depth, vacated)
         if anatomy.image is not None:
             # Beyond a real scan's field of view nothing is known: zero signal, background label.
             outside_fov = (grid.abs() > 1).any(-1)[0]
@@ -391,11 +399,47 @@ class Synthesizer:
             image, labels = self._fov_crop(image, labels)
         return image.float(), labels
 
-    def _synthetic_image(self, labels: torch.Tensor, outside: torch.Tensor, depth: torch.Tensor) -> torch.Tensor:
+    def _soft_tissue_thickness(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each cartilage plate and meniscus thinned or thickened by one voxel on its free side
+        (:class:`AnatomySettings`); returns the labels and the voxels a thinning vacated.
+
+        Thinning removes the structure's voxels that touch (face neighbours along the box axes no
+        coarser than ``soft_tissue_max_step_mm``) a voxel neither of the structure nor of bone, so
+        the bone side stays; the vacated voxels become background and are shown as joint fluid.
+        Thickening adds background voxels touching the structure along those axes.
+        """
+        a = self.settings.anatomy
+        axes = [axis for axis, step in enumerate(self.spacing) if step <= a.soft_tissue_max_step_mm]
+        vacated = torch.zeros(labels.shape, dtype=torch.bool)
+        if not axes:
+            return labels, vacated
+        bone = torch.isin(labels, torch.as_tensor(_BONE_LABELS))
+        for value in _SOFT_LABELS:
+            draw = self.rng.random()
+            if draw >= a.soft_tissue_thinning + a.soft_tissue_thickening:
+                continue
+            mask = labels == value
+            if not mask.any():
+                continue
+            if draw < a.soft_tissue_thinning:
+                free = ~mask & ~bone
+                edge = mask & _touches(free, axes)
+                labels[edge] = 0
+                vacated |= edge
+            else:
+                grow = (labels == 0) & _touches(mask, axes)
+                labels[grow] = value
+                vacated &= ~grow
+        return labels, vacated
+
+    def _synthetic_image(
+        self, labels: torch.Tensor, outside: torch.Tensor, depth: torch.Tensor, vacated: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Random tissue intensities for a box of labels, with background and texture.
 
         ``outside`` is the distance (mm) from the labelled structures, ``depth`` the depth (mm)
-        inside bone, both sampled on the box.
+        inside bone, both sampled on the box; ``vacated`` voxels (soft tissue thinned away) are
+        joint fluid.
         """
         shape = tuple(labels.shape)
         values = self._intensities()
@@ -419,6 +463,8 @@ class Synthesizer:
         # where they set the upper percentile of the normalisation).
         near = (outside > 0) & (outside < self.rng.uniform(0.3, 1.5)) & body
         image[near] = values["fluid"]
+        if vacated is not None:
+            image[vacated] = values["fluid"]
         if self.rng.random() < self.settings.effusion_probability:
             pockets = _smooth_field(shape, int(self.rng.integers(3, 7)), self.generator) > self.rng.uniform(0.0, 0.8)
             effusion = pockets & body & (outside > 0) & (outside < self.rng.uniform(3, 15))
@@ -471,6 +517,20 @@ class Synthesizer:
         image[tuple(index)] = 0
         labels[tuple(index)] = 0
         return image, labels
+
+
+_BONE_LABELS = [t.label for t in TISSUES if t.group == "bone"]
+_SOFT_LABELS = [t.label for t in TISSUES if t.group in ("cartilage", "meniscus")]
+
+
+def _touches(mask: torch.Tensor, axes: list[int]) -> torch.Tensor:
+    """Voxels with a face neighbour in ``mask`` along any of ``axes`` (outside the box: not in it)."""
+    found = torch.zeros_like(mask)
+    for axis in axes:
+        n = mask.shape[axis]
+        found.narrow(axis, 1, n - 1).logical_or_(mask.narrow(axis, 0, n - 1))
+        found.narrow(axis, 0, n - 1).logical_or_(mask.narrow(axis, 1, n - 1))
+    return found
 
 
 def _normalised(anatomy: Anatomy, source_mm: torch.Tensor) -> torch.Tensor:

@@ -273,3 +273,54 @@ def test_label_maps_continue_their_cut_bones_beyond_the_map_and_real_pairs_do_no
     pair = Anatomy.from_pair(shaft.with_array(smooth_pattern(SHAPE, 5)), shaft)
     image, labels = Synthesizer([pair], (9, 31, 31), (1.0, 1.0, 1.0), RIGID, seed=0).sample(centre=centre)
     assert (labels[:, :10] == 0).all() and (labels[:, 10:25] == BONE).sum() == 15 * 8 * 8
+
+
+def _plate_on_bone() -> torch.Tensor:
+    """A box of labels: femur below row 10, femoral cartilage rows 10-13 on it, background above;
+    a lateral meniscus block elsewhere on the bone (a second soft structure)."""
+    labels = torch.zeros((6, 20, 20), dtype=torch.long)
+    labels[:, :10] = 5  # femur
+    labels[:, 10:14, :10] = 1  # femoral cartilage, 4 voxels thick
+    labels[:, 10:13, 14:18] = 9  # lateral meniscus
+    return labels
+
+
+def _thickness_synthesizer(thinning: float, thickening: float, spacing=(3.0, 0.5, 0.5)) -> Synthesizer:
+    anatomy = AnatomySettings(soft_tissue_thinning=thinning, soft_tissue_thickening=thickening)
+    return Synthesizer([], (6, 20, 20), spacing, SynthesisSettings(anatomy=anatomy), seed=3)
+
+
+def test_thinning_removes_the_free_side_of_soft_tissue_and_leaves_the_bone_side() -> None:
+    labels, vacated = _thickness_synthesizer(1.0, 0.0)._soft_tissue_thickness(_plate_on_bone())
+    cartilage = labels[:, :, :10] == 1
+    # Row 13 (the articular surface) is gone; rows 10-12 stay on the bone; column 9 of the plate
+    # touched background on its side and went too.
+    assert cartilage[:, 10:13, :9].all() and not cartilage[:, 13].any() and not cartilage[:, :, 9].any()
+    assert (labels == 5).sum() == 6 * 10 * 20  # no bone voxel changed
+    # Thinned voxels are background in the labels and marked for the fluid intensity.
+    assert torch.equal(vacated, (_plate_on_bone() > 0) & (labels == 0))
+    # The meniscus lost its top row and both side columns: 2 x 2 voxels left per slice.
+    assert (labels == 9).sum() == 6 * 2 * 2
+    # Nothing moved along the 3 mm slice axis (coarser than soft_tissue_max_step_mm).
+    assert torch.equal(labels[0], labels[3])
+
+
+def test_thickening_grows_soft_tissue_into_background_only() -> None:
+    before = _plate_on_bone()
+    labels, vacated = _thickness_synthesizer(0.0, 1.0)._soft_tissue_thickness(before.clone())
+    assert not vacated.any()
+    assert (labels == 5).sum() == (before == 5).sum()  # bone never taken
+    grown = (labels == 1) & (before == 0)
+    # One more row on top of the plate (row 14) and one column beside it (column 10).
+    assert grown[:, 14, :10].all() and grown[:, 10:14, 10].all()
+    assert int(grown.sum()) == 6 * (10 + 4)
+
+
+def test_held_out_scans_are_not_thickness_augmented(ball_anatomy: Anatomy) -> None:
+    # Held-out and calibration scans switch anatomy augmentation off; the thickness draws live in
+    # its branch, so those scans (and their random streams) are what they were.
+    settings = SynthesisSettings(anatomy=AnatomySettings(probability=0.0, soft_tissue_thinning=1.0))
+    plain = SynthesisSettings(anatomy=AnatomySettings(probability=0.0, soft_tissue_thinning=0.0))
+    first = Synthesizer([ball_anatomy], (16, 32, 32), (1.0, 1.0, 1.0), settings, seed=5).sample()
+    second = Synthesizer([ball_anatomy], (16, 32, 32), (1.0, 1.0, 1.0), plain, seed=5).sample()
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
