@@ -8,12 +8,19 @@ opening step. For each bone the signed distance (mm, negative inside the true bo
 predicted boundary voxel's surface to the true surface is taken (both surfaces half a voxel
 outside their boundary voxels, so a perfect segmentation reads 0): mean, median and the share
 beyond 2 mm inside (a missing part rather than a shifted boundary). Negative means small.
-Run: ``nice -n 10 python3 benchmarks/boundary_bias.py``.
+
+With ``--bank BANK`` (``python3 -m KneeSegLogic.training.anatomy BANK``) the same is measured on
+fine scans of the bank's held-out knees (never trained on), each on its own grid; ``--model``
+names other packages to measure beside the shipped one (each as it is, offsets and opening
+included).
+Run: ``nice -n 10 python3 benchmarks/boundary_bias.py [--bank BANK] [--model PACKAGE ...]``.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -26,6 +33,7 @@ from KneeSegLogic.pipeline.segment import segment_volume
 from KneeSegLogic.resources import BUNDLED_MODELS_DIR, SAMPLE_DATA
 from KneeSegLogic.segmentation.package import ModelPackage, load_package
 from KneeSegLogic.tissues import tissue
+from KneeSegLogic.training.anatomy import HELDOUT_FOLDER
 
 BONES = ("femur", "tibia", "patella")
 
@@ -71,37 +79,54 @@ def crop_to_knee(volume: Volume, margin: int = 8) -> Volume:
     return Volume(volume.array[box], volume.spacing, tuple(origin), volume.direction)
 
 
+def bias_row(name: str, package: ModelPackage, labels: Volume, scan: Volume) -> str:
+    """One table row: per bone of the truth, mean / median / share beyond 2 mm inside."""
+    predicted, _, _ = segment_volume(scan, package, torch.device("cpu"), Results("segment"), Progress(stream=None))
+    spacing = np.asarray(labels.spacing_kji)
+    cells = []
+    for bone in BONES:
+        truth = labels.array == tissue(bone).label
+        if not truth.any():
+            cells.append("-")
+            continue
+        d = signed_surface_distances(predicted.array == tissue(bone).label, truth, spacing)
+        cells.append(f"{d.mean():+.2f} / {np.median(d):+.2f} / {np.mean(d < -2):.3f}" if d.size else "none predicted")
+    return f"{name:40s}" + "".join(f"{c:>24s}" for c in cells)
+
+
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--bank", type=Path, help="anatomy bank folder: also its held-out knees")
+    parser.add_argument("--model", type=Path, action="append", default=[], help="another package folder")
+    args = parser.parse_args()
     torch.set_num_threads(2)
     labels = crop_to_knee(read_volume(SAMPLE_DATA / "knee_labels.nrrd"))
     labels = labels.with_array(labels.array.astype(np.uint8))
-    scan = fine_scan(labels)
     shipped = load_package(BUNDLED_MODELS_DIR / "kneeseg-knee-2p5d")
     no_offsets = dataclasses.replace(shipped, decision_offsets=[0.0] * len(shipped.decision_offsets))
     no_opening = dataclasses.replace(
         no_offsets, postprocessing=[s for s in shipped.postprocessing if s["name"] != "opening"]
     )
-    spacing = np.asarray(labels.spacing_kji)
-    print(f"scan {scan.array.shape} voxels, spacing (k, j, i) {np.round(spacing, 3).tolist()} mm")
+    others = [(f"{path.name} {load_package(path).version}", load_package(path)) for path in args.model]
+    knees = [("training knee", labels)]
+    if args.bank is not None:
+        for path in sorted((args.bank / HELDOUT_FOLDER).glob("*.nrrd")):
+            held = crop_to_knee(read_volume(path))
+            knees.append((f"held-out {path.stem}", held.with_array(held.array.astype(np.uint8))))
     print(
-        f"{'variant':28s}"
+        f"{'knee: variant':40s}"
         + "".join(f"{b:>24s}" for b in BONES)
         + "   (signed surface distance mm: mean / median / share of voxels beyond 2 mm inside)"
     )
-    variants: tuple[tuple[str, ModelPackage], ...] = (
-        ("as shipped", shipped),
-        ("offsets 0", no_offsets),
-        ("offsets 0, no opening", no_opening),
-    )
-    for name, package in variants:
-        predicted, _, _ = segment_volume(scan, package, torch.device("cpu"), Results("segment"), Progress(stream=None))
-        cells = []
-        for bone in BONES:
-            d = signed_surface_distances(
-                predicted.array == tissue(bone).label, labels.array == tissue(bone).label, spacing
-            )
-            cells.append(f"{d.mean():+.2f} / {np.median(d):+.2f} / {np.mean(d < -2):.3f}")
-        print(f"{name:28s}" + "".join(f"{c:>24s}" for c in cells), flush=True)
+    for knee, truth in knees:
+        scan = fine_scan(truth)
+        spacing = np.round(np.asarray(truth.spacing_kji), 3).tolist()
+        print(f"{knee}: scan {scan.array.shape} voxels, spacing (k, j, i) {spacing} mm")
+        variants: list[tuple[str, ModelPackage]] = [(f"{shipped.version} as shipped", shipped)]
+        if knee == "training knee":
+            variants += [("offsets 0", no_offsets), ("offsets 0, no opening", no_opening)]
+        for name, package in variants + others:
+            print(bias_row(f"{knee}: {name}", package, truth, scan), flush=True)
 
 
 if __name__ == "__main__":
