@@ -17,6 +17,8 @@ halved until 1, then the member moves to the CPU; every fallback is recorded for
 
 from __future__ import annotations
 
+import itertools
+
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -479,28 +481,57 @@ def _background_defaults(classes: int, device: torch.device) -> torch.Tensor:
     return defaults
 
 
+def _empty_grid(volume: Volume) -> Volume:
+    """The grid of ``volume`` (its 3D geometry) with an empty uint8 array."""
+    return Volume(np.zeros(volume.array.shape[:3], np.uint8), volume.spacing, volume.origin, volume.direction)
+
+
+def _permuted_grid(grid: Volume, order: Sequence[int]) -> Volume:
+    """``grid`` with its array axes reordered (new array axis ``m`` is old array axis ``order[m]``):
+    the same voxels in space, stored in another axis order."""
+    itk = [2 - order[2 - n] for n in range(3)]  # new ITK axis n is old ITK axis itk[n]
+    shape = tuple(grid.array.shape[a] for a in order)
+    return Volume(np.zeros(shape, np.uint8), tuple(grid.spacing[a] for a in itk), grid.origin, grid.direction[:, itk])
+
+
+def _axis_order(source: Volume, target: Volume) -> list[int] | None:
+    """``order`` with ``target`` the grid of ``source`` in another array-axis order (see
+    :func:`_permuted_grid`), or None when the grids differ otherwise."""
+    if not np.allclose(source.origin, target.origin, atol=1e-6):
+        return None
+    for order in itertools.permutations(range(3)):
+        candidate = _permuted_grid(_empty_grid(source), order)
+        if candidate.same_grid(target, atol=1e-6):
+            return list(order)
+    return None
+
+
 def _fuse_on_finest(
-    members: list[tuple[Volume, float]], device: torch.device
+    members: list[tuple[Volume, float]], device: torch.device, grid: Volume | None = None
 ) -> tuple[Volume, torch.Tensor, torch.Tensor | None]:
     """Weighted mean of member softmax maps on the finest member's working grid.
 
-    Returns the finest grid (as an empty Volume), the fused channels (C, k, j, i) on ``device``
-    and the weighted mean member entropy (k, j, i) there (None for a single member). Members on
-    other grids are resampled linearly through physical space; this grid holds the knee at
-    working resolution, so it is small whatever the input's size.
+    Returns the grid (an empty Volume: the finest member's, or ``grid``, which may be that grid in
+    another array-axis order), the fused channels (C, n0, n1, n2) on ``device`` in that grid's
+    array order and the weighted mean member entropy there (None for a single member). Members
+    on the grid up to axis order are rearranged (one copy); members on other grids are resampled
+    linearly through physical space straight onto it. The working grid holds the knee at working
+    resolution, so it is small whatever the input's size; the blend and the entropies are
+    computed in place (each full-size temporary here is a fresh allocation the CPU pays for).
     """
     from KneeSegLogic.segmentation.uncertainty import entropy_tensor
 
     finest = min((volume for volume, _ in members), key=lambda v: v.voxel_volume_mm3)
-    grid = Volume(np.zeros(finest.array.shape[:3], np.uint8), finest.spacing, finest.origin, finest.direction)
+    grid = _empty_grid(finest) if grid is None else grid
     total_weight = sum(weight for _, weight in members)
     fused: torch.Tensor | None = None
     mean_entropy = None
     for probabilities, weight in members:
         channels = torch.from_numpy(probabilities.array).to(device).permute(3, 0, 1, 2)
-        mapping = None if probabilities.same_grid(finest, atol=1e-6) else GridMap.between(probabilities, grid, device)
-        if probabilities.same_grid(finest, atol=1e-6):
-            member_map = channels.contiguous()
+        order = _axis_order(probabilities, grid)
+        mapping = None if order is not None else GridMap.between(probabilities, grid, device)
+        if order is not None:
+            member_map = channels.permute([0] + [1 + a for a in order]).contiguous()
         elif mapping is not None:
             member_map = mapping.resample(mapping.arrange(channels), _background_defaults(channels.shape[0], device))
         else:
@@ -508,9 +539,14 @@ def _fuse_on_finest(
         if len(members) == 1:
             return grid, member_map, None
         share = weight / total_weight
-        fused = share * member_map if fused is None else fused.add_(member_map, alpha=share)
-        member_entropy = entropy_tensor(member_map) * share
+        member_entropy = entropy_tensor(member_map).mul_(share)
         mean_entropy = member_entropy if mean_entropy is None else mean_entropy.add_(member_entropy)
+        if fused is not None:
+            fused.add_(member_map, alpha=share)
+        elif member_map.data_ptr() == channels.data_ptr():  # a view of the member's own array
+            fused = member_map * share
+        else:
+            fused = member_map.mul_(share)
     assert fused is not None
     return grid, fused, mean_entropy
 
@@ -647,12 +683,16 @@ def fuse_and_decide(
     from KneeSegLogic.segmentation.uncertainty import entropy, entropy_tensor
 
     device = device if device is not None and device.type == "cuda" else torch.device("cpu")
-    grid, channels, mean_entropy = _fuse_on_finest(members, device)
-    mapping = GridMap.between(grid, reference, device)
+    finest = _empty_grid(min((volume for volume, _ in members), key=lambda v: v.voxel_volume_mm3))
+    mapping = GridMap.between(finest, reference, device)
     if mapping is None:
-        del channels, mean_entropy
         fused, member_entropy = fuse_on_grid(members, reference)
         return Fusion(decide_labels(fused, offsets), entropy(fused), member_entropy, fused)
+    # The working grid in the reference's axis order: members are fused straight into it, so the
+    # fused channels need no rearranging copy before they are read slab by slab.
+    grid, channels, mean_entropy = _fuse_on_finest(members, device, _permuted_grid(finest, mapping.order))
+    mapping = GridMap.between(grid, reference, device)
+    assert mapping is not None  # the same grid as above, in another axis order
     classes = channels.shape[0]
     factors = torch.ones(classes, device=device)
     if offsets is not None and np.any(offsets):
