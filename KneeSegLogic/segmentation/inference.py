@@ -18,7 +18,6 @@ halved until 1, then the member moves to the CPU; every fallback is recorded for
 from __future__ import annotations
 
 import itertools
-
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -491,7 +490,8 @@ def _permuted_grid(grid: Volume, order: Sequence[int]) -> Volume:
     the same voxels in space, stored in another axis order."""
     itk = [2 - order[2 - n] for n in range(3)]  # new ITK axis n is old ITK axis itk[n]
     shape = tuple(grid.array.shape[a] for a in order)
-    return Volume(np.zeros(shape, np.uint8), tuple(grid.spacing[a] for a in itk), grid.origin, grid.direction[:, itk])
+    spacing = (grid.spacing[itk[0]], grid.spacing[itk[1]], grid.spacing[itk[2]])
+    return Volume(np.zeros(shape, np.uint8), spacing, grid.origin, grid.direction[:, itk])
 
 
 def _axis_order(source: Volume, target: Volume) -> list[int] | None:
