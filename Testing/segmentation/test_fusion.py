@@ -182,3 +182,18 @@ def test_label_sums_and_per_structure_equal_the_direct_masks():
     for tissue in TISSUES:
         if tissue.label != 4:
             assert summary[tissue.key] == pytest.approx(float(uncertainty[labels == tissue.label].mean()), abs=6e-6)
+
+
+@pytest.mark.parametrize("order", [(0, 1, 2), (2, 0, 1), (1, 2, 0), (2, 1, 0)])
+def test_a_permuted_working_grid_holds_the_same_voxels_in_space(order):
+    direction = np.array([[0.0, 0.0, -1.0], [1.0, 0.0, 0.0], [0.0, -1.0, 0.0]])
+    grid = Volume(np.zeros((4, 5, 6), np.uint8), (0.5, 0.75, 1.5), (3.0, -2.0, 7.0), direction)
+    permuted = inference._permuted_grid(grid, order)
+    assert permuted.array.shape == tuple(grid.array.shape[a] for a in order)
+    kji = np.array([3, 1, 4])  # a voxel of the original grid, array order
+    moved = kji[list(order)]  # the same voxel's array index in the permuted grid
+    point = grid.index_to_physical() @ np.r_[kji[::-1], 1.0]
+    np.testing.assert_allclose(permuted.index_to_physical() @ np.r_[moved[::-1], 1.0], point)
+    assert inference._axis_order(grid, permuted) == list(order)
+    shifted = Volume(permuted.array, permuted.spacing, (3.0, -2.0, 7.5), permuted.direction)
+    assert inference._axis_order(grid, shifted) is None
