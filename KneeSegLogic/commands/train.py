@@ -26,6 +26,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--workdir", type=Path, help="checkpoints and curves (default: OUT.work); training resumes from it"
     )
     parser.add_argument("--only-member", help="train only this ensemble member (run members in parallel processes)")
+    parser.add_argument(
+        "--members",
+        type=lambda text: tuple(name for name in text.split(",") if name),
+        default=(),
+        metavar="NAME,NAME",
+        help="the ensemble members the package is made of (default: all; see the model card for names)",
+    )
     parser.add_argument("--time-budget-min", type=float, default=60.0, help="training time per member in minutes")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
     parser.add_argument(
@@ -62,6 +69,7 @@ def run(args: argparse.Namespace) -> int:
         init_from=args.init_from,
         learning_rate=args.learning_rate,
         assemble_only=args.assemble_only,
+        members=args.members,
     )
     train_package(args.data, args.output, options)
     return 0

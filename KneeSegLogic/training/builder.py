@@ -232,6 +232,15 @@ def _mean_dice(per_case: dict, variant: str) -> float:
     return float(np.mean(values))
 
 
+def _structure_means(per_case: dict, variant: str, key: str = "dice") -> dict[str, float]:
+    """Per structure, the mean of ``key`` (Dice or volume ratio) over the cases that score it."""
+    structures = sorted({s for scores in per_case.values() for s in scores[variant][key]})
+    return {
+        s: round(float(np.mean([c[variant][key][s] for c in per_case.values() if s in c[variant][key]])), 4)
+        for s in structures
+    }
+
+
 @dataclass(frozen=True)
 class TrainOptions:
     """How ``kneeseg train`` trains: minutes per member, CPU threads (0: torch's default), the
@@ -241,7 +250,8 @@ class TrainOptions:
     names) and architecture start training, and the peak learning rate (None: each recipe's;
     fine-tuning wants a lower one). ``assemble_only`` trains nothing: the package is built from the
     best weights each member already has in the work folder (members trained separately, each for
-    as long as it needed)."""
+    as long as it needed). ``members`` names the recipes the package is made of (default: all of
+    :data:`~KneeSegLogic.training.trainer.DEFAULT_MEMBERS`)."""
 
     time_budget_min: float = 60.0
     threads: int = 0
@@ -253,6 +263,7 @@ class TrainOptions:
     init_from: str | None = None
     learning_rate: float | None = None
     assemble_only: bool = False
+    members: tuple[str, ...] = ()
 
 
 def describe_data(paths: Sequence[Path], anatomies: Sequence[Anatomy]) -> dict:
@@ -319,7 +330,14 @@ def train_package(
     progress = progress or Progress()
     if options.threads:
         torch.set_num_threads(options.threads)
-    members = [m for m in DEFAULT_MEMBERS if options.only_member in (None, m.name)]
+    unknown = [name for name in options.members if name not in {m.name for m in DEFAULT_MEMBERS}]
+    if unknown:
+        raise KneeSegError(f"--members: unknown {', '.join(unknown)}; known: {[m.name for m in DEFAULT_MEMBERS]}")
+    members = [
+        m
+        for m in DEFAULT_MEMBERS
+        if options.only_member in (None, m.name) and (not options.members or m.name in options.members)
+    ]
     if options.learning_rate is not None:
         members = [replace(m, learning_rate=options.learning_rate) for m in members]
     if not members:
@@ -334,6 +352,8 @@ def train_package(
     sources["heldout_knees"] = len(heldout)
     progress("data", 0.0, f"{sources['label_maps']} label maps, {sources['image_label_pairs']} image/label pairs")
     command = f"kneeseg train {' '.join(map(str, data))} -o {out} --workdir {workdir} "
+    if options.members:
+        command += f"--members {','.join(options.members)} "
     if options.assemble_only:
         weights = [workdir / spec.name / "best.safetensors" for spec in members]
         missing = [spec.name for spec, path in zip(members, weights) if not path.is_file()]
@@ -439,7 +459,11 @@ def assemble_package(
             "description": "The same acquisitions synthesised from the first training knee: the gap to the "
             "held-out knees measures shape over-fitting.",
             "mean_dice": {variant: round(_mean_dice(training_knee, variant), 4) for variant in (ENSEMBLE, FINAL)},
+            "dice_per_structure": _structure_means(training_knee, FINAL),
+            "volume_ratio_per_structure": _structure_means(training_knee, FINAL, "volume_ratio"),
         }
+        metrics["heldout_synthetic"]["dice_per_structure"] = _structure_means(per_case, FINAL)
+        metrics["heldout_synthetic"]["volume_ratio_per_structure"] = _structure_means(per_case, FINAL, "volume_ratio")
     spec = _spec(members, weights, training, metrics, offsets)
     card = model_card(spec)
     return save_package(out, spec, states, model_card=card, overwrite=overwrite)
@@ -472,7 +496,10 @@ def model_card(spec: dict) -> str:
         f"{_described_data(training['data'])}. Label maps are shown as images synthesised from their anatomy with random per-tissue intensities (MESE echoes, DESS, PD with and "
         "without fat saturation, T1, low-field GRE, fully random), pseudo-tissues in the background, bias field, gamma, "
         "Gaussian/Rician noise, blur, thick slices along random axes (2D sagittal/coronal/axial acquisitions), random "
-        "rotation, scaling, elastic deformation, left/right mirroring and field-of-view crops.",
+        "rotation, scaling, elastic deformation, left/right mirroring and field-of-view crops; anatomy augmentation "
+        "moves each bone with its cartilage and menisci by its own similarity transform and smooth deformation "
+        "(patella size 0.75-1.4x, height and tilt, condyle width, tibial slope, joint space) and thins or thickens "
+        "each cartilage plate and meniscus by one voxel on its free side.",
         "",
         "## Architecture",
     ]
@@ -533,6 +560,19 @@ def model_card(spec: dict) -> str:
             f"| {variant} | {metrics['mean_dice'][variant]:.3f} | {value:.3f} |"
             for variant, value in training_knee["mean_dice"].items()
         ]
+        if "dice_per_structure" in training_knee:
+            lines += [
+                "",
+                "Per structure (mean over the acquisitions; structures a knee does not label are not scored there):",
+                "",
+                "| structure | Dice held-out | Dice training knee | volume ratio held-out | volume ratio training knee |",
+                "|---|---|---|---|---|",
+            ]
+            for structure, value in training_knee["dice_per_structure"].items():
+                held = metrics["dice_per_structure"].get(structure, float("nan"))
+                ratio = metrics["volume_ratio_per_structure"].get(structure, float("nan"))
+                own = training_knee["volume_ratio_per_structure"].get(structure, float("nan"))
+                lines.append(f"| {structure} | {held:.3f} | {value:.3f} | {ratio:.2f} | {own:.2f} |")
     lines += [
         "",
         "Accuracy on real scans has not been measured against expert labels here (none were available); "

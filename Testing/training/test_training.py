@@ -345,6 +345,13 @@ def test_kneeseg_train_assembles_a_package(tiny_ensemble, tmp_path: Path, monkey
     (tmp_path / "work" / "tiny-b" / "best.safetensors").unlink()
     command[command.index("-o") + 1] = str(tmp_path / "third")
     assert main(command) == 1 and not (tmp_path / "third").exists()
+    # --members: a package of the members named (tiny-b, whose weights are gone, is not one of them).
+    command[command.index("-o") + 1] = str(tmp_path / "fourth")
+    assert main([*command, "--members", "tiny-a"]) == 0
+    fourth = load_package(tmp_path / "fourth")
+    assert [m.name for m in fourth.members] == ["tiny-a"] and "--members tiny-a " in fourth.training["command"]
+    assert fourth.members[0].weight == 1.0
+    assert main([*command, "--members", "tiny-c"]) == 1 and not (tmp_path / "fifth").exists()
 
 
 def test_train_init_from_starts_each_member_from_the_same_named_one(anatomies: list[Anatomy], tmp_path: Path) -> None:
@@ -387,3 +394,47 @@ def test_heldout_repeats_add_new_scans_and_keep_the_first(
     assert not np.array_equal(repeated[0].image.array, repeated[2].image.array)  # same acquisition, new scan
     calibration = heldout.heldout_cases(anatomies, seed=80_000)
     assert not np.array_equal(calibration[0].image.array, single[0].image.array)
+
+
+def test_model_card_tables_held_out_knees_against_the_training_knee_per_structure() -> None:
+    from KneeSegLogic.training import builder
+
+    def case(dice: dict, ratio: dict) -> dict:
+        scores = {"dice": dice, "volume_ratio": ratio}
+        return {builder.ENSEMBLE: scores, builder.FINAL: scores}
+
+    # The clinical knee labels bones only: its cartilage is not scored, not counted as 0.
+    heldout_cases = {
+        "clinical: t1": case({"femur": 0.9}, {"femur": 1.1}),
+        "composed: t1": case({"femur": 0.8, "femoral_cartilage": 0.5}, {"femur": 0.9, "femoral_cartilage": 1.5}),
+    }
+    training_cases = {"t1": case({"femur": 0.95, "femoral_cartilage": 0.75}, {"femur": 1.0, "femoral_cartilage": 1.2})}
+    assert builder._structure_means(heldout_cases, builder.FINAL) == {"femoral_cartilage": 0.5, "femur": 0.85}
+    spec = {
+        "id": "kneeseg-knee-2p5d",
+        "version": "9.9.9",
+        "description": "test",
+        "license": "Apache-2.0",
+        "labels": {},
+        "members": [],
+        "decision_offsets": [0.0],
+        "training": {"data": "one label map", "command": "kneeseg train", "hardware": "cpu", "torch": "2", "members": []},
+        "metrics": {
+            "heldout_synthetic": {
+                "description": "held out",
+                "mean_dice": {builder.ENSEMBLE: 0.7, builder.FINAL: 0.7},
+                "per_case": heldout_cases,
+                "dice_per_structure": builder._structure_means(heldout_cases, builder.FINAL),
+                "volume_ratio_per_structure": builder._structure_means(heldout_cases, builder.FINAL, "volume_ratio"),
+            },
+            "training_knee_synthetic": {
+                "mean_dice": {builder.ENSEMBLE: 0.85, builder.FINAL: 0.85},
+                "dice_per_structure": builder._structure_means(training_cases, builder.FINAL),
+                "volume_ratio_per_structure": builder._structure_means(training_cases, builder.FINAL, "volume_ratio"),
+            },
+        },
+    }
+    card = builder.model_card(spec)
+    assert "| femur | 0.850 | 0.950 | 1.00 | 1.00 |" in card
+    assert "| femoral_cartilage | 0.500 | 0.750 | 1.50 | 1.20 |" in card
+    assert "thins or thickens each cartilage plate and meniscus" in card
