@@ -308,7 +308,7 @@ def test_steps_run_on_the_structures_box_give_the_labels_of_the_whole_grid() -> 
     box = _working_box(volume, steps)
     assert box is not None and np.prod([b.stop - b.start for b in box]) < 0.9 * array.size
     whole = volume.array
-    for step in steps:
+    for step in steps:  # each step alone finds its own label boxes; apply_postprocessing reuses them
         options = {k: v for k, v in step.items() if k != "name"}
         whole = STEPS[step["name"]](whole, volume, {}, **options)
     boxed = apply_postprocessing(volume, steps)
