@@ -22,7 +22,7 @@ import numpy as np
 import pydicom
 import SimpleITK as sitk
 
-from KneeSegLogic.errors import InputError, one_line
+from KneeSegLogic.errors import CancelledError, InputError, one_line
 from KneeSegLogic.io.checks import _first_line, check_echo_times, check_memory
 from KneeSegLogic.io.outputs import SERIES_SEPARATOR
 from KneeSegLogic.io.volume import Volume
@@ -131,6 +131,8 @@ def _read_headers(folder: Path) -> list[_Slice]:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 header = pydicom.dcmread(path, defer_size=256)
+        except CancelledError:  # SIGTERM/Ctrl-C raised inside pydicom: a stop, not a corrupt file
+            raise
         except Exception as error:  # pydicom raises many kinds for a corrupt file
             if _has_dicom_preamble(path):  # a DICOM file cut short or damaged: never skip it silently
                 raise InputError(path, f"DICOM file is truncated or corrupt ({one_line(error, 200)})") from None

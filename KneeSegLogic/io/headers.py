@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from KneeSegLogic.errors import InputError, one_line
+from KneeSegLogic.errors import CancelledError, InputError, one_line
 
 # Longest text header read (NRRD and MetaImage headers are a few hundred bytes).
 HEADER_LIMIT = 1 << 16
@@ -174,6 +174,8 @@ def _check_nifti(path: Path) -> None:
             sizes = {int.from_bytes(start, "little"), int.from_bytes(start, "big")}
             kind = nibabel.Nifti2Header if 540 in sizes else nibabel.Nifti1Header
             header = kind.from_fileobj(stream, check=False)
+    except CancelledError:  # SIGTERM/Ctrl-C raised inside nibabel or gzip: a stop, not a broken header
+        raise
     except Exception as error:  # nibabel and gzip raise many kinds for a broken header
         raise InputError(path, f"cannot be read as an image (NIfTI header: {one_line(error, 200)})") from None
     dtype = header.get_data_dtype()

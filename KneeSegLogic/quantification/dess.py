@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from KneeSegLogic.errors import InputError
+from KneeSegLogic.errors import CancelledError, InputError
 from KneeSegLogic.io.volume import Volume
 from KneeSegLogic.quantification.relaxometry import DEFAULT_T2_BOUNDS_MS, T2Fit, fittable
 
@@ -198,6 +198,8 @@ def _first_dicom(path: Path) -> Path | None:
     for candidate in candidates:
         try:
             pydicom.dcmread(candidate, stop_before_pixels=True)
+        except CancelledError:  # SIGTERM/Ctrl-C raised inside pydicom: a stop, not a non-DICOM file
+            raise
         except Exception:  # not DICOM (pydicom raises several types); try the next file
             continue
         return candidate

@@ -71,7 +71,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from KneeSegLogic.errors import InputError, KneeSegError, one_line
+from KneeSegLogic.errors import CancelledError, InputError, KneeSegError, one_line
 from KneeSegLogic.io.outputs import atomic_folder, sha256_of, write_json
 from KneeSegLogic.resources import kneeseg_home
 from KneeSegLogic.segmentation.networks import ARCHITECTURES, build_network, signature
@@ -297,6 +297,8 @@ class ModelPackage:
                 f"{path}: refused: not a torch file of tensors only (a pickle of other objects is never "
                 "unpickled, as it could run code); save the weights as .safetensors"
             ) from None
+        except CancelledError:  # SIGTERM/Ctrl-C raised while reading: a stop, not unreadable weights
+            raise
         except Exception as error:  # safetensors, the unpickler and torch each raise their own kinds
             raise KneeSegError(f"{path}: cannot be read as weights ({one_line(error)})") from None
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):

@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 from test_corpus import _scan, _tiny_package
 
+from KneeSegLogic.errors import CancelledError
 from KneeSegLogic.io.scans import write_volume
 
 ENVIRONMENT = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONWARNINGS": "default"}
@@ -132,3 +133,40 @@ def test_a_signal_stops_batch_without_failing_the_running_case(tmp_path, tiny, c
     assert "failed" not in (out / "logs" / "k0.jsonl").read_text()
     assert not list(out.glob(".kneeseg-stop-*"))
     assert not (out / "k1").exists()  # the batch stopped: the second case never ran
+
+
+def _cancel(*args, **kwargs):
+    raise CancelledError("terminated (SIGTERM)")
+
+
+def test_a_cancellation_inside_a_wrapped_library_call_stays_a_cancellation(tiny, tmp_path, monkeypatch):
+    # SIGTERM's handler raises CancelledError wherever Python is: inside safetensors, nibabel or
+    # pydicom, whose many error kinds KneeSeg turns into "bad input" lines. A stop must stay a stop
+    # (exit 130), never become a failed case or a corrupt-file error.
+    import nibabel
+    import pydicom
+    import safetensors.torch
+
+    from KneeSegLogic.io.headers import check_image_header
+    from KneeSegLogic.io.scans import read_volume
+    from KneeSegLogic.quantification import dess
+    from KneeSegLogic.segmentation.package import load_package
+
+    package, scan = tiny
+    monkeypatch.setattr(safetensors.torch, "load", _cancel)
+    with pytest.raises(CancelledError):
+        load_package(package).load_member(0)
+
+    nifti = write_volume(read_volume(scan), tmp_path / "knee.nii.gz")
+    monkeypatch.setattr(nibabel.Nifti1Header, "from_fileobj", classmethod(_cancel))
+    with pytest.raises(CancelledError):
+        check_image_header(nifti)
+
+    folder = tmp_path / "dicom"
+    folder.mkdir()
+    (folder / "IM0001.dcm").write_bytes(b"\0" * 128 + b"DICM" + b"\0" * 64)
+    monkeypatch.setattr(pydicom, "dcmread", _cancel)
+    with pytest.raises(CancelledError):
+        read_volume(folder)
+    with pytest.raises(CancelledError):
+        dess._first_dicom(folder)
