@@ -1069,16 +1069,17 @@ def test_engine_root_and_environment(tmp_path):
 @pytest.mark.skipif(os.name == "nt", reason="POSIX process tree")
 def test_kill_process_tree_stops_grandchildren():
     # A launcher-like parent that starts two children, each of which starts a grandchild.
+    # Each child reports its grandchild on its own pipe and the parent prints all four on one line
+    # (two shells writing to one shared pipe could interleave their digits).
     script = (
         "import subprocess, sys, time\n"
-        "kids = [subprocess.Popen(['sh', '-c', 'sleep 60 & echo $!; wait'], stdout=sys.stdout) for _ in range(2)]\n"
-        "print(' '.join(str(k.pid) for k in kids), flush=True)\n"
+        "kids = [subprocess.Popen(['sh', '-c', 'sleep 60 & echo $!; wait'], stdout=subprocess.PIPE, text=True)"
+        " for _ in range(2)]\n"
+        "print(*(k.pid for k in kids), *(k.stdout.readline().strip() for k in kids), flush=True)\n"
         "time.sleep(60)\n"
     )
     parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
-    pids = {parent.pid}
-    for _ in range(3):  # the children's line and the two grandchildren's, in any order
-        pids |= {int(p) for p in parent.stdout.readline().split()}
+    pids = {parent.pid} | {int(p) for p in parent.stdout.readline().split()}
     assert len(pids) == 5, pids
     assert set(processtree.descendants(parent.pid, processtree.processParents())) == pids - {parent.pid}
     processtree.killProcessTree(parent.pid)
