@@ -14,7 +14,7 @@ import urllib.request
 import warnings
 from pathlib import Path
 
-from KneeSegLogic.errors import KneeSegError, one_line
+from KneeSegLogic.errors import CancelledError, KneeSegError, one_line
 from KneeSegLogic.io.outputs import atomic_folder
 from KneeSegLogic.resources import BUNDLED_MODELS_DIR, kneeseg_home
 from KneeSegLogic.segmentation.package import (
@@ -64,6 +64,8 @@ def find_packages(problems: list[str] | None = None, verify: bool = False) -> li
                 package = load_package(candidate)
                 if verify:
                     package.verify()
+            except CancelledError:  # SIGTERM/Ctrl-C while reading or hashing: a stop, not a broken package
+                raise
             except KneeSegError as error:
                 problem(str(error))
                 continue

@@ -150,12 +150,17 @@ def test_a_cancellation_inside_a_wrapped_library_call_stays_a_cancellation(tiny,
     from KneeSegLogic.io.headers import check_image_header
     from KneeSegLogic.io.scans import read_volume
     from KneeSegLogic.quantification import dess
+    from KneeSegLogic.segmentation import registry
     from KneeSegLogic.segmentation.package import load_package
 
     package, scan = tiny
     monkeypatch.setattr(safetensors.torch, "load", _cancel)
     with pytest.raises(CancelledError):
         load_package(package).load_member(0)
+    # Package discovery skips a broken package with a warning; a stop while it hashes weights is no such thing.
+    monkeypatch.setattr(registry, "load_package", _cancel)
+    with pytest.raises(CancelledError):
+        registry.find_packages([], verify=True)
 
     nifti = write_volume(read_volume(scan), tmp_path / "knee.nii.gz")
     monkeypatch.setattr(nibabel.Nifti1Header, "from_fileobj", classmethod(_cancel))
