@@ -59,9 +59,15 @@ def main() -> None:
     parser.add_argument("--model", type=Path, action="append", help="package folder (default: the bundled one)")
     parser.add_argument("--repeats", type=int, default=1, help="scans per acquisition and knee")
     parser.add_argument("--json", type=Path, help="also write every score here")
+    parser.add_argument(
+        "--training-knee",
+        default=TRAINING_KNEE,
+        help=f"the training knee to compare with (a file name in BANK; default {TRAINING_KNEE}, the first "
+        "default model's knee; jam_on_host.nrrd has the soft tissue of the held-out composed knee)",
+    )
     args = parser.parse_args()
     heldout = load_heldout_anatomies(args.bank)
-    training = load_anatomies(args.bank / TRAINING_KNEE)
+    training = load_anatomies(args.bank / args.training_knee)
     models = args.model or [BUNDLED_MODELS_DIR / "kneeseg-knee-2p5d"]
     everything = {}
     for model in models:
