@@ -176,3 +176,19 @@ def test_fused_map_is_the_weighted_mean_of_members():
     assert np.all(mutual_information(entropy(fused), mean_entropy) >= 0)
     same, same_entropy = inference.fuse_on_grid([members[0], members[0]], reference)
     np.testing.assert_allclose(mutual_information(entropy(same), same_entropy), 0.0, atol=1e-5)
+
+
+def test_slices_are_padded_to_the_network_multiple_by_repeating_their_edges():
+    # A bone reaching the lower edge of the field of view must run on into the padding, as in
+    # training boxes, not end in a band of zeros.
+    from KneeSegLogic.segmentation.inference import _pad_to_multiple
+
+    image = torch.arange(3 * 18 * 20, dtype=torch.float32).reshape(3, 18, 20)
+    padded, (h, w) = _pad_to_multiple(image, 16)
+    assert padded.shape == (3, 32, 32) and (h, w) == (18, 20)
+    assert torch.equal(padded[:, :18, :20], image)
+    assert torch.equal(padded[:, 18:, :20], image[:, 17:18, :].expand(3, 14, 20))
+    assert torch.equal(padded[:, :18, 20:], image[:, :, 19:20].expand(3, 18, 12))
+    assert torch.equal(padded[:, 18:, 20:], image[:, 17:18, 19:20].expand(3, 14, 12))
+    same, _ = _pad_to_multiple(image[:, :16, :16], 16)
+    assert torch.equal(same, image[:, :16, :16])
