@@ -1,8 +1,10 @@
 """Boundary bias of the shipped model: mean signed surface distance (mm) per bone on a fine scan.
 
 A synthetic proton-density-like scan is made from the bundled label map at its own fine grid
-(0.36 x 0.36 mm in-plane, 0.7 mm slices): one intensity per tissue, 0.4 mm Gaussian blur (partial
-volume) and Rician-like noise. It is segmented through the library (``segment_volume``) by the
+(0.36 x 0.36 mm in-plane, 0.7 mm slices): one intensity per tissue, a dark cortical rim (bone within
+1 mm of its surface: the signal void of cortical bone in every MR contrast; without it a bone shaft
+is a uniform blob no real scan shows, and the model left the tibial shaft's lower part out),
+0.4 mm Gaussian blur (partial volume) and Rician-like noise. It is segmented through the library (``segment_volume``) by the
 shipped default package three ways: as shipped, with decision offsets 0, and with offsets 0 and no
 opening step. For each bone the signed distance (mm, negative inside the true bone) of every
 predicted boundary voxel's surface to the true surface is taken (both surfaces half a voxel
@@ -32,13 +34,16 @@ from KneeSegLogic.io.volume import Volume
 from KneeSegLogic.pipeline.segment import segment_volume
 from KneeSegLogic.resources import BUNDLED_MODELS_DIR, SAMPLE_DATA
 from KneeSegLogic.segmentation.package import ModelPackage, load_package
-from KneeSegLogic.tissues import tissue
+from KneeSegLogic.tissues import TISSUES, tissue
 from KneeSegLogic.training.anatomy import HELDOUT_FOLDER
 
 BONES = ("femur", "tibia", "patella")
 
 #: Relative intensities of a fat-suppressed-free PD-like contrast, by tissue group.
 INTENSITY = {"bone": 0.55, "cartilage": 0.75, "meniscus": 0.12}
+
+#: Cortical bone: a rim this thick (mm) inside every bone, at this intensity (signal void).
+CORTEX_MM, CORTEX = 1.0, 0.08
 
 
 def fine_scan(labels: Volume, seed: int = 0) -> Volume:
@@ -47,7 +52,10 @@ def fine_scan(labels: Volume, seed: int = 0) -> Volume:
     for value in range(1, len(lookup)):
         lookup[value] = INTENSITY[tissue(value).group]
     image = lookup[labels.array]
-    sigma = 0.4 / np.asarray(labels.spacing_kji)
+    spacing = np.asarray(labels.spacing_kji)
+    bone = np.isin(labels.array, [t.label for t in TISSUES if t.group == "bone"])
+    image[bone & (ndimage.distance_transform_edt(bone, sampling=spacing) <= CORTEX_MM)] = CORTEX
+    sigma = 0.4 / spacing
     image = ndimage.gaussian_filter(image, sigma)
     rng = np.random.default_rng(seed)
     noisy = np.hypot(image + rng.normal(0, 0.02, image.shape), rng.normal(0, 0.02, image.shape))
@@ -61,14 +69,33 @@ def signed_surface_distances(predicted: np.ndarray, truth: np.ndarray, spacing: 
     truth at distance d from the nearest outside voxel puts the predicted surface s - d outside
     the true one (0 when it is a true boundary voxel), and one outside the truth at distance d'
     from the nearest true voxel puts it d' outside (s: the smallest spacing, the in-plane step).
+
+    On thick-slice grids (an axis more than twice the finest spacing) the boundary is measured in
+    each slice's plane: across 4 mm slices a bone's end slice is 4 mm from the next one, which says
+    nothing about where the model put the boundary.
     """
     step = spacing.min()
-    inside = ndimage.distance_transform_edt(truth, sampling=spacing)
-    outside = ndimage.distance_transform_edt(~truth, sampling=spacing)
+    thick = [axis for axis, s in enumerate(spacing) if s > 2 * step]
+    if not thick:
+        inside = ndimage.distance_transform_edt(truth, sampling=spacing)
+        outside = ndimage.distance_transform_edt(~truth, sampling=spacing)
+        structure = ndimage.generate_binary_structure(3, 1)
+    else:
+        axis = thick[0]
+        plane = [s for a, s in enumerate(spacing) if a != axis]
+        inside, outside = np.zeros(truth.shape), np.zeros(truth.shape)
+        for n in range(truth.shape[axis]):
+            cut = tuple(n if a == axis else slice(None) for a in range(3))
+            layer = truth[cut]
+            inside[cut] = ndimage.distance_transform_edt(layer, sampling=plane) if layer.any() else 0
+            outside[cut] = ndimage.distance_transform_edt(~layer, sampling=plane) if layer.any() else np.inf
+        structure = ndimage.generate_binary_structure(3, 1)
+        structure[tuple(1 if a != axis else slice(None) for a in range(3))] = [False, True, False]
     signed = np.where(truth, step - inside, outside)
     # Cut faces where a bone leaves the scan (femoral and tibial shafts) are not surface: left out.
-    boundary = predicted & ~ndimage.binary_erosion(predicted, border_value=1)
-    return signed[boundary]
+    boundary = predicted & ~ndimage.binary_erosion(predicted, structure, border_value=1)
+    values = signed[boundary]
+    return values[np.isfinite(values)]
 
 
 def crop_to_knee(volume: Volume, margin: int = 8) -> Volume:
