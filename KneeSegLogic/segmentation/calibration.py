@@ -69,7 +69,9 @@ class _CalibrationCase:
         self.truth = truth[uncertain]
 
     def dice(self, offsets: np.ndarray) -> np.ndarray:
-        """Dice per foreground channel (NaN where a structure is absent from truth and decision)."""
+        """Dice per foreground channel; NaN where the scan's reference does not label the structure
+        (a knee labelled for bones only says nothing of where its cartilage is, so predicting
+        cartilage there is not scored as a miss)."""
         decision = (self.log_p + offsets).argmax(1)
         true_positive = self.fixed_true_positive + np.bincount(
             self.truth[decision == self.truth], minlength=self.channels
@@ -77,7 +79,7 @@ class _CalibrationCase:
         predicted = self.fixed_predicted + np.bincount(decision, minlength=self.channels)
         total = (predicted + self.truth_count)[1:].astype(float)
         with np.errstate(invalid="ignore", divide="ignore"):
-            return np.where(total > 0, 2 * true_positive[1:] / total, np.nan)
+            return np.where(self.truth_count[1:] > 0, 2 * true_positive[1:] / total, np.nan)
 
 
 def _score(cases: Sequence[_CalibrationCase], offsets: np.ndarray) -> float:

@@ -36,7 +36,7 @@ from KneeSegLogic.training.trainer import DEFAULT_MEMBERS, MemberRecipe, train_m
 
 PACKAGE_ID = "kneeseg-knee-2p5d"
 
-PACKAGE_VERSION = "1.0.0"
+PACKAGE_VERSION = "1.2.0"
 
 # Bones: cut off thin leaks into neighbouring tissue, keep the largest piece and fill marrow holes;
 # cartilage and menisci are thin and may be split by partial volume, so no component filtering
@@ -130,17 +130,19 @@ def _spec(
 def _case_scores(
     probabilities: np.ndarray, case_labels: Volume, channel_labels: np.ndarray, offsets: Sequence[float] | None
 ) -> dict[str, dict[str, float]]:
-    """Dice and predicted/true volume ratio per structure after the decision and post-processing."""
+    """Dice and predicted/true volume ratio per structure after the decision and post-processing.
+
+    Only structures the case's reference labels are scored: the clinical held-out knee is labelled
+    for bones only, and cartilage predicted on it is neither right nor wrong (scoring it as Dice 0
+    halved every held-out cartilage and meniscus mean before 2026-12-07)."""
     decided = channel_labels[decide_labels(probabilities, offsets)]
     labels = apply_postprocessing(case_labels.with_array(decided), POSTPROCESSING)
     result = evaluate(labels, case_labels)
-    present = {name: m for name, m in result["structures"].items() if not np.isnan(m["dice"])}
+    present = {name: m for name, m in result["structures"].items() if m["reference_volume_mm3"] > 0}
     return {
         "dice": {name: round(float(m["dice"]), 4) for name, m in present.items()},
         "volume_ratio": {
-            name: round(float(m["prediction_volume_mm3"] / m["reference_volume_mm3"]), 3)
-            for name, m in present.items()
-            if m["reference_volume_mm3"] > 0
+            name: round(float(m["prediction_volume_mm3"] / m["reference_volume_mm3"]), 3) for name, m in present.items()
         },
     }
 

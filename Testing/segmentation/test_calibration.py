@@ -134,3 +134,17 @@ def test_segment_applies_the_package_offsets(tmp_path, package) -> None:  # noqa
     assert set(np.unique(labels.array)) == {0, BY_KEY["femur"].label}
     assert (labels.array == BY_KEY["femur"].label).mean() > 0.5
     assert json.loads((out / "results.json").read_text())["model"]["decision_offsets"] == offsets
+
+
+def test_structures_the_reference_does_not_label_are_not_scored():
+    # Channel 2 is predicted everywhere in the right half but the reference labels no channel 2
+    # (a knee labelled for bones only): it is not a miss, its Dice is not counted at all.
+    from KneeSegLogic.segmentation.calibration import _CalibrationCase
+
+    truth = np.zeros((4, 4), np.int64)
+    truth[:, :2] = 1
+    probabilities = np.zeros((3, 4, 4), np.float32)
+    probabilities[1, :, :2] = 1.0
+    probabilities[2, :, 2:] = 1.0
+    dice = _CalibrationCase(probabilities, truth, max_gap=2.0).dice(np.zeros(3, np.float32))
+    assert dice[0] == 1.0 and np.isnan(dice[1])
