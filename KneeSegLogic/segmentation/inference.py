@@ -495,10 +495,16 @@ def _empty_grid(volume: Volume) -> Volume:
     return Volume(np.zeros(volume.array.shape[:3], np.uint8), volume.spacing, volume.origin, volume.direction)
 
 
+def _itk_axes(order: Sequence[int]) -> list[int]:
+    """For array axes reordered by ``order`` (new array axis ``m`` is old ``order[m]``): the old ITK
+    axis of each new ITK axis (ITK axis ``n`` is array axis ``2 - n``)."""
+    return [2 - order[2 - n] for n in range(3)]
+
+
 def _permuted_grid(grid: Volume, order: Sequence[int]) -> Volume:
     """``grid`` with its array axes reordered (new array axis ``m`` is old array axis ``order[m]``):
     the same voxels in space, stored in another axis order."""
-    itk = [2 - order[2 - n] for n in range(3)]  # new ITK axis n is old ITK axis itk[n]
+    itk = _itk_axes(order)
     shape = tuple(grid.array.shape[a] for a in order)
     spacing = (grid.spacing[itk[0]], grid.spacing[itk[1]], grid.spacing[itk[2]])
     return Volume(np.zeros(shape, np.uint8), spacing, grid.origin, grid.direction[:, itk])
@@ -506,12 +512,16 @@ def _permuted_grid(grid: Volume, order: Sequence[int]) -> Volume:
 
 def _axis_order(source: Volume, target: Volume) -> list[int] | None:
     """``order`` with ``target`` the grid of ``source`` in another array-axis order (see
-    :func:`_permuted_grid`), or None when the grids differ otherwise."""
+    :func:`_permuted_grid`), or None when the grids differ otherwise. Compares geometry only."""
     if not np.allclose(source.origin, target.origin, atol=1e-6):
         return None
     for order in itertools.permutations(range(3)):
-        candidate = _permuted_grid(_empty_grid(source), order)
-        if candidate.same_grid(target, atol=1e-6):
+        itk = _itk_axes(order)
+        if (
+            tuple(source.array.shape[a] for a in order) == target.array.shape[:3]
+            and np.allclose([source.spacing[a] for a in itk], target.spacing, atol=1e-6)
+            and np.allclose(source.direction[:, itk], target.direction, atol=1e-6)
+        ):
             return list(order)
     return None
 
@@ -531,8 +541,8 @@ def _fuse_on_finest(
     """
     from KneeSegLogic.segmentation.uncertainty import entropy_tensor
 
-    finest = min((volume for volume, _ in members), key=lambda v: v.voxel_volume_mm3)
-    grid = _empty_grid(finest) if grid is None else grid
+    if grid is None:
+        grid = _empty_grid(min((volume for volume, _ in members), key=lambda v: v.voxel_volume_mm3))
     total_weight = sum(weight for _, weight in members)
     fused: torch.Tensor | None = None
     mean_entropy = None

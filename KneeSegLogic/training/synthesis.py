@@ -41,7 +41,7 @@ from KneeSegLogic.segmentation.normalisation import (
     CANONICAL_ORIENTATION,
     normalise_intensity,
 )
-from KneeSegLogic.tissues import TISSUES
+from KneeSegLogic.tissues import TISSUES, tissues_in_group
 from KneeSegLogic.training.phantom import TISSUE_PROPERTIES
 
 # Tissue groups that share an intensity in realistic contrasts.
@@ -519,8 +519,8 @@ class Synthesizer:
         return image, labels
 
 
-_BONE_LABELS = [t.label for t in TISSUES if t.group == "bone"]
-_SOFT_LABELS = [t.label for t in TISSUES if t.group in ("cartilage", "meniscus")]
+_BONE_LABELS = [t.label for t in tissues_in_group("bone")]
+_SOFT_LABELS = [t.label for group in ("cartilage", "meniscus") for t in tissues_in_group(group)]
 
 
 def _touches(mask: torch.Tensor, axes: list[int]) -> torch.Tensor:
