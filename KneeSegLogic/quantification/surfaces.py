@@ -89,7 +89,7 @@ WINDOWED_SINC_PASS_BAND = 0.01
 IDW_ITERATIONS = 20
 
 
-def _polydata(points: np.ndarray, triangles: np.ndarray) -> vtkPolyData:
+def triangle_mesh(points: np.ndarray, triangles: np.ndarray) -> vtkPolyData:
     """A vtkPolyData of triangles from numpy arrays (copied)."""
     vtk_points = vtkPoints()
     vtk_points.SetData(numpy_to_vtk(np.ascontiguousarray(points, dtype=np.float64), deep=True))
@@ -264,7 +264,7 @@ def smooth_windowed_sinc(
 ) -> np.ndarray:
     """Windowed-sinc low-pass smoothing (Taubin), coordinates normalised; returns new points."""
     smoother = vtkWindowedSincPolyDataFilter()
-    smoother.SetInputData(_polydata(points, triangles))
+    smoother.SetInputData(triangle_mesh(points, triangles))
     smoother.SetNumberOfIterations(iterations)
     smoother.SetPassBand(pass_band)
     smoother.NormalizeCoordinatesOn()
@@ -306,7 +306,7 @@ def smooth_laplacian_idw(points: np.ndarray, triangles: np.ndarray, iterations: 
 def decimate_mesh(points: np.ndarray, triangles: np.ndarray, fraction: float) -> tuple[np.ndarray, np.ndarray]:
     """Quadric decimation removing about ``fraction`` (0-1) of the triangles, volume preserving."""
     decimator = vtkQuadricDecimation()
-    decimator.SetInputData(_polydata(points, triangles))
+    decimator.SetInputData(triangle_mesh(points, triangles))
     decimator.SetTargetReduction(fraction)
     decimator.VolumePreservationOn()
     decimator.Update()
@@ -316,7 +316,7 @@ def decimate_mesh(points: np.ndarray, triangles: np.ndarray, fraction: float) ->
 def with_normals(points: np.ndarray, triangles: np.ndarray) -> vtkPolyData:
     """The mesh as vtkPolyData with point normals (no splitting: the mesh stays closed)."""
     normals = vtkPolyDataNormals()
-    normals.SetInputData(_polydata(points, triangles))
+    normals.SetInputData(triangle_mesh(points, triangles))
     normals.SplittingOff()
     normals.ConsistencyOff()  # triangles are already oriented outwards
     normals.AutoOrientNormalsOff()

@@ -29,7 +29,12 @@ knees at the top level (``<name>.nrrd``) and **held-out knees in ``heldout/``**,
 uses for every choice and for the held-out numbers of the model card. ``bank.json`` records each
 knee's role, sources and licences, registration residuals and collisions. Build it with::
 
-    python3 -m KneeSegLogic.training.anatomy OUT_FOLDER [--anatomy ../shared/data/anatomy]
+    python3 -m KneeSegLogic.training.anatomy OUT_FOLDER [--anatomy ../shared/data/anatomy] [--shape-model DIR]
+
+``--shape-model`` adds a training knee per subject of a statistical lower-limb shape model (26
+adults' femur, tibia with fibula and patella, MPL-2.0), exported to ``DIR`` once by
+:mod:`KneeSegLogic.training.shape_model_export` in an environment with GIAS3: each bone is
+registered onto the host's and the host's cartilage and menisci stay on them.
 
 Coordinates: meshes and transforms are in patient LPS millimetres of the host knee; label arrays
 are in :class:`~KneeSegLogic.io.volume.Volume` array order ``(k, j, i)``.
@@ -115,6 +120,13 @@ SOURCES: dict[str, Source] = {
             "one knee's tibia, fibula, patella, tibial and patellar cartilage and menisci (Smith et al. 2019)",
             "github.com/opensim-jam-org/jam-resources @ 73306a0f8dce2e31fea2095a27dd449bcd14d9b7",
             "Apache-2.0",
+        ),
+        Source(
+            "llp26_shape_model",
+            "femur, patella, tibia and fibula surfaces of the 26 subjects of the LLP26 lower-limb statistical shape "
+            "model, each in its own joint pose (exported by KneeSegLogic/training/shape_model_export.py)",
+            "pypi.org/project/musculoskeletal-models 0.2.4 (shape_models/LLP26_right_mirrored_from_left_rigid.pc)",
+            "MPL-2.0",
         ),
     )
 }
@@ -233,7 +245,7 @@ def _triangles(mesh: vtk.vtkPolyData) -> np.ndarray:
     triangulate.PassLinesOff()
     triangulate.PassVertsOff()
     triangulate.Update()
-    return vtk_to_numpy(triangulate.GetOutput().GetPolys().GetData()).reshape(-1, 4)[:, 1:]
+    return vtk_to_numpy(triangulate.GetOutput().GetPolys().GetConnectivityArray()).reshape(-1, 3)
 
 
 def point_array(mesh: vtk.vtkPolyData, name: str) -> np.ndarray:
@@ -441,25 +453,26 @@ def register_surfaces(
 
 
 def surface_points(mask: np.ndarray, grid: Volume, limit: int = 20_000, seed: int = 0) -> np.ndarray:
-    """LPS mm centres of a mask's boundary voxels (mask minus its erosion), at most ``limit`` of them.
+    """LPS mm points on a mask's surface (the 0.5 isosurface between its voxels and the rest, where a
+    mesh of the same structure lies), at most ``limit`` of them.
 
-    Where the mask touches the array border (a bone cut by the field of view) the cut face is not
-    bone surface and is left out (the erosion treats outside the array as mask)."""
+    Voxel centres of the boundary would lie half a voxel inside that surface and make every bone
+    registered onto them half a voxel too small. Where the mask touches the array border (a bone
+    cut by the field of view) the cut face is not bone surface and is left out."""
+    from KneeSegLogic.quantification.surfaces import extract_surface
+
     found = ndimage.find_objects(mask.astype(np.uint8))
     if not found or found[0] is None:
         return np.zeros((0, 3))
-    # Eroded inside the mask's box plus one voxel (clipped: a mask on the array border stays on the
-    # box border, where the erosion again treats outside as mask), not over the whole scan.
-    box = tuple(slice(max(b.start - 1, 0), min(b.stop + 1, n)) for b, n in zip(found[0], mask.shape))
-    inner = mask[box]
-    boundary = inner & ~ndimage.binary_erosion(inner, border_value=1)
-    k, j, i = np.nonzero(boundary)
-    k, j, i = k + box[0].start, j + box[1].start, i + box[2].start
-    if len(k) > limit:
-        pick = np.random.default_rng(seed).choice(len(k), limit, replace=False)
-        k, j, i = k[pick], j[pick], i[pick]
-    ijk = np.stack([i, j, k], 1).astype(np.float64)
-    return np.asarray(grid.origin) + (ijk * np.asarray(grid.spacing)) @ grid.direction.T
+    box = found[0]
+    index_points, _ = extract_surface(mask[box], np.eye(4), [b.start for b in box])  # (i, j, k) indices
+    size = np.asarray(mask.shape[::-1], dtype=np.float64)
+    # The cap closing a cut lies half a voxel outside the array.
+    keep = np.all((index_points > -0.25) & (index_points < size - 0.75), axis=1)
+    index_points = index_points[keep]
+    if len(index_points) > limit:
+        index_points = index_points[np.random.default_rng(seed).choice(len(index_points), limit, replace=False)]
+    return np.asarray(grid.origin) + (index_points * np.asarray(grid.spacing)) @ grid.direction.T
 
 
 # --------------------------------------------------------------------------------------------
@@ -620,6 +633,102 @@ class Composer:
         return bones, soft, records
 
 
+#: Shape-model bones in the files :mod:`KneeSegLogic.training.shape_model_export` writes.
+SHAPE_MODEL_BONES = {"femur": FEMUR, "tibia": TIBIA, "patella": PATELLA, "fibula": FIBULA}
+
+#: Host cartilage and menisci that stay in place on each replaced bone.
+SOFT_ON = {
+    FEMUR: (FEMORAL_CARTILAGE,),
+    TIBIA: (MEDIAL_TIBIAL, LATERAL_TIBIAL, MEDIAL_MENISCUS, LATERAL_MENISCUS),
+    PATELLA: (PATELLAR_CARTILAGE,),
+}
+
+#: Host bone voxels the new bone leaves empty within this distance (mm) of the host's cartilage or
+#: menisci on it become bone: the cartilage stays on bone, with no gap of background under it.
+GAP_FILL_MM = 2.0
+
+
+def read_shape_model_subject(path: Path) -> dict[int, vtk.vtkPolyData]:
+    """Bone meshes (mm, the shape model's frame, long axes along z) of one exported subject, by KneeSeg label."""
+    from KneeSegLogic.quantification.surfaces import triangle_mesh
+
+    with np.load(path) as arrays:
+        return {
+            label: triangle_mesh(arrays[f"{key}_points"], arrays[f"{key}_triangles"])
+            for key, label in SHAPE_MODEL_BONES.items()
+        }
+
+
+def joint_end(points: np.ndarray, length_mm: float, distal: bool) -> np.ndarray:
+    """The ``length_mm`` of a long bone (long axis along z) nearest the knee: its lower end for the
+    femur (``distal``), its upper end for the tibia."""
+    z = points[:, 2]
+    return points[z <= z.min() + length_mm] if distal else points[z >= z.max() - length_mm]
+
+
+def superior_extent_mm(points: np.ndarray) -> float:
+    """Extent (mm) of LPS points along the superior (z) axis."""
+    return float(np.ptp(points[:, 2])) if len(points) else 0.0
+
+
+def fill_gaps(labels: np.ndarray, host: np.ndarray, spacing_kji: np.ndarray) -> int:
+    """Give each bone the background voxels that were that bone in the host within
+    :data:`GAP_FILL_MM` of its cartilage or menisci (in ``labels``); returns the voxels filled."""
+    filled = 0
+    for bone, soft in SOFT_ON.items():
+        gap = (labels == 0) & (host == bone)
+        if not gap.any():
+            continue
+        near = ndimage.distance_transform_edt(~np.isin(labels, soft), sampling=spacing_kji) <= GAP_FILL_MM
+        gap &= near
+        labels[gap] = bone
+        filled += int(np.count_nonzero(gap))
+    return filled
+
+
+def shape_model_knee(composer: Composer, path: Path, role: str = "train") -> ComposedKnee:
+    """The host knee with one shape-model subject's bones: its femur, tibia (with its fibula, which
+    moves with it) and patella each registered onto the host's bone (the shape model's bones are
+    aligned bone by bone, not in a joint pose); on the femur and tibia only the length the host's
+    field of view shows is registered. The host's cartilage and menisci stay in place; host bone
+    voxels the new bone leaves empty under them are filled (:func:`fill_gaps`)."""
+    bones = read_shape_model_subject(path)
+    records = {}
+    moved = {}
+    for bone, distal in ((FEMUR, True), (TIBIA, False), (PATELLA, None)):
+        host_points = composer.host_surface(bone)
+        points = points_of(bones[bone])
+        if distal is None:
+            result = register_surfaces(points, host_points, settings=composer.icp)
+        else:
+            # The length the host shows, in the subject's size: cropped to the host's length first,
+            # then again to that length divided by the scale the first registration found.
+            length = superior_extent_mm(host_points)
+            result = register_surfaces(joint_end(points, length, distal), host_points, settings=composer.icp)
+            length /= result.transform.scale
+            result = register_surfaces(joint_end(points, length, distal), host_points, settings=composer.icp)
+        records[tissue(bone).key] = _registration_record(f"host {tissue(bone).key}", result)
+        moved[bone] = transformed(bones[bone], result.transform)
+        if bone == TIBIA:
+            moved[FIBULA] = transformed(bones[FIBULA], result.transform)
+    soft = {value: composer.host == value for values in SOFT_ON.values() for value in values}
+    knee = ComposedKnee(
+        f"llp26_{path.stem.removeprefix('llp26_')}",
+        composer.grid,
+        role,
+        ["llp26_shape_model", "pymskt_knee"],
+        [
+            "femur, tibia with fibula, and patella of one LLP26 shape-model subject, each registered onto the "
+            "bundled knee's bone; the bundled knee's cartilage and menisci on them"
+        ],
+        records,
+    )
+    knee = composer.compose(knee, moved, soft)
+    filled = fill_gaps(knee.labels.array, composer.host, composer.spacing_kji)
+    knee.collisions_mm3["gap_filled"] = round(filled * composer._voxel_mm3, 1)
+    return knee
+
+
 def clinical_knee(anatomy: Path) -> ComposedKnee:
     """The clinical bone label map (patellar_instability_skm) in KneeSeg label values."""
     volume = read_volume(anatomy / "patellar_instability_skm" / "segmentation_corrected.nrrd")
@@ -715,12 +824,17 @@ def jam_on_host(composer: Composer, anatomy: Path, femur_number: int | None = No
 
 
 def default_knees(
-    anatomy: Path = DEFAULT_ANATOMY, host_path: Path = HOST_LABEL_MAP, spacing_mm: float = 0.5
+    anatomy: Path = DEFAULT_ANATOMY,
+    host_path: Path = HOST_LABEL_MAP,
+    spacing_mm: float = 0.5,
+    shape_model: Path | None = None,
 ) -> Iterator[ComposedKnee]:
     """Every bank knee, one at a time (each takes seconds to a minute): the bundled host knee, four
-    pymskt femurs on it, the JAM knee on it (twice, with the host femur and with pymskt femur 5), and
-    held out: the clinical knee and the statistical-model knee (no bone of the host or of any
-    training knee; its soft tissue is the JAM knee's, warped to other bones)."""
+    pymskt femurs on it, the JAM knee on it (twice, with the host femur and with pymskt femur 5),
+    with ``shape_model`` (a folder :mod:`~KneeSegLogic.training.shape_model_export` wrote) the host
+    with each shape-model subject's bones, and held out: the clinical knee and the statistical-model
+    knee (no bone of the host or of any training knee; its soft tissue is the JAM knee's, warped to
+    other bones)."""
     host = read_volume(host_path)
     composer = Composer(host, spacing_mm)
     yield ComposedKnee(
@@ -730,6 +844,12 @@ def default_knees(
         yield femur_on_host(composer, anatomy, number)
     yield jam_on_host(composer, anatomy)
     yield jam_on_host(composer, anatomy, femur_number=5)
+    if shape_model is not None:
+        subjects = sorted(Path(shape_model).glob("llp26_subject*.npz"))
+        if not subjects:
+            raise FileNotFoundError(f"no llp26_subject*.npz in {shape_model} (see shape_model_export.py)")
+        for path in subjects:
+            yield shape_model_knee(composer, path)
     yield clinical_knee(anatomy)
     yield ssm_knee(composer, anatomy)
 
@@ -740,7 +860,11 @@ HELDOUT_FOLDER = "heldout"
 
 
 def build_bank(
-    out: Path, anatomy: Path = DEFAULT_ANATOMY, host_path: Path = HOST_LABEL_MAP, spacing_mm: float = 0.5
+    out: Path,
+    anatomy: Path = DEFAULT_ANATOMY,
+    host_path: Path = HOST_LABEL_MAP,
+    spacing_mm: float = 0.5,
+    shape_model: Path | None = None,
 ) -> dict[str, Any]:
     """Write every bank knee (training ones in ``out``, held-out ones in ``out/heldout``) and ``bank.json``.
 
@@ -750,7 +874,7 @@ def build_bank(
     out = Path(out)
     (out / HELDOUT_FOLDER).mkdir(parents=True, exist_ok=True)
     knees = []
-    for knee in default_knees(anatomy, host_path, spacing_mm):
+    for knee in default_knees(anatomy, host_path, spacing_mm, shape_model):
         folder = out / HELDOUT_FOLDER if knee.role == "heldout" else out
         write_volume(knee.labels.with_array(knee.labels.array.astype(np.uint8)), folder / f"{knee.name}.nrrd")
         knees.append(knee.record())
@@ -777,8 +901,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--anatomy", type=Path, default=DEFAULT_ANATOMY, help="the shared data/anatomy folder")
     parser.add_argument("--host", type=Path, default=HOST_LABEL_MAP, help="complete host knee label map")
     parser.add_argument("--spacing-mm", type=float, default=0.5)
+    parser.add_argument(
+        "--shape-model",
+        type=Path,
+        default=None,
+        help="folder of shape-model subjects (KneeSegLogic/training/shape_model_export.py): adds a training knee each",
+    )
     args = parser.parse_args(argv)
-    record = build_bank(args.out, args.anatomy, args.host, args.spacing_mm)
+    record = build_bank(args.out, args.anatomy, args.host, args.spacing_mm, args.shape_model)
     for knee in record["knees"]:
         print(knee["role"], knee["name"], knee["registrations"], knee["collisions_mm3"])
     return 0

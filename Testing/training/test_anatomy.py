@@ -159,3 +159,74 @@ def test_random_bone_transforms_stay_within_the_anatomical_limits(knee_anatomy):
         stretch = np.linalg.norm(femur[:, 0])
         assert limits.condyle_width[0] * limits.bone_scale[0] - 1e-9 <= stretch
         assert stretch <= limits.condyle_width[1] * limits.bone_scale[1] + 1e-9
+
+
+def _subject_file(composer: bank.Composer, folder) -> tuple:
+    """A shape-model subject file made of the host's own bones, each moved by its own known
+    similarity (a rotation about the long axis z, a scale and a shift): registering them back must
+    give the host knee."""
+    from KneeSegLogic.quantification.surfaces import extract_surface
+
+    grid = composer.grid
+    arrays = {}
+    moves = {"femur": (1.1, 25.0, (40.0, -10.0, 300.0)), "tibia": (0.9, -30.0, (-20.0, 15.0, -200.0))}
+    moves["patella"] = (1.2, 60.0, (5.0, 50.0, 120.0))
+    for key in bank.SHAPE_MODEL_BONES:
+        points, triangles = extract_surface(composer.host == tissue(key).label, grid.index_to_physical())
+        scale, angle, shift = moves["tibia" if key == "fibula" else key]
+        move = bank.Similarity(scale * rotation((0.0, 0.0, 1.0), angle), np.asarray(shift))
+        arrays[f"{key}_points"], arrays[f"{key}_triangles"] = move.apply(points), triangles
+    path = folder / "llp26_subject07.npz"
+    np.savez(path, **arrays)
+    return path
+
+
+def test_shape_model_knee_registers_each_bone_back_onto_the_host(tmp_path):
+    composer = bank.Composer(read_volume(SAMPLE_DATA / "knee_labels.nrrd"), spacing_mm=1.5, icp=TEST_ICP)
+    knee = bank.shape_model_knee(composer, _subject_file(composer, tmp_path))
+    record = knee.record()
+    assert knee.name == "llp26_subject07" and knee.role == "train"
+    assert record["licences"] == ["MIT", "MPL-2.0"]
+    # Each bone's own similarity undone: scales 1/1.1, 1/0.9, 1/1.2.
+    for key, scale in (("femur", 1 / 1.1), ("tibia", 1 / 0.9), ("patella", 1 / 1.2)):
+        assert record["registrations"][key]["scale"] == pytest.approx(scale, rel=0.01)
+        # Point to nearest point between two random samples of 1.5 mm meshes of one surface.
+        assert record["registrations"][key]["rms_mm"] < 1.5
+    # The label map is the host's again (voxelised surfaces of 1.5 mm voxels: boundary voxels differ).
+    for key in ("femur", "tibia", "patella", "fibula", "femoral_cartilage", "medial_meniscus"):
+        value = tissue(key).label
+        a, b = knee.labels.array == value, composer.host == value
+        assert 2 * np.count_nonzero(a & b) / (a.sum() + b.sum()) > 0.9, key
+
+
+def test_gap_under_cartilage_is_filled_with_bone_only_near_the_cartilage():
+    spacing = np.array([1.0, 1.0, 1.0])
+    host = np.zeros((1, 1, 12), np.uint8)
+    host[0, 0, :8] = FEMUR
+    host[0, 0, 8:10] = tissue("femoral_cartilage").label
+    labels = host.copy()
+    labels[0, 0, :8] = 0
+    labels[0, 0, :3] = FEMUR  # the new femur is 5 voxels shorter: voxels 3-7 are a gap
+    filled = bank.fill_gaps(labels, host, spacing)
+    # Within 2 mm of the cartilage (voxels 6 and 7) become bone; 3-5 stay background.
+    assert filled == 2
+    assert labels[0, 0].tolist() == [FEMUR] * 3 + [0] * 3 + [FEMUR] * 2 + [host[0, 0, 8]] * 2 + [0, 0]
+
+
+def test_exported_tibia_fibula_mesh_splits_into_its_two_closed_pieces():
+    from KneeSegLogic.training.shape_model_export import open_edges, split_pieces
+
+    source = vtk.vtkSphereSource()
+    source.SetRadius(5.0)
+    source.SetCenter(60.0, 0.0, 0.0)
+    source.Update()  # 8 x 8 resolution: fewer points than the big sphere's 120 x 120
+    big, small = sphere(20.0), source.GetOutput()
+    points_big, triangles_big = bank.points_of(big), bank._triangles(big)
+    points_small, triangles_small = bank.points_of(small), bank._triangles(small)
+    points = np.concatenate([points_small, points_big])
+    triangles = np.concatenate([triangles_small, triangles_big + len(points_small)])
+    pieces = split_pieces(points, triangles)
+    assert len(pieces) == 2
+    assert np.allclose(pieces[0][0], points_big) and np.array_equal(pieces[0][1], triangles_big)
+    assert np.allclose(pieces[1][0], points_small)
+    assert open_edges(pieces[0][1]) == 0 and open_edges(triangles_big[:-1]) == 3
