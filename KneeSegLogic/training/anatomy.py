@@ -690,8 +690,9 @@ def shape_model_knee(composer: Composer, path: Path, role: str = "train") -> Com
     """The host knee with one shape-model subject's bones: its femur, tibia (with its fibula, which
     moves with it) and patella each registered onto the host's bone (the shape model's bones are
     aligned bone by bone, not in a joint pose); on the femur and tibia only the length the host's
-    field of view shows is registered. The host's cartilage and menisci stay in place; host bone
-    voxels the new bone leaves empty under them are filled (:func:`fill_gaps`)."""
+    field of view shows is registered. The host's cartilage and menisci stay in place, whole, over
+    the new bones; host bone voxels the new bone leaves empty under them are filled
+    (:func:`fill_gaps`), so the bone-cartilage interface stays the host's."""
     bones = read_shape_model_subject(path)
     records = {}
     moved = {}
@@ -724,6 +725,11 @@ def shape_model_knee(composer: Composer, path: Path, role: str = "train") -> Com
         records,
     )
     knee = composer.compose(knee, moved, soft)
+    # The host's cartilage and menisci keep their whole thickness where the new bone is larger
+    # (painted after the bones they would only take what the bone left: plates thinned by up to
+    # a quarter, a thinning no real knee is tied to).
+    for value, mask in soft.items():
+        knee.labels.array[mask] = value
     filled = fill_gaps(knee.labels.array, composer.host, composer.spacing_kji)
     knee.collisions_mm3["gap_filled"] = round(filled * composer._voxel_mm3, 1)
     return knee
