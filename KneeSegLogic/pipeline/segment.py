@@ -157,9 +157,9 @@ def _member_share(progress: Progress, index: int, count: int) -> Callable[[str, 
     return report
 
 
-def structure_volumes(labels: Volume) -> dict[str, float]:
-    """Volume of each structure present, in mm^3."""
-    counts = label_sums(labels.array)
+def structure_volumes(labels: Volume, counts: np.ndarray | None = None) -> dict[str, float]:
+    """Volume of each structure present, in mm^3 (``counts``: the labels' :func:`label_sums`, if known)."""
+    counts = label_sums(labels.array) if counts is None else counts
     return {
         BY_LABEL[v].key: round(float(counts[v]) * labels.voxel_volume_mm3, 2)
         for v in BY_LABEL
@@ -356,9 +356,10 @@ def _after_writing(
     written: Future,
 ) -> None:
     """Statistics, surfaces, T2 and the report, while ``written`` (the label files) completes."""
-    results["volumes_mm3"] = structure_volumes(labels)
+    counts = label_sums(labels.array)  # one pass for the volumes and the mean uncertainties
+    results["volumes_mm3"] = structure_volumes(labels, counts)
     results["uncertainty"] = {
-        "per_structure": per_structure(maps["uncertainty"], labels.array),
+        "per_structure": per_structure(maps["uncertainty"], labels.array, counts),
         "most_uncertain_slices": most_uncertain_slices(
             maps["uncertainty"], labels.array, labels.index_to_physical(), masked=maps["uncertainty_foreground"]
         ),

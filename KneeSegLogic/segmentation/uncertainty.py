@@ -125,9 +125,11 @@ def label_sums(labels: np.ndarray, weights: np.ndarray | None = None, slab_voxel
     return sums
 
 
-def per_structure(uncertainty: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    """Mean uncertainty over the voxels predicted as each structure (key -> value)."""
-    counts, sums = label_sums(labels), label_sums(labels, uncertainty)
+def per_structure(uncertainty: np.ndarray, labels: np.ndarray, counts: np.ndarray | None = None) -> dict[str, float]:
+    """Mean uncertainty over the voxels predicted as each structure (key -> value); ``counts`` are
+    the labels' :func:`label_sums` when the caller has them already."""
+    counts = label_sums(labels) if counts is None else counts
+    sums = label_sums(labels, uncertainty)
     return {
         BY_LABEL[label].key: round(float(sums[label] / counts[label]), 5)
         for label in range(1, counts.size)

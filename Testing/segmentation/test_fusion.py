@@ -178,6 +178,7 @@ def test_label_sums_and_per_structure_equal_the_direct_masks():
     sums = label_sums(labels, uncertainty, slab_voxels=1000)
     np.testing.assert_allclose(sums, [uncertainty[labels == v].sum(dtype=np.float64) for v in range(11)], rtol=1e-12)
     summary = per_structure(uncertainty, labels)
+    assert per_structure(uncertainty, labels, counts) == summary  # counts passed in: the same means
     assert "patellar_cartilage" not in summary and len(summary) == 9
     for tissue in TISSUES:
         if tissue.label != 4:
