@@ -124,7 +124,7 @@ SOURCES: dict[str, Source] = {
         Source(
             "llp26_shape_model",
             "femur, patella, tibia and fibula surfaces of the 26 subjects of the LLP26 lower-limb statistical shape "
-            "model, each in its own joint pose (exported by KneeSegLogic/training/shape_model_export.py)",
+            "model, aligned bone by bone (exported by KneeSegLogic/training/shape_model_export.py)",
             "pypi.org/project/musculoskeletal-models 0.2.4 (shape_models/LLP26_right_mirrored_from_left_rigid.pc)",
             "MPL-2.0",
         ),
@@ -731,7 +731,7 @@ def shape_model_knee(composer: Composer, path: Path, role: str = "train") -> Com
     for value, mask in soft.items():
         knee.labels.array[mask] = value
     filled = fill_gaps(knee.labels.array, composer.host, composer.spacing_kji)
-    knee.collisions_mm3["gap_filled"] = round(filled * composer._voxel_mm3, 1)
+    knee.notes.append(f"host bone filled under cartilage and menisci: {filled * composer._voxel_mm3:.1f} mm3")
     return knee
 
 
