@@ -21,6 +21,7 @@ import sys
 import threading
 import time
 import traceback
+import warnings
 from pathlib import Path
 from types import ModuleType
 from typing import Callable, NamedTuple, Sequence
@@ -111,6 +112,10 @@ def _terminate(signum: int, frame: object) -> None:
     # first (nor surface as a traceback from whatever finaliser it happens to land in).
     if not _signalled.is_set():
         _signalled.set()
+        # The signal may land between ``open()`` and the ``with`` that would close the file; the
+        # file is then closed as the stack unwinds, and its ResourceWarning (shown where warnings are
+        # on, e.g. PYTHONWARNINGS=default) would be a second line after the one that says cancelled.
+        warnings.filterwarnings("ignore", category=ResourceWarning)
         if signum == signal.SIGINT:
             raise KeyboardInterrupt
         raise CancelledError("terminated (SIGTERM)")

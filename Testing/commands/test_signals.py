@@ -175,3 +175,25 @@ def test_a_cancellation_inside_a_wrapped_library_call_stays_a_cancellation(tiny,
         read_volume(folder)
     with pytest.raises(CancelledError):
         dess._first_dicom(folder)
+
+
+def test_a_file_left_open_by_the_signal_warns_nothing(tmp_path):
+    """A signal between ``open()`` and its ``with`` leaves the file to be closed by the unwinding:
+    its ResourceWarning must not add a line to the one that says the run was cancelled."""
+    import gc
+    import warnings
+
+    from KneeSegLogic.commands import main as cli
+
+    path = tmp_path / "scan.bin"
+    path.write_bytes(b"x")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        cli._signalled.clear()
+        with pytest.raises(CancelledError):
+            cli._terminate(signal.SIGTERM, None)
+        stream = open(path, "rb")  # noqa: SIM115 - left unclosed on purpose, as the signal leaves it
+        del stream
+        gc.collect()
+    cli._signalled.clear()
+    assert [w for w in caught if issubclass(w.category, ResourceWarning)] == []
