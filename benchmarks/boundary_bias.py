@@ -4,9 +4,13 @@ A synthetic proton-density-like scan is made from the bundled label map at its o
 (0.36 x 0.36 mm in-plane, 0.7 mm slices): one intensity per tissue, a dark cortical rim (bone within
 1 mm of its surface: the signal void of cortical bone in every MR contrast; without it a bone shaft
 is a uniform blob no real scan shows, and the model left the tibial shaft's lower part out),
-0.4 mm Gaussian blur (partial volume) and Rician-like noise. It is segmented through the library (``segment_volume``) by the
-shipped default package three ways: as shipped, with decision offsets 0, and with offsets 0 and no
-opening step. For each bone the signed distance (mm, negative inside the true bone) of every
+0.4 mm Gaussian blur (partial volume) and Rician-like noise. It is segmented through the library
+(``segment_volume``) by the shipped default package three ways: as shipped, with decision offsets
+0, and with offsets 0 and no opening step. A first row per knee takes the network out: the truth's
+one-hot maps go through the members' working grids and the fusion (what geometry alone costs a
+boundary). Two more rows on the training knee change what surrounds the bones: brighter
+surroundings (0.6 instead of 0.3) against the dark cortex, and no dark cortex at all (the model's
+bias depends on this contrast, which no step after the network does). For each bone the signed distance (mm, negative inside the true bone) of every
 predicted boundary voxel's surface to the true surface is taken (both surfaces half a voxel
 outside their boundary voxels, so a perfect segmentation reads 0): mean, median and the share
 beyond 2 mm inside (a missing part rather than a shifted boundary). Negative means small.
@@ -30,9 +34,10 @@ from scipy import ndimage
 
 from KneeSegLogic.io.outputs import Progress, Results
 from KneeSegLogic.io.scans import read_volume
-from KneeSegLogic.io.volume import Volume
+from KneeSegLogic.io.volume import Volume, resample_to_grid
 from KneeSegLogic.pipeline.segment import segment_volume
 from KneeSegLogic.resources import BUNDLED_MODELS_DIR, SAMPLE_DATA
+from KneeSegLogic.segmentation.inference import fuse_and_decide, member_spacing, working_grid
 from KneeSegLogic.segmentation.package import ModelPackage, load_package
 from KneeSegLogic.tissues import TISSUES, tissue
 from KneeSegLogic.training.anatomy import HELDOUT_FOLDER
@@ -46,15 +51,26 @@ INTENSITY = {"bone": 0.55, "cartilage": 0.75, "meniscus": 0.12}
 CORTEX_MM, CORTEX = 1.0, 0.08
 
 
-def fine_scan(labels: Volume, seed: int = 0) -> Volume:
-    """Synthetic image on the label map's own grid (background 0.3, per-group intensities)."""
-    lookup = np.full(int(labels.array.max()) + 1, 0.3, np.float32)
+#: Intensity of everything unlabelled around the knee (muscle, fat, fluid alike).
+BACKGROUND = 0.3
+
+#: Other surroundings of the bones for the contrast rows: (what is varied, background, cortex).
+SURROUNDINGS = (
+    ("surroundings brighter (0.6)", 0.6, CORTEX),
+    ("no dark cortex", BACKGROUND, INTENSITY["bone"]),
+)
+
+
+def fine_scan(labels: Volume, seed: int = 0, background: float = BACKGROUND, cortex: float = CORTEX) -> Volume:
+    """Synthetic image on the label map's own grid (``background`` around per-group intensities,
+    bones' outer :data:`CORTEX_MM` at ``cortex``)."""
+    lookup = np.full(int(labels.array.max()) + 1, background, np.float32)
     for value in range(1, len(lookup)):
         lookup[value] = INTENSITY[tissue(value).group]
     image = lookup[labels.array]
     spacing = np.asarray(labels.spacing_kji)
     bone = np.isin(labels.array, [t.label for t in TISSUES if t.group == "bone"])
-    image[bone & (ndimage.distance_transform_edt(bone, sampling=spacing) <= CORTEX_MM)] = CORTEX
+    image[bone & (ndimage.distance_transform_edt(bone, sampling=spacing) <= CORTEX_MM)] = cortex
     sigma = 0.4 / spacing
     image = ndimage.gaussian_filter(image, sigma)
     rng = np.random.default_rng(seed)
@@ -106,9 +122,31 @@ def crop_to_knee(volume: Volume, margin: int = 8) -> Volume:
     return Volume(volume.array[box], volume.spacing, tuple(origin), volume.direction)
 
 
-def bias_row(name: str, package: ModelPackage, labels: Volume, scan: Volume) -> str:
-    """One table row: per bone of the truth, mean / median / share beyond 2 mm inside."""
-    predicted, _, _ = segment_volume(scan, package, torch.device("cpu"), Results("segment"), Progress(stream=None))
+def through_working_grids(package: ModelPackage, labels: Volume) -> Volume:
+    """The truth through the geometry alone: each label's one-hot map sampled linearly onto every
+    member's working grid (as inference samples a scan) and the members fused back onto the scan's
+    grid, no network. What the working spacing, resampling and fusion cost a boundary."""
+    members = []
+    values = np.arange(len(package.tissue_labels))
+    for member in package.members:
+        grid = working_grid(labels, member_spacing(member, labels))
+        channels = [
+            resample_to_grid(
+                labels.with_array((labels.array == value).astype(np.float32)), grid, interpolation="linear"
+            )
+            for value in values
+        ]
+        members.append((grid.with_array(np.stack([c.array for c in channels], -1)), member.weight))
+    return labels.with_array(fuse_and_decide(members, labels).channel_index)
+
+
+def bias_row(name: str, package: ModelPackage | None, labels: Volume, scan: Volume) -> str:
+    """One table row: per bone of the truth, mean / median / share beyond 2 mm inside. Without a
+    package: :func:`through_working_grids` with the shipped one."""
+    if package is None:
+        predicted = through_working_grids(load_package(BUNDLED_MODELS_DIR / "kneeseg-knee-2p5d"), labels)
+    else:
+        predicted, _, _ = segment_volume(scan, package, torch.device("cpu"), Results("segment"), Progress(stream=None))
     spacing = np.asarray(labels.spacing_kji)
     cells = []
     for bone in BONES:
@@ -149,11 +187,19 @@ def main() -> None:
         scan = fine_scan(truth)
         spacing = np.round(np.asarray(truth.spacing_kji), 3).tolist()
         print(f"{knee}: scan {scan.array.shape} voxels, spacing (k, j, i) {spacing} mm")
-        variants: list[tuple[str, ModelPackage]] = [(f"{shipped.version} as shipped", shipped)]
+        variants: list[tuple[str, ModelPackage | None]] = [
+            ("geometry only (no network)", None),
+            (f"{shipped.version} as shipped", shipped),
+        ]
         if knee == "training knee":
             variants += [("offsets 0", no_offsets), ("offsets 0, no opening", no_opening)]
         for name, package in variants + others:
             print(bias_row(f"{knee}: {name}", package, truth, scan), flush=True)
+        if knee == "training knee":
+            for name, background, cortex in SURROUNDINGS:
+                other = fine_scan(truth, background=background, cortex=cortex)
+                for label, package in [(shipped.version, shipped), *others]:
+                    print(bias_row(f"{knee}: {label}, {name}", package, truth, other), flush=True)
 
 
 if __name__ == "__main__":
