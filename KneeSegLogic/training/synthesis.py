@@ -461,8 +461,8 @@ class Synthesizer:
         # Joint fluid: a thin film next to cartilage and menisci inside the body, and sometimes
         # an effusion or bursa: fluid pockets around the joint (bright on fluid-sensitive scans,
         # where they set the upper percentile of the normalisation).
-        near = (outside > 0) & (outside < self.rng.uniform(0.3, 1.5)) & body
-        image[near] = values["fluid"]
+        film = joint_fluid_film(labels, self.spacing, float(self.rng.uniform(0.3, 1.5))) & body
+        image[film] = values["fluid"]
         if vacated is not None:
             image[vacated] = values["fluid"]
         if self.rng.random() < self.settings.effusion_probability:
@@ -473,11 +473,13 @@ class Synthesizer:
             mask = labels == tissue.label
             if mask.any():
                 image[mask] = values[_GROUP_OF_LABEL[tissue.label]] * float(self.rng.uniform(0.9, 1.1))
-        # Marrow is not uniform (red/yellow marrow, oedema-like patches).
-        marrow = depth > 0
+        # Marrow is not uniform (red/yellow marrow, oedema-like patches). Only on bone labels:
+        # depth is sampled bilinearly, so it is above 0 up to a voxel beyond the bone (on the
+        # background or the cartilage there), which would put cortex where the labels say not bone.
+        marrow = (depth > 0) & torch.isin(labels, torch.as_tensor(_BONE_LABELS, dtype=labels.dtype))
         patches = 1 + float(self.rng.uniform(0, 0.35)) * _smooth_field(shape, 8, self.generator)
         image[marrow] = image[marrow] * patches[marrow]
-        cortex = (depth > 0) & (depth < self.rng.uniform(0.6, 1.8))
+        cortex = marrow & (depth < self.rng.uniform(0.6, 1.8))
         image[cortex] = values["cortex"]
         # Texture within tissues (trabecular bone, muscle fibres): multiplicative fine noise.
         texture = 1 + float(self.rng.uniform(0, 0.15)) * _smooth_field(shape, 24, self.generator)
@@ -520,6 +522,7 @@ class Synthesizer:
 
 
 _BONE_LABELS = [t.label for t in tissues_in_group("bone")]
+#: Cartilage and menisci: what synovial fluid lies against.
 _SOFT_LABELS = [t.label for group in ("cartilage", "meniscus") for t in tissues_in_group(group)]
 
 
@@ -543,6 +546,23 @@ def _normalised(anatomy: Anatomy, source_mm: torch.Tensor) -> torch.Tensor:
 def _sample(volume: torch.Tensor, grid: torch.Tensor, mode: str, padding: str) -> torch.Tensor:
     """One (1, 1, K, J, I) tensor sampled on a normalised grid: the (D, H, W) box."""
     return F.grid_sample(volume, grid, mode=mode, align_corners=True, padding_mode=padding)[0, 0]
+
+
+
+def joint_fluid_film(labels: torch.Tensor, spacing_mm: np.ndarray, thickness_mm: float) -> torch.Tensor:
+    """Unlabelled voxels within ``thickness_mm`` of cartilage or a meniscus: the joint's fluid film.
+
+    Only the joint space: a film around every labelled structure (as training images had until
+    1.3.0) wrapped the bone shafts in fluid, bright in most contrasts, so a model learned that
+    bone ends where fluid begins; against muscle-dark surroundings it then put the femoral and
+    tibial boundaries about a voxel (0.34 mm median) inside the cortex (``boundary_bias.py``).
+    ``labels`` (d, h, w) on a grid of ``spacing_mm`` per array axis.
+    """
+    surface = torch.isin(labels, torch.as_tensor(_SOFT_LABELS, dtype=labels.dtype)).numpy()
+    if not surface.any():
+        return torch.zeros(labels.shape, dtype=torch.bool)
+    distance = ndimage.distance_transform_edt(~surface, sampling=spacing_mm)
+    return torch.from_numpy(distance <= thickness_mm) & (labels == 0)
 
 
 def _thick_slices(image: torch.Tensor, axis: int, factor: float) -> torch.Tensor:

@@ -19,6 +19,7 @@ from KneeSegLogic.training.synthesis import (
     SynthesisSettings,
     Synthesizer,
     _thick_slices,
+    joint_fluid_film,
 )
 
 torch.set_num_threads(1)
@@ -324,3 +325,46 @@ def test_held_out_scans_are_not_thickness_augmented(ball_anatomy: Anatomy) -> No
     first = Synthesizer([ball_anatomy], (16, 32, 32), (1.0, 1.0, 1.0), settings, seed=5).sample()
     second = Synthesizer([ball_anatomy], (16, 32, 32), (1.0, 1.0, 1.0), plain, seed=5).sample()
     assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+
+
+def test_joint_fluid_lies_against_cartilage_and_menisci_not_around_bone_shafts() -> None:
+    """A femur-like bar with a cartilage cap at one end: the film (1 mm, on 0.5 mm voxels) covers
+    the unlabelled voxels within 1 mm of the cartilage and nothing along the bar's far shaft."""
+    from scipy import ndimage
+
+    labels = torch.zeros((20, 60, 20), dtype=torch.long)
+    labels[6:14, 10:50, 6:14] = BONE  # the shaft runs along h
+    labels[6:14, 50:53, 6:14] = 3  # a cartilage cap (femoral cartilage) on its end
+    spacing = np.array([0.5, 0.5, 0.5])
+    film = joint_fluid_film(labels, spacing, 1.0)
+    assert not film[labels > 0].any()
+    cap = labels.numpy() == 3
+    within = (ndimage.distance_transform_edt(~cap, sampling=spacing) <= 1.0) & (labels.numpy() == 0)
+    np.testing.assert_array_equal(film.numpy(), within)
+    assert film[:, 53:55].any()  # beyond the cap
+    assert not film[:, 10:45].any()  # along the shaft, away from the cap
+    assert not joint_fluid_film(torch.where(labels == 3, 0, labels), spacing, 1.0).any()
+
+
+def test_cortex_intensity_only_on_bone_labels(monkeypatch) -> None:
+    """Bone depth is sampled bilinearly, so it is above 0 up to a voxel outside the bone; the dark
+    cortex must still stop at the bone's label. Here depth reaches a voxel beyond the ball, the
+    cortex is exactly 0 and every other tissue brighter; the distance from the structures is given
+    as far below 0, so the whole box is body (no air, fat shell or fluid pockets)."""
+    from scipy import ndimage
+
+    ball_anatomy = Anatomy.from_volume(Volume(ellipsoid_labels(), (1.0, 1.0, 1.0), (3.0, -2.0, 7.0), PIR_DIRECTION))
+    synthesizer = Synthesizer([ball_anatomy], (9, 31, 31), (1.0, 1.0, 1.0), RIGID, seed=4)
+    levels = {"cartilage": 0.5, "marrow": 0.8, "cortex": 0.0, "meniscus": 0.3, "fluid": 0.9, "muscle": 0.4, "fat": 0.6}
+    monkeypatch.setattr(synthesizer, "_intensities", lambda: dict(levels))
+    d, h, w = np.indices((9, 31, 31))
+    ball = (d - 4) ** 2 + (h - 15) ** 2 + (w - 15) ** 2 <= 36
+    # Depth below the surface (its outer voxels 0.5 mm deep) and 0.25 mm on the voxels just outside.
+    shell = ndimage.binary_dilation(ball) & ~ball
+    depth = np.where(ball, ndimage.distance_transform_edt(ball) - 0.5, np.where(shell, 0.25, 0.0))
+    labels = torch.from_numpy(np.where(ball, BONE, 0))
+    for _ in range(5):
+        image = synthesizer._synthetic_image(labels, torch.full(ball.shape, -1e3), torch.from_numpy(depth).float())
+        dark = (image == 0).numpy()
+        assert dark.any()
+        assert not (dark & ~ball).any(), int((dark & ~ball).sum())
