@@ -8,6 +8,7 @@ from typing import Sequence
 from KneeSegLogic.errors import InputError
 from KneeSegLogic.io.scans import IMAGE_SUFFIXES, read_volume
 from KneeSegLogic.io.segfile import read_labels
+from KneeSegLogic.training.anatomy import composition_weights, read_bank_record
 from KneeSegLogic.training.synthesis import Anatomy
 
 
@@ -98,7 +99,13 @@ def load_anatomies(paths: Path | Sequence[Path]) -> list[Anatomy]:
             pairs = find_training_pairs(path)
         if not label_maps and not pairs:
             raise InputError(path, "no label maps (NRRD, NIfTI, MHA) and no images/ + labels/ pairs found")
-        anatomies += [Anatomy.from_volume(read_labels(file)) for file in label_maps]
+        maps = [Anatomy.from_volume(read_labels(file)) for file in label_maps]
+        record = read_bank_record(path) if path.is_dir() else None
+        if record is not None:  # an anatomy bank: knees made the same way share their draws
+            weights = composition_weights(record)
+            for file, anatomy in zip(label_maps, maps):
+                anatomy.draw_weight = weights.get(file.name.split(".")[0], 1.0 / len(label_maps)) * len(label_maps)
+        anatomies += maps
         anatomies += [read_training_pair(image, labels) for image, labels in pairs]
     return anatomies
 

@@ -98,6 +98,8 @@ class Anatomy:
     centre_range: tuple[np.ndarray, np.ndarray]
     image: torch.Tensor | None = None
     pivots_mm: dict[str, np.ndarray] = field(default_factory=dict)
+    #: Relative chance of being drawn for a training box (1 for each knee by default).
+    draw_weight: float = 1.0
 
     @classmethod
     def from_volume(cls, labels: Volume) -> Anatomy:
@@ -359,6 +361,11 @@ class Synthesizer:
         signal = properties[:, 0] * np.exp(-echo_time / properties[:, 1])
         return signal / signal.max()
 
+    def draw(self) -> int:
+        """Index of the anatomy the next box shows, drawn by :attr:`Anatomy.draw_weight`."""
+        weights = np.asarray([a.draw_weight for a in self.anatomies], dtype=float)
+        return int(self.rng.choice(len(weights), p=weights / weights.sum()))
+
     def sample(self, centre: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """One (image, labels) box: float32 image normalised to about [0, 1], int64 labels.
 
@@ -366,7 +373,7 @@ class Synthesizer:
         by default it is drawn within the anatomy's ``centre_range``.
         """
         s = self.settings
-        anatomy = self.anatomies[self.rng.integers(len(self.anatomies))]
+        anatomy = self.anatomies[self.draw()]
         source = self._sampling_grid(anatomy, centre)
         grid = _normalised(anatomy, source)
         # A label map alone is extended beyond its field of view by repeating its border: the
@@ -546,7 +553,6 @@ def _normalised(anatomy: Anatomy, source_mm: torch.Tensor) -> torch.Tensor:
 def _sample(volume: torch.Tensor, grid: torch.Tensor, mode: str, padding: str) -> torch.Tensor:
     """One (1, 1, K, J, I) tensor sampled on a normalised grid: the (D, H, W) box."""
     return F.grid_sample(volume, grid, mode=mode, align_corners=True, padding_mode=padding)[0, 0]
-
 
 
 def joint_fluid_film(labels: torch.Tensor, spacing_mm: np.ndarray, thickness_mm: float) -> torch.Tensor:

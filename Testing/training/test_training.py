@@ -234,6 +234,35 @@ def test_load_anatomies_reads_label_maps_and_pairs(tmp_path: Path) -> None:
     assert len(load_anatomies([tmp_path / "data" / "knee_map.nrrd", tmp_path / "data"])) == 4
 
 
+def test_a_bank_draws_each_way_of_making_a_knee_equally_often(tmp_path: Path) -> None:
+    """Three knees made from one source pair and one made otherwise: the lone knee is drawn as
+    often as the three together (weights 1/2 and 1/6 each), a file the record does not know like
+    an average knee; the synthesizer draws by those weights."""
+    from KneeSegLogic.io.outputs import write_json
+    from KneeSegLogic.training.anatomy import BANK_RECORD, composition_weights
+    from KneeSegLogic.training.synthesis import Synthesizer
+
+    labels = knee_like_labels()
+    folder = tmp_path / "bank"
+    folder.mkdir()
+    names = ["a_host", "b_shape1", "c_shape2", "d_shape3"]
+    for name in names + ["e_user"]:
+        write_volume(labels, folder / f"{name}.nrrd")
+    knees = [{"name": names[0], "role": "train", "sources": ["host"]}]
+    knees += [{"name": n, "role": "train", "sources": ["shape", "host"]} for n in names[1:]]
+    knees += [{"name": "held", "role": "heldout", "sources": ["other"]}]
+    record = {"knees": knees}
+    write_json(record, folder / BANK_RECORD)
+    assert composition_weights(record) == pytest.approx(
+        {"a_host": 0.5, "b_shape1": 1 / 6, "c_shape2": 1 / 6, "d_shape3": 1 / 6}
+    )
+    anatomies = load_anatomies(folder)
+    assert [a.draw_weight for a in anatomies] == pytest.approx([2.5, 5 / 6, 5 / 6, 5 / 6, 1.0])
+    synthesizer = Synthesizer(anatomies, (4, 8, 8), (1.0, 1.0, 1.0), seed=0)
+    counts = np.bincount([synthesizer.draw() for _ in range(6000)], minlength=5) / 6000
+    np.testing.assert_allclose(counts, np.array([2.5, 5 / 6, 5 / 6, 5 / 6, 1.0]) / 6, atol=0.02)
+
+
 def test_load_anatomies_rejects_incomplete_or_empty_data(tmp_path: Path) -> None:
     write_training_folder(tmp_path / "data")
     (tmp_path / "data" / "labels" / "knee.v2.nrrd").unlink()
@@ -418,7 +447,13 @@ def test_model_card_tables_held_out_knees_against_the_training_knee_per_structur
         "labels": {},
         "members": [],
         "decision_offsets": [0.0],
-        "training": {"data": "one label map", "command": "kneeseg train", "hardware": "cpu", "torch": "2", "members": []},
+        "training": {
+            "data": "one label map",
+            "command": "kneeseg train",
+            "hardware": "cpu",
+            "torch": "2",
+            "members": [],
+        },
         "metrics": {
             "heldout_synthetic": {
                 "description": "held out",
