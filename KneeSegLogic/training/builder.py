@@ -485,9 +485,15 @@ def _described_data(data: dict | str) -> str:
     """The card's sentence on training data (older packages recorded it as one string)."""
     if isinstance(data, str):
         return data
+    drawn = (
+        " (an anatomy bank's knees drawn by composition: knees made from the same sources share one equal part "
+        "of the training boxes)"
+        if data.get("sources")
+        else ""
+    )
     return (
         f"{data['label_maps']} label map(s) and {data['image_label_pairs']} real image/label pair(s), "
-        f"from {', '.join(data['paths'])}"
+        f"from {', '.join(data['paths'])}{drawn}"
     )
 
 
@@ -506,7 +512,8 @@ def model_card(spec: dict) -> str:
         "",
         "## Training data",
         f"{_described_data(training['data'])}. Label maps are shown as images synthesised from their anatomy with random per-tissue intensities (MESE echoes, DESS, PD with and "
-        "without fat saturation, T1, low-field GRE, fully random), pseudo-tissues in the background, bias field, gamma, "
+        "without fat saturation, T1, low-field GRE, fully random), pseudo-tissues in the background, a joint fluid film "
+        "against cartilage and menisci, a dark cortex on the bones, bias field, gamma, "
         "Gaussian/Rician noise, blur, thick slices along random axes (2D sagittal/coronal/axial acquisitions), random "
         "rotation, scaling, elastic deformation, left/right mirroring and field-of-view crops; anatomy augmentation "
         "moves each bone with its cartilage and menisci by its own similarity transform and smooth deformation "
