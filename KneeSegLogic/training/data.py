@@ -81,7 +81,10 @@ def load_anatomies(paths: Path | Sequence[Path]) -> list[Anatomy]:
     or Slicer segmentations, KneeSeg label values) and/or the pairs layout of
     :func:`find_training_pairs` (``images/`` and ``labels/`` subfolders); both may be mixed.
     Pairs give anatomies with an ``image``, which synthesis shows with its real intensities
-    (:attr:`SynthesisSettings.real_image_probability`).
+    (:attr:`SynthesisSettings.real_image_probability`). The label maps of an anatomy bank folder
+    (one with ``bank.json``) are drawn by composition (:func:`~KneeSegLogic.training.anatomy.composition_weights`,
+    as :attr:`Anatomy.draw_weight`, mean 1 over the folder); a file the record does not name, like
+    every other knee, with weight 1.
     """
     anatomies = []
     for path in [paths] if isinstance(paths, (str, Path)) else paths:
