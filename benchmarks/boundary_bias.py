@@ -10,8 +10,8 @@ is a uniform blob no real scan shows, and the model left the tibial shaft's lowe
 one-hot maps go through the members' working grids and the fusion (what geometry alone costs a
 boundary). Two more rows on the training knee change what surrounds the bones: brighter
 surroundings (0.6 instead of 0.3) against the dark cortex, and no dark cortex at all (the model's
-bias depends on this contrast, which no step after the network does). For each bone the signed distance (mm, negative inside the true bone) of every
-predicted boundary voxel's surface to the true surface is taken (both surfaces half a voxel
+bias depends on this contrast, which no step after the network does). For each bone the signed
+distance (mm, negative inside the true bone) of every predicted boundary voxel's surface to the true surface is taken (both surfaces half a voxel
 outside their boundary voxels, so a perfect segmentation reads 0): mean, median and the share
 beyond 2 mm inside (a missing part rather than a shifted boundary). Negative means small.
 
@@ -140,13 +140,14 @@ def through_working_grids(package: ModelPackage, labels: Volume) -> Volume:
     return labels.with_array(fuse_and_decide(members, labels).channel_index)
 
 
-def bias_row(name: str, package: ModelPackage | None, labels: Volume, scan: Volume) -> str:
-    """One table row: per bone of the truth, mean / median / share beyond 2 mm inside. Without a
-    package: :func:`through_working_grids` with the shipped one."""
-    if package is None:
-        predicted = through_working_grids(load_package(BUNDLED_MODELS_DIR / "kneeseg-knee-2p5d"), labels)
-    else:
-        predicted, _, _ = segment_volume(scan, package, torch.device("cpu"), Results("segment"), Progress(stream=None))
+def segmented(package: ModelPackage, scan: Volume) -> Volume:
+    """The label map ``segment`` makes of ``scan`` with ``package`` (on the CPU)."""
+    predicted, _, _ = segment_volume(scan, package, torch.device("cpu"), Results("segment"), Progress(stream=None))
+    return predicted
+
+
+def bias_row(name: str, predicted: Volume, labels: Volume) -> str:
+    """One table row: per bone of the truth, mean / median / share beyond 2 mm inside."""
     spacing = np.asarray(labels.spacing_kji)
     cells = []
     for bone in BONES:
@@ -187,19 +188,17 @@ def main() -> None:
         scan = fine_scan(truth)
         spacing = np.round(np.asarray(truth.spacing_kji), 3).tolist()
         print(f"{knee}: scan {scan.array.shape} voxels, spacing (k, j, i) {spacing} mm")
-        variants: list[tuple[str, ModelPackage | None]] = [
-            ("geometry only (no network)", None),
-            (f"{shipped.version} as shipped", shipped),
-        ]
+        print(bias_row(f"{knee}: geometry only (no network)", through_working_grids(shipped, truth), truth), flush=True)
+        variants = [(f"{shipped.version} as shipped", shipped)]
         if knee == "training knee":
             variants += [("offsets 0", no_offsets), ("offsets 0, no opening", no_opening)]
         for name, package in variants + others:
-            print(bias_row(f"{knee}: {name}", package, truth, scan), flush=True)
+            print(bias_row(f"{knee}: {name}", segmented(package, scan), truth), flush=True)
         if knee == "training knee":
             for name, background, cortex in SURROUNDINGS:
                 other = fine_scan(truth, background=background, cortex=cortex)
                 for label, package in [(shipped.version, shipped), *others]:
-                    print(bias_row(f"{knee}: {label}, {name}", package, truth, other), flush=True)
+                    print(bias_row(f"{knee}: {label}, {name}", segmented(package, other), truth), flush=True)
 
 
 if __name__ == "__main__":

@@ -255,6 +255,8 @@ class Synthesizer:
         seed: int = 0,
     ) -> None:
         self.anatomies = anatomies
+        weights = np.asarray([a.draw_weight for a in anatomies], dtype=float)
+        self.draw_chances = weights / weights.sum()
         self.box_shape = box_shape
         self.spacing = np.asarray(spacing_mm, dtype=float)
         self.settings = settings
@@ -363,8 +365,7 @@ class Synthesizer:
 
     def draw(self) -> int:
         """Index of the anatomy the next box shows, drawn by :attr:`Anatomy.draw_weight`."""
-        weights = np.asarray([a.draw_weight for a in self.anatomies], dtype=float)
-        return int(self.rng.choice(len(weights), p=weights / weights.sum()))
+        return int(self.rng.choice(len(self.draw_chances), p=self.draw_chances))
 
     def sample(self, centre: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """One (image, labels) box: float32 image normalised to about [0, 1], int64 labels.
