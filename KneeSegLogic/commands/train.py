@@ -36,6 +36,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--time-budget-min", type=float, default=60.0, help="training time per member in minutes")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
     parser.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        help="processes synthesising training images ahead of the network (default 0: none; on a GPU use "
+        "most CPU cores: synthesis, not the GPU, limits the iterations per second)",
+    )
+    parser.add_argument(
         "--init-from",
         metavar="MODEL",
         help="start each member from the same-named member of this model (id or package path): fine-tuning",
@@ -70,6 +77,7 @@ def run(args: argparse.Namespace) -> int:
         learning_rate=args.learning_rate,
         assemble_only=args.assemble_only,
         members=args.members,
+        workers=args.workers,
     )
     train_package(args.data, args.output, options)
     return 0

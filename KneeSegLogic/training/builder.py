@@ -5,7 +5,6 @@ measured accuracy, and a model card that says what the model is, how good, and h
 from __future__ import annotations
 
 import json
-import platform
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
@@ -32,7 +31,7 @@ from KneeSegLogic.training.data import load_anatomies, load_heldout_anatomies
 from KneeSegLogic.training.heldout import HELDOUT_ACQUISITIONS, heldout_cases
 from KneeSegLogic.training.losses import LOSSES
 from KneeSegLogic.training.synthesis import Anatomy
-from KneeSegLogic.training.trainer import DEFAULT_MEMBERS, MemberRecipe, train_member
+from KneeSegLogic.training.trainer import DEFAULT_MEMBERS, MemberRecipe, hardware, train_member
 
 PACKAGE_ID = "kneeseg-knee-2p5d"
 
@@ -89,14 +88,11 @@ ENSEMBLE = "ensemble"
 FINAL = "ensemble + decision offsets"
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+def _sessions(member_folder: Path) -> list[dict]:
+    """The training runs a member's folder records (``sessions.json``: hardware, iterations, seconds);
+    empty for members trained before runs were recorded."""
+    path = member_folder / "sessions.json"
+    return json.loads(path.read_text()) if path.exists() else []
 
 
 def _notes(member_folder: Path) -> str:
@@ -259,7 +255,8 @@ class TrainOptions:
     fine-tuning wants a lower one). ``assemble_only`` trains nothing: the package is built from the
     best weights each member already has in the work folder (members trained separately, each for
     as long as it needed). ``members`` names the recipes the package is made of (default: all of
-    :data:`~KneeSegLogic.training.trainer.DEFAULT_MEMBERS`)."""
+    :data:`~KneeSegLogic.training.trainer.DEFAULT_MEMBERS`). ``workers``: processes synthesising
+    training boxes ahead of the network (0: in the training process; a GPU needs several)."""
 
     time_budget_min: float = 60.0
     threads: int = 0
@@ -272,6 +269,7 @@ class TrainOptions:
     learning_rate: float | None = None
     assemble_only: bool = False
     members: tuple[str, ...] = ()
+    workers: int = 0
 
 
 def describe_data(paths: Sequence[Path], anatomies: Sequence[Anatomy]) -> dict:
@@ -290,11 +288,6 @@ def describe_data(paths: Sequence[Path], anatomies: Sequence[Anatomy]) -> dict:
             {k: knee[k] for k in ("name", "role", "sources", "licences")} for bank in banks for knee in bank["knees"]
         ]
     return described
-
-
-def _hardware(device: torch.device) -> str:
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "no GPU used"
-    return f"{_cpu_name()}, {torch.get_num_threads()} CPU threads, device {device} ({where})"
 
 
 def _initial_networks(init_from: str | None, members: Sequence[MemberRecipe]) -> dict[str, torch.nn.Module]:
@@ -350,6 +343,8 @@ def train_package(
         members = [replace(m, learning_rate=options.learning_rate) for m in members]
     if not members:
         raise KneeSegError(f"unknown member {options.only_member!r}; known: {[m.name for m in DEFAULT_MEMBERS]}")
+    if options.workers < 0:
+        raise KneeSegError(f"--workers must be 0 or more, got {options.workers}")
     if options.loss not in LOSSES:
         raise KneeSegError(f"--loss {options.loss}: known losses are {', '.join(LOSSES)}")
     device = select_device(options.device)
@@ -381,6 +376,7 @@ def train_package(
                 device=str(device),
                 heldout=heldout,
                 initial=initial.get(spec.name),
+                workers=options.workers,
             )
             for spec in members
         ]
@@ -393,7 +389,7 @@ def train_package(
             + (f"--learning-rate {options.learning_rate:g} " if options.learning_rate is not None else "")
             + "(members may be trained in parallel with --only-member NAME --threads 1)"
         )
-    training = {"data": sources, "loss": options.loss, "hardware": _hardware(device), "command": command}
+    training = {"data": sources, "loss": options.loss, "hardware": hardware(device), "command": command}
     package = assemble_package(
         out, members, weights, workdir, anatomies, training, overwrite=options.overwrite, heldout=heldout
     )
@@ -433,6 +429,7 @@ def assemble_package(
                 "elapsed_s": h[-1]["elapsed_s"] if h else 0.0,
                 "best_val_dice_mean": max((e["val_dice_mean"] for e in h), default=None),
                 "notes": _notes(Path(workdir) / m.name),
+                "sessions": _sessions(Path(workdir) / m.name),
             }
             for m, h in zip(members, histories)
         ],
@@ -607,6 +604,13 @@ def model_card(spec: dict) -> str:
             f"- {member['name']}: {member['iterations']} iterations in {member['elapsed_s'] / 60:.0f} min, "
             f"best validation Dice (synthetic) {member['best_val_dice_mean']}"
         )
+        for run in member.get("sessions", []):
+            precision = f", {run['mixed_precision']} mixed precision" if run.get("mixed_precision") else ""
+            workers = f", {run['synthesis_workers']} synthesis workers" if run.get("synthesis_workers") else ""
+            lines.append(
+                f"  - trained on {run['hardware']}{precision}{workers}: iterations {run['first_iteration']}-"
+                f"{run['first_iteration'] + run['iterations'] - 1} in {run['seconds'] / 60:.0f} min"
+            )
         if member["notes"]:
             lines.append("  - note: " + " ".join(member["notes"].split()))
     sources = training["data"].get("sources") if isinstance(training["data"], dict) else None

@@ -10,18 +10,23 @@ optimiser, iteration and elapsed time; ``best.safetensors`` the weights with the
 Dice (checkpointing on validation Dice); ``history.json`` the curves. Validation boxes come from
 held-out anatomies (whole knees never trained on, e.g. an anatomy bank's ``heldout/``) when there
 are any, so the checkpoint kept is the one that generalises to new knees; otherwise from the
-training anatomies. Seeds make runs repeatable
-up to thread scheduling.
+training anatomies. Seeds make runs repeatable up to thread scheduling (with ``workers`` the
+boxes' order also depends on which worker finishes first).
+
+Each run of :func:`train_member` is recorded in ``workdir/<member>/sessions.json`` (hardware,
+iterations, seconds, synthesis workers, mixed precision), so a model card can say where every
+member was trained when its training was spread over CPU runs and a GPU run.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import platform
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Generator, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -100,6 +105,23 @@ class TrainingState:
     best_dice: float = -1.0
     history: list[dict] = field(default_factory=list)
     validation: str = "training"  # the anatomies best_dice was measured on: "training" or "heldout"
+    sessions: list[dict] = field(default_factory=list)  # one entry per run: where, how long, how many
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def hardware(device: torch.device) -> str:
+    """Where training runs, in words: the CPU, torch's CPU threads and the device (a GPU's name)."""
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "no GPU used"
+    return f"{_cpu_name()}, {torch.get_num_threads()} CPU threads, device {device} ({where})"
 
 
 def _synthesizer(
@@ -113,6 +135,51 @@ def _synthesizer(
     settings = settings or SynthesisSettings(noise_range=spec.noise_range)
     box = (shape[0], shape[1], shape[2])
     return Synthesizer(list(anatomies), box, (spacing[0], spacing[1], spacing[2]), settings, seed)
+
+
+class _BoxStream(torch.utils.data.IterableDataset):
+    """Endless 2.5D training stacks (:func:`stacks_from_box`), one synthesizer per loader worker.
+
+    Worker ``w`` draws with seed ``seed + 1_000_003 * (w + 1)``: the workers' streams differ, and a
+    resumed run (whose ``seed`` includes the iteration reached) does not repeat an earlier one.
+    """
+
+    def __init__(self, anatomies: Sequence[Anatomy], spec: MemberRecipe, seed: int) -> None:
+        self.anatomies, self.spec, self.seed = list(anatomies), spec, seed
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        info = torch.utils.data.get_worker_info()
+        worker = info.id if info is not None else -1
+        synthesizer = _synthesizer(self.anatomies, self.spec, seed=self.seed + 1_000_003 * (worker + 1))
+        while True:
+            yield stacks_from_box(*synthesizer.sample(), self.spec.context_slices, self.spec.slice_axis)
+
+
+def training_batches(
+    anatomies: Sequence[Anatomy], spec: MemberRecipe, seed: int, workers: int = 0
+) -> Generator[tuple[torch.Tensor, torch.Tensor], None, None]:
+    """Endless ``(inputs, targets)`` batches of ``spec.boxes_per_batch`` synthetic boxes.
+
+    ``workers`` 0 synthesises each box in this process when it is needed (seeded: the same boxes
+    every run). With ``workers`` > 0 that many processes synthesise ahead while the network trains
+    (torch's DataLoader, one CPU thread each): on a GPU synthesis is what limits the iterations per
+    second (about 0.1-0.25 s per box on one core, against milliseconds per training step).
+    """
+    if workers <= 0:
+        synthesizer = _synthesizer(anatomies, spec, seed=seed)
+        while True:
+            boxes = [
+                stacks_from_box(*synthesizer.sample(), spec.context_slices, spec.slice_axis)
+                for _ in range(spec.boxes_per_batch)
+            ]
+            yield torch.cat([b[0] for b in boxes]), torch.cat([b[1] for b in boxes])
+    loader = torch.utils.data.DataLoader(
+        _BoxStream(anatomies, spec, seed), batch_size=None, num_workers=workers, prefetch_factor=4
+    )
+    stream = iter(loader)
+    while True:
+        boxes = [next(stream) for _ in range(spec.boxes_per_batch)]
+        yield torch.cat([b[0] for b in boxes]), torch.cat([b[1] for b in boxes])
 
 
 def stacks_from_box(
@@ -185,10 +252,13 @@ def train_member(
     device: str = "cpu",
     heldout: Sequence[Anatomy] = (),
     initial: torch.nn.Module | None = None,
+    workers: int = 0,
 ) -> Path:
     """Train (or resume) one member for ``time_budget_s`` seconds in total; return best weights.
 
     ``loss`` is a key of :data:`KneeSegLogic.training.losses.LOSSES`; ``device`` a torch device.
+    On a CUDA device the forward pass runs in bfloat16 autocast (mixed precision; the loss and
+    the weights stay float32); ``workers`` synthesise boxes in parallel (:func:`training_batches`).
     With ``heldout`` anatomies the best checkpoint is chosen on boxes of those knees (history
     entries say ``"validation": "heldout"``); a run resumed on another validation set than it was
     started with forgets its best score, since Dice on different knees does not compare.
@@ -213,7 +283,17 @@ def train_member(
     if state.validation != validation_name:
         state.best_dice, state.validation = -1.0, validation_name
     (folder / "spec.json").write_text(json.dumps(asdict(spec), indent=2))
-    synthesizer = _synthesizer(anatomies, spec, seed=spec.seed + state.iteration)
+    mixed_precision = torch.device(device).type == "cuda"
+    session: dict[str, Any] = {
+        "hardware": hardware(torch.device(device)),
+        "synthesis_workers": workers,
+        "mixed_precision": "bfloat16" if mixed_precision else None,
+        "first_iteration": state.iteration + 1,
+        "iterations": 0,
+        "seconds": 0.0,
+    }
+    session_started = time.perf_counter()
+    batches = training_batches(anatomies, spec, spec.seed + state.iteration, workers)
     validation = _validation_set(anatomies, spec, heldout=heldout)
     counts = torch.stack(
         [torch.bincount(a.labels.reshape(-1).long(), minlength=NUM_CLASSES)[:NUM_CLASSES].double() for a in anatomies]
@@ -225,6 +305,10 @@ def train_member(
 
     def save() -> None:
         state.elapsed_s = time.perf_counter() - started
+        session["iterations"] = state.iteration - session["first_iteration"] + 1
+        session["seconds"] = round(time.perf_counter() - session_started, 1)
+        if session["iterations"] and session not in state.sessions:  # a run that trained nothing is no session
+            state.sessions.append(session)
         payload = {
             "network": network.state_dict(),
             "optimiser": optimiser.state_dict(),
@@ -233,43 +317,44 @@ def train_member(
         with atomic_file(checkpoint) as temporary:
             torch.save(payload, temporary)
         write_json(state.history, folder / "history.json")
+        write_json(state.sessions, folder / "sessions.json")
 
-    while (elapsed := time.perf_counter() - started) < time_budget_s:
-        fraction = elapsed / time_budget_s
-        for group in optimiser.param_groups:  # cosine decay over the time budget
-            group["lr"] = spec.learning_rate * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * fraction)))
-        boxes = [
-            stacks_from_box(*synthesizer.sample(), spec.context_slices, spec.slice_axis)
-            for _ in range(spec.boxes_per_batch)
-        ]
-        inputs = torch.cat([b[0] for b in boxes]).to(device)
-        targets = torch.cat([b[1] for b in boxes]).to(device)
-        batch_loss = loss_function(network(inputs), targets)
-        optimiser.zero_grad()
-        batch_loss.backward()
-        optimiser.step()
-        state.iteration += 1
-        running.append(batch_loss.item())
-        if state.iteration % validate_every == 0:
-            dice = validate(network, validation)
-            mean_dice = float(np.nanmean(dice))
-            state.history.append(
-                {
-                    "iteration": state.iteration,
-                    "elapsed_s": round(elapsed, 1),
-                    "loss": round(float(np.mean(running)), 4),
-                    "val_dice_mean": round(mean_dice, 4),
-                    "validation": validation_name,
-                    "val_dice": [None if np.isnan(d) else round(float(d), 4) for d in dice],
-                }
-            )
-            running = []
-            if mean_dice > state.best_dice:
-                state.best_dice = mean_dice
-                save_file({k: v.contiguous() for k, v in network.state_dict().items()}, str(best))
-            save()
-            if progress is not None:
-                progress("train", fraction, f"{spec.name}: iteration {state.iteration}, val Dice {mean_dice:.3f}")
+    try:
+        while (elapsed := time.perf_counter() - started) < time_budget_s:
+            fraction = elapsed / time_budget_s
+            for group in optimiser.param_groups:  # cosine decay over the time budget
+                group["lr"] = spec.learning_rate * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * fraction)))
+            inputs, targets = (tensor.to(device) for tensor in next(batches))
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=mixed_precision):
+                logits = network(inputs)
+            batch_loss = loss_function(logits.float(), targets)
+            optimiser.zero_grad()
+            batch_loss.backward()
+            optimiser.step()
+            state.iteration += 1
+            running.append(batch_loss.item())
+            if state.iteration % validate_every == 0:
+                dice = validate(network, validation)
+                mean_dice = float(np.nanmean(dice))
+                state.history.append(
+                    {
+                        "iteration": state.iteration,
+                        "elapsed_s": round(elapsed, 1),
+                        "loss": round(float(np.mean(running)), 4),
+                        "val_dice_mean": round(mean_dice, 4),
+                        "validation": validation_name,
+                        "val_dice": [None if np.isnan(d) else round(float(d), 4) for d in dice],
+                    }
+                )
+                running = []
+                if mean_dice > state.best_dice:
+                    state.best_dice = mean_dice
+                    save_file({k: v.contiguous() for k, v in network.state_dict().items()}, str(best))
+                save()
+                if progress is not None:
+                    progress("train", fraction, f"{spec.name}: iteration {state.iteration}, val Dice {mean_dice:.3f}")
+    finally:
+        batches.close()  # ends the synthesis workers
     if not best.exists():
         save_file({k: v.contiguous() for k, v in network.state_dict().items()}, str(best))
     save()

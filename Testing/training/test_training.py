@@ -97,6 +97,42 @@ def test_train_member_writes_checkpoints_and_resumes(anatomies: list[Anatomy], t
     train_member(anatomies, spec, tmp_path, time_budget_s=second["elapsed_s"] - 0.5, validate_every=3)
     assert checkpoint_state(folder)["iteration"] == second["iteration"]
 
+    # Each run that trained is one session: where it ran and which iterations it did.
+    sessions = json.loads((folder / "sessions.json").read_text())
+    assert sessions == checkpoint_state(folder)["sessions"] and len(sessions) == 2
+    assert [s["first_iteration"] for s in sessions] == [1, first["iteration"] + 1]
+    assert [s["iterations"] for s in sessions] == [first["iteration"], second["iteration"] - first["iteration"]]
+    assert all("device cpu (no GPU used)" in s["hardware"] and s["mixed_precision"] is None for s in sessions)
+    assert sessions[0]["seconds"] >= 1.5 and sessions[0]["synthesis_workers"] == 0
+
+
+def test_synthesis_workers_feed_training_with_their_own_boxes(anatomies: list[Anatomy], tmp_path: Path) -> None:
+    spec = replace(tiny_spec("tiny-workers", seed=5), boxes_per_batch=2)
+    serial = training.training_batches(anatomies, spec, seed=7)
+    parallel = training.training_batches(anatomies, spec, seed=7, workers=2)
+    try:
+        batches = [next(parallel) for _ in range(4)]
+        reference = next(serial)
+    finally:
+        parallel.close()
+        serial.close()
+    # Two boxes of slices_per_box centre slices each, as the serial stream gives.
+    for inputs, targets in batches:
+        assert inputs.shape == reference[0].shape == (4, 3, 32, 32) and targets.shape == reference[1].shape
+        assert targets.dtype == reference[1].dtype and set(targets.unique().tolist()) <= {0, 1, 2, 5, 6, 10}
+    # Every box is a new draw: no two batches (from either worker) repeat one another.
+    images = [b[0] for b in batches]
+    assert all(not torch.equal(a, b) for i, a in enumerate(images) for b in images[i + 1 :])
+    # The serial stream is seeded: the same boxes every time.
+    again = training.training_batches(anatomies, spec, seed=7)
+    assert torch.equal(next(again)[0], reference[0])
+    again.close()
+
+    train_member(anatomies, spec, tmp_path, time_budget_s=2.0, validate_every=2, workers=2)
+    state = checkpoint_state(tmp_path / spec.name)
+    assert state["iteration"] >= 2 and state["sessions"][0]["synthesis_workers"] == 2
+    assert state["sessions"][0]["iterations"] == state["iteration"]
+
 
 def other_knee_labels() -> Volume:
     """A knee shaped unlike :func:`knee_like_labels` (thinner femur, thicker cartilage, no meniscus)."""
@@ -359,6 +395,12 @@ def test_kneeseg_train_assembles_a_package(tiny_ensemble, tmp_path: Path, monkey
         assert set(final["volume_ratio"]) <= set(final["dice"]) and all(0 <= d <= 1 for d in final["dice"].values())
     card = (tmp_path / "package" / "MODEL_CARD.md").read_text()
     assert "## Calibration" in card and "Predicted / true volume" in card
+    # Where each member was trained: its runs, from the work folder, in the card.
+    for member in package.training["members"]:
+        (run,) = member["sessions"]
+        # The history's last validation is at most validate_every iterations before the run's end.
+        assert run["first_iteration"] == 1 and member["iterations"] <= run["iterations"] < member["iterations"] + 150
+        assert f"  - trained on {run['hardware']}: iterations 1-{run['iterations']} in " in card
 
     # --assemble-only trains nothing more (with a budget that would): the same weights, another package.
     before = {m.name: checkpoint_state(tmp_path / "work" / m.name)["iteration"] for m in tiny_ensemble}
