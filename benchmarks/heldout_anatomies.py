@@ -12,7 +12,10 @@ Printed: mean Dice per structure per package, variant and knee set; mean Dice pe
 mean predicted/true volume per structure. Structures absent from a knee's labels are not scored
 (the clinical knee labels bones only).
 
-    nice -n 10 python3 benchmarks/heldout_anatomies.py BANK [--model PACKAGE ...] [--repeats 1]
+With ``--flip-tta`` each package is also scored with flip test-time augmentation (its members also
+predict the left-right mirrored scan; ``segment --flip-tta``).
+
+    nice -n 10 python3 benchmarks/heldout_anatomies.py BANK [--model PACKAGE ...] [--repeats 1] [--flip-tta]
 """
 
 from __future__ import annotations
@@ -36,11 +39,11 @@ TRAINING_KNEE = "pymskt_host.nrrd"
 STRUCTURES = tuple(t.key for group in ("bone", "cartilage", "meniscus") for t in TISSUES if t.group == group)
 
 
-def scores(package_path: Path, knees: list, repeats: int) -> dict:
+def scores(package_path: Path, knees: list, repeats: int, flip_tta: bool = False) -> dict:
     """Per case, ``offsets 0`` and ``as shipped`` scores of one package on ``knees``."""
     package = load_package(package_path)
     weights = [m.weight for m in package.members]
-    per_case = builder.evaluate_heldout(package, knees, weights, package.decision_offsets, repeats)
+    per_case = builder.evaluate_heldout(package, knees, weights, package.decision_offsets, repeats, flip_tta)
     return {
         case: {"offsets 0": variants[builder.ENSEMBLE], "as shipped": variants[builder.FINAL]}
         for case, variants in per_case.items()
@@ -65,16 +68,20 @@ def main() -> None:
         help=f"the training knee to compare with (a file name in BANK; default {TRAINING_KNEE}, the first "
         "default model's knee; jam_on_host.nrrd has the soft tissue of the held-out composed knee)",
     )
+    parser.add_argument(
+        "--flip-tta", action="store_true", help="also score each package with flip TTA (segment --flip-tta)"
+    )
     args = parser.parse_args()
     heldout = load_heldout_anatomies(args.bank)
     training = load_anatomies(args.bank / args.training_knee)
     models = args.model or [BUNDLED_MODELS_DIR / "kneeseg-knee-2p5d"]
     everything = {}
     for model in models:
-        everything[str(model)] = {
-            "held-out knees": scores(model, heldout, args.repeats),
-            "training knee": scores(model, training, args.repeats),
-        }
+        for flip_tta in (False, True) if args.flip_tta else (False,):
+            everything[str(model) + (" +flip TTA" if flip_tta else "")] = {
+                "held-out knees": scores(model, heldout, args.repeats, flip_tta),
+                "training knee": scores(model, training, args.repeats, flip_tta),
+            }
     if args.json:
         args.json.write_text(json.dumps(everything, indent=1))
     columns = [(m, s, v) for m in everything for s in everything[m] for v in ("offsets 0", "as shipped")]

@@ -149,12 +149,13 @@ def _case_scores(
     }
 
 
-def _member_maps(package: ModelPackage, cases: Sequence) -> list[list[np.ndarray]]:
-    """Each member's probabilities on each case's own grid (cases x members)."""
+def _member_maps(package: ModelPackage, cases: Sequence, flip_tta: bool = False) -> list[list[np.ndarray]]:
+    """Each member's probabilities on each case's own grid (cases x members); ``flip_tta``: averaged
+    with the prediction of the left-right mirrored scan."""
     maps = []
     for case in cases:
         per_member = [
-            member_probabilities(package, i, case.image, torch.device("cpu"), RunLog())
+            member_probabilities(package, i, case.image, torch.device("cpu"), RunLog(), flip_tta=flip_tta)
             for i in range(len(package.members))
         ]
         maps.append([fuse_on_grid([(m, 1.0)], case.image)[0] for m in per_member])
@@ -211,14 +212,15 @@ def evaluate_heldout(
     weights: Sequence[float],
     offsets: Sequence[float],
     repeats: int = HELDOUT_REPEATS,
+    flip_tta: bool = False,
 ) -> dict:
     """Dice and volume ratios per structure on every held-out scan (``repeats`` per acquisition and
     knee): members alone, the ensemble with plain argmax, and the ensemble with the decision
-    offsets (what ``segment`` does)."""
+    offsets (what ``segment`` does); ``flip_tta`` as ``segment --flip-tta``."""
     cases = heldout_cases(anatomies, repeats=repeats)
     channel_labels = np.asarray(package.tissue_labels, dtype=np.uint8)
     per_case = {}
-    for case, maps in zip(cases, _member_maps(package, cases)):
+    for case, maps in zip(cases, _member_maps(package, cases, flip_tta)):
         variants: dict[str, tuple[np.ndarray, Sequence[float] | None]] = {
             member.name: (probabilities, None) for member, probabilities in zip(package.members, maps)
         }
