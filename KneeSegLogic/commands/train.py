@@ -39,8 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--workers",
         type=int,
         default=0,
-        help="processes synthesising training images ahead of the network (default 0: none; on a GPU use "
-        "most CPU cores: synthesis, not the GPU, limits the iterations per second)",
+        help="processes synthesising training images ahead of the network (default 0: none, best on a few "
+        "CPU cores; on a GPU use most cores: synthesis, not the GPU, limits the iterations per second)",
     )
     parser.add_argument(
         "--init-from",
