@@ -36,6 +36,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--time-budget-min", type=float, default=60.0, help="training time per member in minutes")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
     parser.add_argument(
+        "--no-decision-offsets",
+        dest="decision_offsets",
+        action="store_false",
+        help="ship the plain argmax: fit no decision offsets (offsets fitted on a few held-out knees can fit "
+        "those knees' own tissue, e.g. thin menisci, rather than knees in general)",
+    )
+    parser.add_argument(
         "--workers",
         type=int,
         default=0,
@@ -78,6 +85,7 @@ def run(args: argparse.Namespace) -> int:
         assemble_only=args.assemble_only,
         members=args.members,
         workers=args.workers,
+        decision_offsets=args.decision_offsets,
     )
     train_package(args.data, args.output, options)
     return 0

@@ -178,8 +178,9 @@ def _channels(labels: np.ndarray, channel_labels: np.ndarray) -> np.ndarray:
     return lookup[labels]
 
 
-def calibrate(package: ModelPackage, anatomies) -> tuple[list[float], list[float], dict]:
-    """Blending weights and decision offsets chosen on calibration scans.
+def calibrate(package: ModelPackage, anatomies, fit_offsets: bool = True) -> tuple[list[float], list[float], dict]:
+    """Blending weights and decision offsets chosen on calibration scans (offsets all 0 without
+    ``fit_offsets``).
 
     The calibration scans are synthesised like the held-out ones but with other seeds
     (:data:`CALIBRATION_SEED`), so the accuracy reported on the held-out scans is not the
@@ -194,7 +195,10 @@ def calibrate(package: ModelPackage, anatomies) -> tuple[list[float], list[float
         w: fit_decision_offsets([(_blend(m, w), t) for m, t in zip(maps, truths)], sweeps=0)[1] for w in candidates
     }
     weights = max(candidates, key=lambda w: blend_scores[w])
-    offsets, before, after = fit_decision_offsets([(_blend(m, weights), t) for m, t in zip(maps, truths)])
+    if fit_offsets:
+        offsets, before, after = fit_decision_offsets([(_blend(m, weights), t) for m, t in zip(maps, truths)])
+    else:
+        offsets, before, after = np.zeros(len(channel_labels)), blend_scores[weights], blend_scores[weights]
     summary = {
         "description": "Blending weights and decision offsets chosen on whole synthetic scans with seeds "
         f"unused in training and in the held-out evaluation ({CALIBRATION_REPEATS} per named "
@@ -203,6 +207,8 @@ def calibrate(package: ModelPackage, anatomies) -> tuple[list[float], list[float
         "mean_dice_before_offsets": round(before, 4),
         "mean_dice_after_offsets": round(after, 4),
     }
+    if not fit_offsets:
+        summary["offsets_dropped"] = "not fitted (kneeseg train --no-decision-offsets): the plain argmax"
     return list(weights), [float(v) for v in offsets], summary
 
 
@@ -257,7 +263,7 @@ class TrainOptions:
     fine-tuning wants a lower one). ``assemble_only`` trains nothing: the package is built from the
     best weights each member already has in the work folder (members trained separately, each for
     as long as it needed). ``members`` names the recipes the package is made of (default: all of
-    :data:`~KneeSegLogic.training.trainer.DEFAULT_MEMBERS`). ``workers``: processes synthesising
+    :data:`~KneeSegLogic.training.trainer.DEFAULT_MEMBERS`). ``decision_offsets`` False ships the plain argmax. ``workers``: processes synthesising
     training boxes ahead of the network (0: in the training process; a GPU needs several)."""
 
     time_budget_min: float = 60.0
@@ -272,6 +278,7 @@ class TrainOptions:
     assemble_only: bool = False
     members: tuple[str, ...] = ()
     workers: int = 0
+    decision_offsets: bool = True
 
 
 def describe_data(paths: Sequence[Path], anatomies: Sequence[Anatomy]) -> dict:
@@ -359,6 +366,8 @@ def train_package(
     command = f"kneeseg train {' '.join(map(str, data))} -o {out} --workdir {workdir} "
     if options.members:
         command += f"--members {','.join(options.members)} "
+    if not options.decision_offsets:
+        command += "--no-decision-offsets "
     if options.assemble_only:
         weights = [workdir / spec.name / "best.safetensors" for spec in members]
         missing = [spec.name for spec, path in zip(members, weights) if not path.is_file()]
@@ -393,7 +402,15 @@ def train_package(
         )
     training = {"data": sources, "loss": options.loss, "hardware": hardware(device), "command": command}
     package = assemble_package(
-        out, members, weights, workdir, anatomies, training, overwrite=options.overwrite, heldout=heldout
+        out,
+        members,
+        weights,
+        workdir,
+        anatomies,
+        training,
+        overwrite=options.overwrite,
+        heldout=heldout,
+        fit_offsets=options.decision_offsets,
     )
     progress("package", 1.0, f"model package written to {out}")
     return package
@@ -408,8 +425,12 @@ def assemble_package(
     run: dict,
     overwrite: bool = False,
     heldout: Sequence[Anatomy] = (),
+    fit_offsets: bool = True,
 ) -> ModelPackage:
     """Choose blending weights on calibration scans, measure on held-out scans, write the package.
+
+    ``fit_offsets`` False ships the plain argmax (no decision offsets fitted: offsets fitted on a
+    few held-out knees can fit those knees' own tissue rather than knees in general).
 
     ``run`` says how the members were trained (data sources, loss, hardware, command) for the card.
     With ``heldout`` anatomies (whole knees never trained on, e.g. an anatomy bank's ``heldout/``)
@@ -440,9 +461,10 @@ def assemble_package(
     draft = save_package(
         Path(workdir) / "draft-package", _spec(members, [1.0] * len(members), training, {}), states, overwrite=True
     )
-    weights, offsets, calibration = calibrate(draft, choice_anatomies)
+    weights, offsets, calibration = calibrate(draft, choice_anatomies, fit_offsets)
     per_case = evaluate_heldout(draft, choice_anatomies, weights, offsets)
-    if heldout and _mean_dice(per_case, FINAL) < _mean_dice(per_case, ENSEMBLE) + OFFSET_MIN_GAIN:
+    gain = _mean_dice(per_case, FINAL) - _mean_dice(per_case, ENSEMBLE)
+    if heldout and fit_offsets and gain < OFFSET_MIN_GAIN:
         offsets = [0.0] * len(offsets)
         calibration["offsets_dropped"] = (
             f"they raised the mean Dice on the held-out anatomies by less than {OFFSET_MIN_GAIN}"
@@ -539,8 +561,10 @@ def model_card(spec: dict) -> str:
             "## Calibration (synthetic scans, other seeds)",
             calibration["description"],
             f"Mean Dice by blending weights of the members: {calibration['mean_dice_by_weights']}; "
-            f"decision offsets (log units, added before the argmax): {shifted or 'none'}; mean Dice "
-            f"{calibration['mean_dice_before_offsets']:.3f} -> {calibration['mean_dice_after_offsets']:.3f}.",
+            f"decision offsets (log units, added before the argmax): {shifted or 'none'}"
+            + (f" ({calibration['offsets_dropped']})" if calibration.get("offsets_dropped") else "")
+            + f"; mean Dice {calibration['mean_dice_before_offsets']:.3f} -> "
+            f"{calibration['mean_dice_after_offsets']:.3f}.",
         ]
     lines += [
         "",

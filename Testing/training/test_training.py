@@ -406,10 +406,18 @@ def test_kneeseg_train_assembles_a_package(tiny_ensemble, tmp_path: Path, monkey
     before = {m.name: checkpoint_state(tmp_path / "work" / m.name)["iteration"] for m in tiny_ensemble}
     command = train_command(tmp_path / "data", tmp_path, "--assemble-only", "--time-budget-min", "5")
     command[command.index("-o") + 1] = str(tmp_path / "again")
-    assert main(command) == 0
+    assert main([*command, "--no-decision-offsets"]) == 0
     assert {m.name: checkpoint_state(tmp_path / "work" / m.name)["iteration"] for m in tiny_ensemble} == before
     again = load_package(tmp_path / "again")
-    assert again.training["command"].endswith("--assemble-only")
+    assert again.training["command"].endswith("--no-decision-offsets --assemble-only")
+    # --no-decision-offsets: the plain argmax is shipped, and the card says why there are none.
+    assert again.decision_offsets == [0.0] * len(package.decision_offsets)
+    assert again.members[0].weight == package.members[0].weight  # the blend is chosen as before
+    for scores in again.metrics["heldout_synthetic"]["per_case"].values():
+        assert scores[model_card.FINAL] == scores[model_card.ENSEMBLE]
+    assert "offsets (log units, added before the argmax): none (not fitted (kneeseg train --no-decision-offsets)" in (
+        tmp_path / "again" / "MODEL_CARD.md"
+    ).read_text()
     for index in range(len(package.members)):
         first, second = package.load_member(index).state_dict(), again.load_member(index).state_dict()
         assert all(torch.equal(first[k], second[k]) for k in first)
