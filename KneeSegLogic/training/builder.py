@@ -401,12 +401,18 @@ def train_package(
             + "(members may be trained in parallel with --only-member NAME --threads 1)"
         )
     training = {"data": sources, "loss": options.loss, "hardware": hardware(device), "command": command}
+    # With held-out knees, assembling reads only the first training knee (the card's comparison row):
+    # the others' synthesis maps (about 8 GB for the 33-knee bank) are let go before the calibration
+    # holds every member's probabilities of every scan (3 members: about 13 GB); together they did
+    # not fit in 24 GB.
+    kept = anatomies[:1] if heldout else anatomies
+    del anatomies
     package = assemble_package(
         out,
         members,
         weights,
         workdir,
-        anatomies,
+        kept,
         training,
         overwrite=options.overwrite,
         heldout=heldout,
