@@ -195,6 +195,7 @@ def calibrate(package: ModelPackage, anatomies, fit_offsets: bool = True) -> tup
         w: fit_decision_offsets([(_blend(m, w), t) for m, t in zip(maps, truths)], sweeps=0)[1] for w in candidates
     }
     weights = max(candidates, key=lambda w: blend_scores[w])
+    dropped = None if fit_offsets else "not fitted (kneeseg train --no-decision-offsets): the plain argmax"
     if fit_offsets:
         offsets, before, after = fit_decision_offsets([(_blend(m, weights), t) for m, t in zip(maps, truths)])
     else:
@@ -207,8 +208,8 @@ def calibrate(package: ModelPackage, anatomies, fit_offsets: bool = True) -> tup
         "mean_dice_before_offsets": round(before, 4),
         "mean_dice_after_offsets": round(after, 4),
     }
-    if not fit_offsets:
-        summary["offsets_dropped"] = "not fitted (kneeseg train --no-decision-offsets): the plain argmax"
+    if dropped:
+        summary["offsets_dropped"] = dropped
     return list(weights), [float(v) for v in offsets], summary
 
 
@@ -263,8 +264,9 @@ class TrainOptions:
     fine-tuning wants a lower one). ``assemble_only`` trains nothing: the package is built from the
     best weights each member already has in the work folder (members trained separately, each for
     as long as it needed). ``members`` names the recipes the package is made of (default: all of
-    :data:`~KneeSegLogic.training.trainer.DEFAULT_MEMBERS`). ``decision_offsets`` False ships the plain argmax. ``workers``: processes synthesising
-    training boxes ahead of the network (0: in the training process; a GPU needs several)."""
+    :data:`~KneeSegLogic.training.trainer.DEFAULT_MEMBERS`). ``decision_offsets`` False ships the
+    plain argmax. ``workers``: processes synthesising training boxes ahead of the network (0: in
+    the training process; a GPU needs several)."""
 
     time_budget_min: float = 60.0
     threads: int = 0
@@ -469,8 +471,7 @@ def assemble_package(
     )
     weights, offsets, calibration = calibrate(draft, choice_anatomies, fit_offsets)
     per_case = evaluate_heldout(draft, choice_anatomies, weights, offsets)
-    gain = _mean_dice(per_case, FINAL) - _mean_dice(per_case, ENSEMBLE)
-    if heldout and fit_offsets and gain < OFFSET_MIN_GAIN:
+    if heldout and fit_offsets and _mean_dice(per_case, FINAL) < _mean_dice(per_case, ENSEMBLE) + OFFSET_MIN_GAIN:
         offsets = [0.0] * len(offsets)
         calibration["offsets_dropped"] = (
             f"they raised the mean Dice on the held-out anatomies by less than {OFFSET_MIN_GAIN}"

@@ -140,8 +140,9 @@ def _synthesizer(
 class _BoxStream(torch.utils.data.IterableDataset):
     """Endless 2.5D training stacks (:func:`stacks_from_box`), one synthesizer per loader worker.
 
-    Worker ``w`` draws with seed ``seed + 1_000_003 * (w + 1)``: the workers' streams differ, and a
-    resumed run (whose ``seed`` includes the iteration reached) does not repeat an earlier one.
+    Worker ``w`` draws with seed ``seed + 1_000_003 * (w + 1)`` and the training process itself
+    (no workers) with ``seed``: the workers' streams differ, and a resumed run (whose ``seed``
+    includes the iteration reached) does not repeat an earlier one.
     """
 
     def __init__(self, anatomies: Sequence[Anatomy], spec: MemberRecipe, seed: int) -> None:
@@ -165,21 +166,13 @@ def training_batches(
     (torch's DataLoader, one CPU thread each): on a GPU synthesis is what limits the iterations per
     second (about 0.1-0.25 s per box on one core, against milliseconds per training step).
     """
-    if workers <= 0:
-        synthesizer = _synthesizer(anatomies, spec, seed=seed)
-        while True:
-            boxes = [
-                stacks_from_box(*synthesizer.sample(), spec.context_slices, spec.slice_axis)
-                for _ in range(spec.boxes_per_batch)
-            ]
-            yield torch.cat([b[0] for b in boxes]), torch.cat([b[1] for b in boxes])
-    loader = torch.utils.data.DataLoader(
-        _BoxStream(anatomies, spec, seed), batch_size=None, num_workers=workers, prefetch_factor=4
-    )
-    stream = iter(loader)
+    stream = _BoxStream(anatomies, spec, seed)
+    boxes = iter(stream)  # synthesised here, box by box
+    if workers > 0:
+        boxes = iter(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers, prefetch_factor=4))
     while True:
-        boxes = [next(stream) for _ in range(spec.boxes_per_batch)]
-        yield torch.cat([b[0] for b in boxes]), torch.cat([b[1] for b in boxes])
+        batch = [next(boxes) for _ in range(spec.boxes_per_batch)]
+        yield torch.cat([b[0] for b in batch]), torch.cat([b[1] for b in batch])
 
 
 def stacks_from_box(
