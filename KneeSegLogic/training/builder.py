@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -53,13 +53,18 @@ POSTPROCESSING: list[dict[str, Any]] = [
     *CONSISTENCY_STEPS,
 ]
 
-#: Blending weights tried: every split of 1 into positive multiples of 1 / WEIGHT_STEPS among the
-#: members (two members: 1/6 .. 5/6; three: ten splits, equal weights among them).
-WEIGHT_STEPS = 6
+
+def weight_steps(members: int) -> int:
+    """The blending-weight resolution: sixths up to three members (two members: 1/6 .. 5/6; three:
+    ten splits, equal weights among them), else ``2 * members``-ths, so that the equal split is
+    always a candidate and the number of candidates stays small (four members: 35 splits)."""
+    return 6 if members <= 3 else 2 * members
 
 
-def weight_candidates(members: int, steps: int = WEIGHT_STEPS) -> list[tuple[float, ...]]:
-    """Every blending weight vector of ``members`` positive multiples of ``1 / steps`` summing to 1."""
+def weight_candidates(members: int, steps: int | None = None) -> list[tuple[float, ...]]:
+    """Every blending weight vector of ``members`` positive multiples of ``1 / steps`` summing to 1
+    (``steps`` by default :func:`weight_steps`)."""
+    steps = weight_steps(members) if steps is None else steps
     if members == 1:
         return [(1.0,)]
     return [
@@ -149,17 +154,15 @@ def _case_scores(
     }
 
 
-def _member_maps(package: ModelPackage, cases: Sequence, flip_tta: bool = False) -> list[list[np.ndarray]]:
-    """Each member's probabilities on each case's own grid (cases x members); ``flip_tta``: averaged
-    with the prediction of the left-right mirrored scan."""
-    maps = []
+def _member_maps(package: ModelPackage, cases: Sequence, flip_tta: bool = False) -> Iterator[list[np.ndarray]]:
+    """Each member's probabilities on each case's own grid, one case at a time (members per case);
+    ``flip_tta``: averaged with the prediction of the left-right mirrored scan."""
     for case in cases:
         per_member = [
             member_probabilities(package, i, case.image, torch.device("cpu"), RunLog(), flip_tta=flip_tta)
             for i in range(len(package.members))
         ]
-        maps.append([fuse_on_grid([(m, 1.0)], case.image)[0] for m in per_member])
-    return maps
+        yield [fuse_on_grid([(m, 1.0)], case.image)[0] for m in per_member]
 
 
 def _blend(member_maps: Sequence[np.ndarray], weights: Sequence[float]) -> np.ndarray:
@@ -187,7 +190,11 @@ def calibrate(package: ModelPackage, anatomies, fit_offsets: bool = True) -> tup
     accuracy the choices were tuned on.
     """
     cases = heldout_cases(anatomies, seed=CALIBRATION_SEED, repeats=CALIBRATION_REPEATS)
-    maps = _member_maps(package, cases)
+    # Kept for every scan, as every weight candidate is scored on all of them: in float16, half the
+    # memory (three members' maps of 30 scans took 13 GB in float32; the third of the 24 GB build
+    # machine left was not enough for four). Its 1/2048 relative step is far below the probability
+    # gaps a weight or offset change turns into a different decision.
+    maps = [[m.astype(np.float16) for m in case_maps] for case_maps in _member_maps(package, cases)]
     channel_labels = np.asarray(package.tissue_labels, dtype=np.uint8)
     truths = [_channels(case.labels.array, channel_labels) for case in cases]
     candidates = weight_candidates(len(package.members))
@@ -405,8 +412,8 @@ def train_package(
     training = {"data": sources, "loss": options.loss, "hardware": hardware(device), "command": command}
     # With held-out knees, assembling reads only the first training knee (the card's comparison row):
     # the others' synthesis maps (about 8 GB for the 33-knee bank) are let go before the calibration
-    # holds every member's probabilities of every scan (3 members: about 13 GB); together they did
-    # not fit in 24 GB.
+    # holds every member's probabilities of every scan (3 members: about 6 GB in float16, 13 GB in
+    # float32); together they did not fit in 24 GB.
     kept = anatomies[:1] if heldout else anatomies
     del anatomies
     package = assemble_package(

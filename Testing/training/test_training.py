@@ -205,6 +205,9 @@ def test_blending_weight_candidates_split_one_among_the_members() -> None:
     three = weight_candidates(3)
     assert len(three) == 10 and all(sum(w) == pytest.approx(1.0) and min(w) > 0 for w in three)
     assert (pytest.approx(1 / 3),) * 3 in [tuple(pytest.approx(x) for x in w) for w in three]
+    four = weight_candidates(4)  # eighths: 35 splits, the equal one among them
+    assert len(four) == 35 and all(sum(w) == pytest.approx(1.0) and min(w) >= 1 / 8 - 1e-9 for w in four)
+    assert (pytest.approx(1 / 4),) * 4 in [tuple(pytest.approx(x) for x in w) for w in four]
 
 
 def test_dice_per_class_counts_hits_and_marks_absent_classes() -> None:
