@@ -45,6 +45,30 @@ def decide_labels(probabilities: np.ndarray, offsets: Sequence[float] | None = N
     return decision
 
 
+def _dice_from_counts(true_positive: np.ndarray, predicted: np.ndarray, truth_count: np.ndarray) -> np.ndarray:
+    """Dice per foreground channel from per-channel counts; NaN where the scan's reference does not
+    label the structure (a knee labelled for bones only says nothing of where its cartilage is, so
+    predicting cartilage there is not scored as a miss)."""
+    total = (predicted + truth_count)[1:].astype(float)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(truth_count[1:] > 0, 2 * true_positive[1:] / total, np.nan)
+
+
+def argmax_dice(probabilities: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """Dice per foreground channel of the plain decision (``argmax`` over channels, offsets 0) against
+    the true channel index per voxel; what :func:`fit_decision_offsets` scores before moving any
+    offset, without its per-scan bookkeeping (a blending-weight search scores many blends once)."""
+    channels = probabilities.shape[0]
+    decision = probabilities.argmax(0).reshape(-1)
+    truth = truth.reshape(-1)
+    hits = truth[decision == truth]
+    return _dice_from_counts(
+        np.bincount(hits, minlength=channels),
+        np.bincount(decision, minlength=channels),
+        np.bincount(truth, minlength=channels),
+    )
+
+
 class _CalibrationCase:
     """One scan reduced to what offsets within :data:`OFFSET_GRID` can change.
 
@@ -69,17 +93,13 @@ class _CalibrationCase:
         self.truth = truth[uncertain]
 
     def dice(self, offsets: np.ndarray) -> np.ndarray:
-        """Dice per foreground channel; NaN where the scan's reference does not label the structure
-        (a knee labelled for bones only says nothing of where its cartilage is, so predicting
-        cartilage there is not scored as a miss)."""
+        """Dice per foreground channel with ``offsets`` (see :func:`_dice_from_counts`)."""
         decision = (self.log_p + offsets).argmax(1)
         true_positive = self.fixed_true_positive + np.bincount(
             self.truth[decision == self.truth], minlength=self.channels
         )
         predicted = self.fixed_predicted + np.bincount(decision, minlength=self.channels)
-        total = (predicted + self.truth_count)[1:].astype(float)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            return np.where(self.truth_count[1:] > 0, 2 * true_positive[1:] / total, np.nan)
+        return _dice_from_counts(true_positive, predicted, self.truth_count)
 
 
 def _score(cases: Sequence[_CalibrationCase], offsets: np.ndarray) -> float:

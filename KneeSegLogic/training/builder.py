@@ -17,7 +17,7 @@ from KneeSegLogic.errors import KneeSegError
 from KneeSegLogic.evaluation.metrics import evaluate
 from KneeSegLogic.io.outputs import Progress
 from KneeSegLogic.io.volume import Volume
-from KneeSegLogic.segmentation.calibration import decide_labels, fit_decision_offsets
+from KneeSegLogic.segmentation.calibration import argmax_dice, decide_labels, fit_decision_offsets
 from KneeSegLogic.segmentation.inference import (
     RunLog,
     fuse_on_grid,
@@ -198,8 +198,10 @@ def calibrate(package: ModelPackage, anatomies, fit_offsets: bool = True) -> tup
     channel_labels = np.asarray(package.tissue_labels, dtype=np.uint8)
     truths = [_channels(case.labels.array, channel_labels) for case in cases]
     candidates = weight_candidates(len(package.members))
+    # The reported metric (mean over scans of the mean Dice over the structures each shows), one
+    # blended scan at a time.
     blend_scores = {
-        w: fit_decision_offsets([(_blend(m, w), t) for m, t in zip(maps, truths)], sweeps=0)[1] for w in candidates
+        w: float(np.mean([np.nanmean(argmax_dice(_blend(m, w), t)) for m, t in zip(maps, truths)])) for w in candidates
     }
     weights = max(candidates, key=lambda w: blend_scores[w])
     dropped = None if fit_offsets else "not fitted (kneeseg train --no-decision-offsets): the plain argmax"

@@ -15,6 +15,7 @@ from KneeSegLogic.errors import InputError
 from KneeSegLogic.io.segfile import read_segmentation
 from KneeSegLogic.segmentation.calibration import (
     _CalibrationCase,
+    argmax_dice,
     decide_labels,
     fit_decision_offsets,
 )
@@ -88,6 +89,8 @@ def test_fixed_and_uncertain_voxels_give_the_dense_dice() -> None:
         dense = [2 * np.sum((decision == c) & (truth == c)) / (np.sum(decision == c) + np.sum(truth == c))
                  for c in range(1, 5)]
         np.testing.assert_allclose(case.dice(offsets.astype(np.float32)), dense, rtol=1e-12)
+        if not offsets.any():  # the plain argmax the blending-weight search scores
+            np.testing.assert_allclose(argmax_dice(p, truth), dense, rtol=1e-12)
 
 
 def test_fit_refuses_no_scans_and_a_grid_without_zero() -> None:
@@ -148,3 +151,5 @@ def test_structures_the_reference_does_not_label_are_not_scored():
     probabilities[2, :, 2:] = 1.0
     dice = _CalibrationCase(probabilities, truth, max_gap=2.0).dice(np.zeros(3, np.float32))
     assert dice[0] == 1.0 and np.isnan(dice[1])
+    plain = argmax_dice(probabilities, truth)
+    assert plain[0] == 1.0 and np.isnan(plain[1])
