@@ -35,7 +35,7 @@ from KneeSegLogic.training.trainer import DEFAULT_MEMBERS, MemberRecipe, hardwar
 
 PACKAGE_ID = "kneeseg-knee-2p5d"
 
-PACKAGE_VERSION = "1.4.0"
+PACKAGE_VERSION = "1.5.0"
 
 # Bones: cut off thin leaks into neighbouring tissue, keep the largest piece and fill marrow holes;
 # cartilage and menisci are thin and may be split by partial volume, so no component filtering

@@ -24,7 +24,7 @@ import json
 import math
 import platform
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Generator, Iterator, Sequence
 
@@ -355,18 +355,22 @@ def train_member(
 
 
 #: The default ensemble: KneeXNet-2.5D's scale space (a fine and a coarse sagittal in-plane
-#: resolution, with different noise ranges: noise space) and a coronal member for context across
-#: the sagittal slices (Luan et al.'s multi-planar fusion), started from the coarse sagittal one.
+#: resolution, with different noise ranges: noise space) and a coronal and an axial member for
+#: context across the sagittal slices (Luan et al.'s multi-planar fusion F = aC + bA + cS, the
+#: weights chosen on held-out knees), the coronal one started from the coarse sagittal one and the
+#: axial one from the coronal one.
+_CORONAL = MemberRecipe(
+    "coronal-1.15mm",
+    pixel_mm=1.15,
+    plane="coronal",
+    crop=128,
+    noise_range=(0.02, 0.10),
+    seed=3,
+    start_from="sagittal-1.15mm",
+)
 DEFAULT_MEMBERS: tuple[MemberRecipe, ...] = (
     MemberRecipe("sagittal-0.75mm", pixel_mm=0.75, crop=160, noise_range=(0.005, 0.06), seed=1),
     MemberRecipe("sagittal-1.15mm", pixel_mm=1.15, crop=128, noise_range=(0.02, 0.10), seed=2),
-    MemberRecipe(
-        "coronal-1.15mm",
-        pixel_mm=1.15,
-        plane="coronal",
-        crop=128,
-        noise_range=(0.02, 0.10),
-        seed=3,
-        start_from="sagittal-1.15mm",
-    ),
+    _CORONAL,
+    replace(_CORONAL, name="axial-1.15mm", plane="axial", seed=4, start_from="coronal-1.15mm"),
 )
