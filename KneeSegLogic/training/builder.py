@@ -191,8 +191,8 @@ def calibrate(package: ModelPackage, anatomies, fit_offsets: bool = True) -> tup
     """
     cases = heldout_cases(anatomies, seed=CALIBRATION_SEED, repeats=CALIBRATION_REPEATS)
     # Kept for every scan, as every weight candidate is scored on all of them: in float16, half the
-    # memory (three members' maps of 30 scans took 13 GB in float32; the third of the 24 GB build
-    # machine left was not enough for four). Its 1/2048 relative step is far below the probability
+    # memory (30 scans' maps take 13 GB in float32 for three members, 17 GB for four: too much for a
+    # 24 GB machine beside the training knee). Its 1/2048 relative step is far below the probability
     # gaps a weight or offset change turns into a different decision.
     maps = [[m.astype(np.float16) for m in case_maps] for case_maps in _member_maps(package, cases)]
     channel_labels = np.asarray(package.tissue_labels, dtype=np.uint8)
@@ -204,7 +204,6 @@ def calibrate(package: ModelPackage, anatomies, fit_offsets: bool = True) -> tup
         w: float(np.mean([np.nanmean(argmax_dice(_blend(m, w), t)) for m, t in zip(maps, truths)])) for w in candidates
     }
     weights = max(candidates, key=lambda w: blend_scores[w])
-    dropped = None if fit_offsets else "not fitted (kneeseg train --no-decision-offsets): the plain argmax"
     if fit_offsets:
         offsets, before, after = fit_decision_offsets([(_blend(m, weights), t) for m, t in zip(maps, truths)])
     else:
@@ -217,8 +216,8 @@ def calibrate(package: ModelPackage, anatomies, fit_offsets: bool = True) -> tup
         "mean_dice_before_offsets": round(before, 4),
         "mean_dice_after_offsets": round(after, 4),
     }
-    if dropped:
-        summary["offsets_dropped"] = dropped
+    if not fit_offsets:
+        summary["offsets_dropped"] = "not fitted (kneeseg train --no-decision-offsets): the plain argmax"
     return list(weights), [float(v) for v in offsets], summary
 
 
